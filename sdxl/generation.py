@@ -1,0 +1,154 @@
+"""Run one generation request: pick the pipelines for its mode, denoise, refine, check safety, watermark."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from sdxl import images as image_io
+from sdxl.errors import NSFWError
+from sdxl.loading import Pipelines
+from sdxl.request import BASE_IMAGE_REFINER_STRENGTH, GenerationRequest
+from sdxl.safety import nsfw_flags
+from sdxl.schedulers import make_scheduler
+from sdxl.watermark import apply_watermark
+
+log = logging.getLogger(__name__)
+
+CLIP_MAX_TOKENS = 77
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]  # the outputs that survived the safety checker, watermarked if asked
+    seed: int
+    nsfw: list[bool] = field(default_factory=list)  # one flag per generated image, before dropping
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def _scheduler_for(pipe, name: str):
+    """A fresh scheduler of the requested kind for this call only; the pipeline's own is put back afterwards."""
+    original = pipe.scheduler
+    pipe.scheduler = make_scheduler(name, original.config)
+    try:
+        yield pipe
+    finally:
+        pipe.scheduler = original
+
+
+def _warn_if_truncated(pipes: Pipelines, request: GenerationRequest) -> None:
+    """CLIP reads 77 tokens (75 words' worth plus start/end): say what a long prompt loses, as diffusers does."""
+    tokenizer = pipes.text2img.tokenizer_2
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(request, name)
+        ids = tokenizer(text, truncation=False, add_special_tokens=True).input_ids
+        if len(ids) > CLIP_MAX_TOKENS:
+            kept = tokenizer.decode(ids[1 : CLIP_MAX_TOKENS - 1])
+            log.warning(
+                "%s is %d tokens; the text encoders read the first %d, so everything after %r is ignored",
+                name,
+                len(ids) - 2,
+                CLIP_MAX_TOKENS - 2,
+                kept[-40:],
+            )
+
+
+def base_call(pipes: Pipelines, request: GenerationRequest):
+    """The base pipeline view for the request's mode and the arguments only that mode takes."""
+    if request.mode == "text2img":
+        return pipes.text2img, dict(width=request.width, height=request.height)
+    if request.mode == "img2img":
+        width, height = image_io.img2img_size(request.image)
+        image = (
+            request.image
+            if request.image.size == (width, height)
+            else request.image.resize((width, height), Image.LANCZOS)
+        )
+        return pipes.img2img, dict(image=image, strength=request.prompt_strength)
+    return pipes.inpaint, dict(
+        image=request.image,
+        mask_image=request.mask,
+        strength=request.prompt_strength,
+        width=request.width,
+        height=request.height,
+    )
+
+
+def refiner_call(pipes: Pipelines, request: GenerationRequest, latents: torch.Tensor):
+    """The refiner view and its arguments: inpainting keeps its mask through the refiner."""
+    pipe, kwargs = (pipes.refiner, {"image": latents})
+    if request.mode == "inpaint":
+        pipe, kwargs = pipes.refiner_inpaint, {"image": latents, "mask_image": request.mask}
+        kwargs.update(width=request.width, height=request.height)
+    if request.refine == "expert_ensemble_refiner":
+        kwargs["denoising_start"] = request.high_noise_frac
+    else:
+        kwargs.update(num_inference_steps=request.refiner_steps, strength=BASE_IMAGE_REFINER_STRENGTH)
+    return pipe, kwargs
+
+
+def denoise(pipes: Pipelines, request: GenerationRequest) -> list[Image.Image]:
+    """Base (and refiner) denoising for a request with a concrete seed; returns every generated image."""
+    generator = torch.Generator("cpu").manual_seed(request.seed)  # CPU noise: the same seed, the same start anywhere
+    common = dict(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        num_images_per_prompt=request.num_outputs,
+        num_inference_steps=request.num_inference_steps,
+        guidance_scale=request.guidance_scale,
+        generator=generator,
+    )
+    base, base_kwargs = base_call(pipes, request)
+    if request.refine == "no_refiner":
+        with _scheduler_for(base, request.scheduler):
+            return base(**common, **base_kwargs).images
+    if request.refine == "expert_ensemble_refiner":
+        base_kwargs["denoising_end"] = request.high_noise_frac
+    with _scheduler_for(base, request.scheduler):
+        latents = base(**common, **base_kwargs, output_type="latent").images
+    refiner, refiner_kwargs = refiner_call(pipes, request, latents)
+    # Each prompt's latents are already repeated num_outputs times: the refiner takes one image per latent.
+    refiner_common = {**common, "num_images_per_prompt": 1, **refiner_kwargs}
+    refiner_common["prompt"] = [request.prompt] * request.num_outputs
+    refiner_common["negative_prompt"] = [request.negative_prompt] * request.num_outputs
+    with _scheduler_for(refiner, request.scheduler):
+        return refiner(**refiner_common).images
+
+
+def generate(pipes: Pipelines, request: GenerationRequest) -> GenerationResult:
+    """1. fix the seed  2. denoise (and refine)  3. drop what the safety checker flags  4. watermark."""
+    started = time.perf_counter()
+    request = request.with_seed()
+    log.info(
+        "generate: mode=%s refine=%s scheduler=%s steps=%d outputs=%d seed=%d",
+        request.mode,
+        request.refine,
+        request.scheduler,
+        request.num_inference_steps,
+        request.num_outputs,
+        request.seed,
+    )
+    _warn_if_truncated(pipes, request)
+    with torch.inference_mode():
+        images = denoise(pipes, request)
+
+    flags = [False] * len(images)
+    if not request.disable_safety_checker:
+        flags = nsfw_flags(pipes.safety_checker, pipes.safety_feature_extractor, images)
+        if all(flags):
+            raise NSFWError("NSFW content detected in every output. Try running it again, or try a different prompt.")
+        if any(flags):
+            log.warning("safety checker flagged %d of %d outputs; they are dropped", sum(flags), len(flags))
+        images = [image for image, flagged in zip(images, flags) if not flagged]
+
+    if request.apply_watermark:
+        images = apply_watermark(images)
+    seconds = time.perf_counter() - started
+    log.info("generated %d image(s) in %.2fs (seed %d)", len(images), seconds, request.seed)
+    return GenerationResult(images=images, seed=request.seed, nsfw=flags, seconds=seconds)
