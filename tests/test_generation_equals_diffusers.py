@@ -135,7 +135,9 @@ def test_inpaint(pipes, reference, init_image, mask_image):
     expected = arrays(
         pipe(**common_args(6), image=init_image, mask_image=mask_image, strength=0.9, width=128, height=96).images
     )
-    got = ours(pipes, image=init_image, mask=mask_image, prompt_strength=0.9, num_inference_steps=6, width=128, height=96)
+    got = ours(
+        pipes, image=init_image, mask=mask_image, prompt_strength=0.9, num_inference_steps=6, width=128, height=96
+    )
     np.testing.assert_array_equal(got, expected)
 
 
