@@ -2,9 +2,8 @@
 # Create .venv with the pinned CPU stack (torch's CPU wheel, diffusers, transformers, cog, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/pip install -q -r requirements-dev.txt
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 # open-clip-torch only lends its CLIP BPE vocabulary to the tiny weights; its own dependencies (torchvision) are
 # not needed, and PyPI's torchvision does not import beside the CPU torch wheel.
-.venv/bin/pip install -q --no-deps open-clip-torch==3.3.0
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps open-clip-torch==3.3.0

@@ -1,0 +1,113 @@
+"""Fetch the production weights into the weights folder (needs internet; about 14 GB for prediction).
+
+    python scripts/download_weights.py                 # prediction weights into ./weights (or $SDXL_WEIGHTS_DIR)
+    python scripts/download_weights.py --training      # also the preprocessing models the trainer uses
+    python scripts/download_weights.py --dry-run       # say what would be fetched
+
+Each model comes from the revision pinned in sdxl/weights.py. Downloads resume where they stopped (huggingface_hub
+keeps partial files), show progress, and every large file is checked against the hub's sha256 before setup may use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sdxl import weights  # noqa: E402
+
+log = logging.getLogger("download_weights")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(folder: Path, expected: dict[str, str]) -> list[str]:
+    """Names of files whose sha256 differs from `expected` (relative path -> sha256); missing files count too."""
+    bad = []
+    for relative, sha in sorted(expected.items()):
+        path = folder / relative
+        if not path.is_file() or sha256_of(path) != sha:
+            bad.append(relative)
+    return bad
+
+
+def convert_pickle_to_safetensors(folder: Path, name: str = "pytorch_model.bin") -> None:
+    """Once, at download time: load a pickled checkpoint with weights_only (no code runs) and store safetensors,
+    so setup only ever reads safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    source = folder / name
+    if not source.exists():
+        return
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    save_file({key: tensor.contiguous() for key, tensor in state.items()}, folder / "model.safetensors")
+    source.unlink()
+    log.info("converted %s to model.safetensors", source)
+
+
+def expected_hashes(spec: weights.WeightSpec) -> dict[str, str]:
+    """sha256 of every LFS file the spec fetches, from the hub's metadata at the pinned revision."""
+    from fnmatch import fnmatch
+
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(spec.repo_id, revision=spec.revision, files_metadata=True)
+    return {
+        sibling.rfilename: sibling.lfs.sha256
+        for sibling in info.siblings
+        if sibling.lfs is not None and any(fnmatch(sibling.rfilename, pattern) for pattern in spec.allow_patterns)
+    }
+
+
+def download(spec: weights.WeightSpec, root: Path) -> None:
+    from huggingface_hub import snapshot_download
+
+    folder = root / spec.folder
+    if spec.revision is None:
+        log.warning("%s: no pinned revision is known; fetching the repository's current main", spec.repo_id)
+    log.info("%s: %s@%s -> %s", spec.name, spec.repo_id, spec.revision or "main", folder)
+    snapshot_download(
+        spec.repo_id, revision=spec.revision, allow_patterns=list(spec.allow_patterns), local_dir=folder, max_workers=8
+    )
+    bad = verify(folder, expected_hashes(spec))
+    if bad:
+        raise SystemExit(f"{spec.name}: checksum mismatch for {', '.join(bad)}; delete them and run this again")
+    convert_pickle_to_safetensors(folder)
+    missing = weights.missing_files(root, spec)
+    if missing:
+        raise SystemExit(f"{spec.name}: still missing {', '.join(missing)} after download")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, default=weights.weights_dir(), help="weights folder (default: %(default)s)")
+    parser.add_argument("--training", action="store_true", help="also fetch the trainer's preprocessing models")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be fetched and exit")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    specs = weights.ALL_WEIGHTS if args.training else weights.PREDICTION_WEIGHTS
+    for spec in specs:
+        if args.dry_run:
+            print(f"{spec.name:15s} {spec.repo_id}@{spec.revision or 'main'} -> {args.dir / spec.folder}")
+            print(f"{'':15s} files: {', '.join(spec.allow_patterns)}")
+            continue
+        download(spec, args.dir)
+    if not args.dry_run:
+        weights.require(args.dir, specs)
+        log.info("all weights present in %s", args.dir)
+
+
+if __name__ == "__main__":
+    main()
