@@ -34,7 +34,7 @@ class Pipelines:
     safety_feature_extractor: object
     placement: Placement
     weights_dir: Path
-    tiny: bool
+    random_weights: str | None  # "tiny"/"mid"/"full" for seeded random weights (they draw noise), None for real
 
     @property
     def base_views(self):
@@ -101,10 +101,10 @@ def load_pipelines(root: Path | None = None, placement: Placement | None = None)
     for pipe in (text2img, img2img, inpaint, refiner, refiner_inpaint):
         pipe.set_progress_bar_config(disable=True)
 
-    tiny = weights.is_tiny(root)
+    random_weights = weights.random_architecture(root)
     log.info(
         "loaded %s weights from %s in %.1fs on %s/%s: base unet %s, refiner unet %s, text encoders %s + %s, vae %s",
-        "TINY RANDOM" if tiny else "production",
+        f"RANDOM ({random_weights}, they draw noise)" if random_weights else "production",
         root,
         time.perf_counter() - started,
         placement.device,
@@ -125,5 +125,5 @@ def load_pipelines(root: Path | None = None, placement: Placement | None = None)
         safety_feature_extractor=feature_extractor,
         placement=placement,
         weights_dir=root,
-        tiny=tiny,
+        random_weights=random_weights,
     )

@@ -12,20 +12,17 @@ import importlib.util
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sdxl import weights
+from sdxl.architectures import CLIP_VOCAB_SIZE, TINY, Architecture
 
 log = logging.getLogger(__name__)
 
 SEED = 0
-TE1_WIDTH = 32  # CLIP ViT-L stand-in
-TE2_WIDTH = 48  # OpenCLIP bigG stand-in: a different width so the two can never be mixed up
-TE2_PROJECTION = 32
-TIME_EMBED_DIM = 8
-CLIP_VOCAB_SIZE = 49408
 
 # SDXL 1.0's scheduler_config.json, verbatim in substance.
 SDXL_SCHEDULER_CONFIG = dict(
@@ -90,101 +87,42 @@ def write_clip_tokenizer_files(folder: Path) -> None:
     (folder / "tokenizer.json").unlink()
 
 
-def _text_encoders():
+def _text_encoders(arch: Architecture):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    common = dict(
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=1,
-        vocab_size=CLIP_VOCAB_SIZE,
-        max_position_embeddings=77,
-        layer_norm_eps=1e-5,
-        hidden_act="gelu",
-    )
-    te1 = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=TE1_WIDTH, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3, **common
-        )
-    )
-    te2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            hidden_size=TE2_WIDTH,
-            intermediate_size=53,
-            num_attention_heads=4,
-            num_hidden_layers=3,
-            projection_dim=TE2_PROJECTION,
-            **common,
-        )
-    )
-    return te1, te2
+    return CLIPTextModel(CLIPTextConfig(**arch.te1)), CLIPTextModelWithProjection(CLIPTextConfig(**arch.te2))
 
 
-def _unet(cross_attention_dim: int, time_ids: int):
+def _unet(config: dict):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_EMBED_DIM,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=time_ids * TIME_EMBED_DIM + TE2_PROJECTION,
-        cross_attention_dim=cross_attention_dim,
-        norm_num_groups=1,
-    )
+    return UNet2DConditionModel(**config)
 
 
-def _vae(force_upcast: bool):
+def _vae(arch: Architecture, force_upcast: bool):
     from diffusers import AutoencoderKL
 
-    # Four blocks give SDXL's 8x spatial factor, so widths and heights behave as in production.
-    return AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=128,
-        scaling_factor=0.13025,
-        force_upcast=force_upcast,
-    )
+    return AutoencoderKL(**{**arch.vae, "force_upcast": force_upcast})
 
 
-def _safety_checker():
+def _safety_checker(arch: Architecture):
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor
 
     config = CLIPConfig(
         text_config=dict(hidden_size=16, intermediate_size=37, num_attention_heads=2, num_hidden_layers=1),
-        vision_config=dict(
-            hidden_size=16,
-            intermediate_size=37,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            image_size=32,
-            patch_size=8,
-        ),
-        projection_dim=16,
+        vision_config=arch.safety_vision,
+        projection_dim=arch.safety_projection,
     )
     checker = StableDiffusionSafetyChecker(config)
-    # The real checker's thresholds are learned; 1.0 is above any cosine similarity, so the tiny one flags nothing
-    # unless a test lowers it.
+    # The real checker's thresholds are learned; 1.0 is above any cosine similarity, so a random checker flags
+    # nothing unless a test lowers it.
     with torch.no_grad():
         checker.concept_embeds_weights.fill_(1.0)
         checker.special_care_embeds_weights.fill_(1.0)
+    side = arch.safety_vision["image_size"]
     processor = CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True, do_resize=True
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}, do_center_crop=True, do_resize=True
     )
     return checker, processor
 
@@ -195,71 +133,97 @@ def _scheduler():
     return EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)
 
 
-def write_base(root: Path) -> None:
+@dataclass(frozen=True)
+class _Writer:
+    """Saves models as production's repos hold them: fp16 variant files for the full-size set, plain otherwise."""
+
+    arch: Architecture
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def variant(self):
+        return "fp16" if self.dtype == torch.float16 else None
+
+    def save(self, pipe_or_model, folder: Path) -> None:
+        pipe_or_model.to(self.dtype).save_pretrained(folder, variant=self.variant)
+
+
+def write_base(root: Path, writer: _Writer) -> None:
     from diffusers import StableDiffusionXLPipeline
 
-    te1, te2 = _text_encoders()
+    te1, te2 = _text_encoders(writer.arch)
     pipe = StableDiffusionXLPipeline(
-        vae=_vae(force_upcast=True),
+        vae=_vae(writer.arch, force_upcast=True),
         text_encoder=te1,
         text_encoder_2=te2,
         tokenizer=clip_tokenizer(pad_token="<|endoftext|>"),
         tokenizer_2=clip_tokenizer(pad_token="!"),  # SDXL's second tokenizer pads with "!"
-        unet=_unet(cross_attention_dim=TE1_WIDTH + TE2_WIDTH, time_ids=6),
+        unet=_unet(writer.arch.base_unet),
         scheduler=_scheduler(),
         add_watermarker=False,
     )
-    pipe.save_pretrained(root / weights.BASE.folder)
+    writer.save(pipe, root / weights.BASE.folder)
     for name in ("tokenizer", "tokenizer_2"):
         write_clip_tokenizer_files(root / weights.BASE.folder / name)
     # Production takes the base's VAE from the fp16-fix repo instead: mirror that layout.
     shutil.rmtree(root / weights.BASE.folder / "vae")
-    _vae(force_upcast=False).save_pretrained(root / weights.VAE.folder)
+    _vae(writer.arch, force_upcast=False).to(writer.dtype).save_pretrained(root / weights.VAE.folder)
 
 
-def write_refiner(root: Path) -> None:
+def write_refiner(root: Path, writer: _Writer) -> None:
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
     pipe = StableDiffusionXLImg2ImgPipeline(
-        vae=_vae(force_upcast=True),
+        vae=_vae(writer.arch, force_upcast=True),
         text_encoder=None,
-        text_encoder_2=_text_encoders()[1],
+        text_encoder_2=_text_encoders(writer.arch)[1],
         tokenizer=None,
         tokenizer_2=clip_tokenizer(pad_token="!"),
-        unet=_unet(cross_attention_dim=TE2_WIDTH, time_ids=5),
+        unet=_unet(writer.arch.refiner_unet),
         scheduler=_scheduler(),
         requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False,
         add_watermarker=False,
     )
     folder = root / weights.REFINER.folder
-    pipe.save_pretrained(folder)
+    writer.save(pipe, folder)
     write_clip_tokenizer_files(folder / "tokenizer_2")
     # The refiner shares the base's VAE and second text encoder: production downloads neither.
     for shared in weights.REFINER_SHARED_COMPONENTS:
         shutil.rmtree(folder / shared)
 
 
-def write_safety_checker(root: Path) -> None:
-    checker, processor = _safety_checker()
-    checker.save_pretrained(root / weights.SAFETY_CHECKER.folder)
+def write_safety_checker(root: Path, writer: _Writer) -> None:
+    checker, processor = _safety_checker(writer.arch)
+    checker.to(writer.dtype).save_pretrained(root / weights.SAFETY_CHECKER.folder)
     processor.save_pretrained(root / weights.SAFETY_CHECKER.folder)
 
 
-def write_tiny_weights(root: Path, seed: int = SEED) -> Path:
-    """Write the whole tiny set under `root`; the same seed writes the same bytes."""
+def write_random_weights(
+    root: Path, arch: Architecture = TINY, seed: int = SEED, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Write seeded random base, refiner and safety checker of `arch` under `root` in the production layout."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    steps = [write_base, write_refiner, write_safety_checker]
+    writer = _Writer(arch, dtype)
+    for step in (write_base, write_refiner, write_safety_checker):
+        torch.manual_seed(seed)
+        step(root, writer)
+    (root / weights.RANDOM_MARKER).write_text(
+        json.dumps({"random": True, "architecture": arch.name, "seed": seed}) + "\n"
+    )
+    return root
+
+
+def write_tiny_weights(root: Path, seed: int = SEED) -> Path:
+    """Write the whole tiny set (prediction and preprocessing models) under `root`; the same seed, the same bytes."""
+    root = write_random_weights(root, TINY, seed)
     try:
         from sdxl import tiny_preprocess_weights
-
-        steps += tiny_preprocess_weights.WRITERS
     except ImportError:  # the preprocessing models come with the trainer
-        pass
-    for step in steps:
+        tiny_preprocess_weights = None
+    for step in getattr(tiny_preprocess_weights, "WRITERS", ()):
         torch.manual_seed(seed)
         step(root)
-    (root / weights.TINY_MARKER).write_text(json.dumps({"tiny": True, "seed": seed}) + "\n")
     log.info("tiny weights written to %s", root)
     return root

@@ -6,6 +6,7 @@ weights directory holds them. Setup reads from that folder only; nothing is down
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 WEIGHTS_DIR_ENV = "SDXL_WEIGHTS_DIR"
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DOWNLOAD_COMMAND = "python scripts/download_weights.py"
-TINY_MARKER = "TINY_RANDOM_WEIGHTS.json"
+RANDOM_MARKER = "RANDOM_WEIGHTS.json"  # written by the random-weight writers, never by a download
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,10 @@ def weights_dir() -> Path:
     return Path(os.environ.get(WEIGHTS_DIR_ENV) or DEFAULT_WEIGHTS_DIR)
 
 
-def is_tiny(root: Path) -> bool:
-    return (Path(root) / TINY_MARKER).exists()
+def random_architecture(root: Path) -> str | None:
+    """ "tiny", "mid" or "full" for a folder of seeded random weights; None for real ones."""
+    marker = Path(root) / RANDOM_MARKER
+    return json.loads(marker.read_text())["architecture"] if marker.exists() else None
 
 
 def missing_files(root: Path, spec: WeightSpec) -> list[str]:

@@ -22,7 +22,7 @@ def test_same_seed_same_bytes(tiny_weights_dir, tmp_path):
 
 def test_layout_is_complete_and_marked_tiny(tiny_weights_dir):
     weights.require(tiny_weights_dir, weights.PREDICTION_WEIGHTS)
-    assert weights.is_tiny(tiny_weights_dir)
+    assert weights.random_architecture(tiny_weights_dir) == "tiny"
     # The refiner shares the base's VAE and second text encoder, as production downloads it.
     refiner = tiny_weights_dir / weights.REFINER.folder
     assert not (refiner / "vae").exists() and not (refiner / "text_encoder_2").exists()
