@@ -53,7 +53,7 @@ def _clip_text(hidden, intermediate, heads, layers, hidden_act="gelu", **extra) 
 
 
 def _unet(blocks, cross_attention_dim, time_ids, time_embed_dim, te2_projection, **extra) -> dict:
-    return dict(
+    config = dict(
         block_out_channels=tuple(channels for channels, _, _ in blocks),
         down_block_types=tuple("CrossAttnDownBlock2D" if depth else "DownBlock2D" for _, depth, _ in blocks),
         up_block_types=tuple("CrossAttnUpBlock2D" if depth else "UpBlock2D" for _, depth, _ in reversed(blocks)),
@@ -67,8 +67,8 @@ def _unet(blocks, cross_attention_dim, time_ids, time_embed_dim, te2_projection,
         in_channels=4,
         out_channels=4,
         layers_per_block=2,
-        **extra,
     )
+    return {**config, **extra}
 
 
 def _vae(blocks, layers_per_block, groups, force_upcast=False) -> dict:
@@ -116,7 +116,15 @@ FULL = Architecture(
     te1=_clip_text(768, 3072, 12, 12, hidden_act="quick_gelu"),
     te2=_clip_text(1280, 5120, 20, 32, projection_dim=1280),
     base_unet=_unet(((320, 0, 5), (640, 2, 10), (1280, 10, 20)), 2048, 6, 256, 1280, sample_size=128),
-    refiner_unet=_unet(((384, 0, 6), (768, 4, 12), (1536, 4, 24), (1536, 0, 24)), 1280, 5, 256, 1280, sample_size=128),
+    refiner_unet=_unet(
+        ((384, 0, 6), (768, 4, 12), (1536, 4, 24), (1536, 0, 24)),
+        1280,
+        5,
+        256,
+        1280,
+        sample_size=128,
+        transformer_layers_per_block=4,  # the middle block has four too
+    ),
     vae=_vae((128, 256, 512, 512), 2, 32),
     safety_vision=_clip_vision(1024, 4096, 16, 24, 224, 14),
     safety_projection=768,
