@@ -17,6 +17,7 @@ from diffusers import (
 
 from sdxl import weights
 from sdxl.device import Placement, choose_placement
+from sdxl.fastpath import FastPath, apply_fastpath
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class Pipelines:
     safety_feature_extractor: object
     placement: Placement
     weights_dir: Path
+    fastpath: FastPath
     random_weights: str | None  # "tiny"/"mid"/"full" for seeded random weights (they draw noise), None for real
 
     @property
@@ -54,10 +56,13 @@ def _count(module: torch.nn.Module) -> str:
     return f"{sum(p.numel() for p in module.parameters()) / 1e6:.1f}M params"
 
 
-def load_pipelines(root: Path | None = None, placement: Placement | None = None) -> Pipelines:
+def load_pipelines(
+    root: Path | None = None, placement: Placement | None = None, fastpath: FastPath | None = None
+) -> Pipelines:
     """Load everything a prediction needs from `root` (the weights folder). Never downloads."""
     root = Path(root or weights.weights_dir())
     placement = placement or choose_placement()
+    fastpath = fastpath or FastPath.from_env()
     weights.require(root, weights.PREDICTION_WEIGHTS)
     started = time.perf_counter()
     dtype = placement.dtype
@@ -115,7 +120,7 @@ def load_pipelines(root: Path | None = None, placement: Placement | None = None)
         _count(text2img.text_encoder_2),
         _count(vae),
     )
-    return Pipelines(
+    pipes = Pipelines(
         text2img=text2img,
         img2img=img2img,
         inpaint=inpaint,
@@ -125,5 +130,8 @@ def load_pipelines(root: Path | None = None, placement: Placement | None = None)
         safety_feature_extractor=feature_extractor,
         placement=placement,
         weights_dir=root,
+        fastpath=fastpath,
         random_weights=random_weights,
     )
+    apply_fastpath(pipes, fastpath)
+    return pipes

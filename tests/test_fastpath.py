@@ -1,0 +1,49 @@
+"""Each fast-path setting leaves images unchanged beyond floating-point noise; impossible settings are refused."""
+
+import numpy as np
+import pytest
+
+from sdxl.fastpath import FastPath
+from sdxl.generation import generate
+from sdxl.loading import load_pipelines
+from sdxl.request import GenerationRequest
+
+REQUEST = GenerationRequest(
+    width=64, height=64, num_inference_steps=4, seed=21, refine="expert_ensemble_refiner", apply_watermark=False
+)
+
+
+def image(pipes):
+    return np.asarray(generate(pipes, REQUEST).images[0]).astype(int)
+
+
+@pytest.mark.parametrize(
+    "fastpath",
+    [FastPath(channels_last=True), FastPath(fuse_qkv=True)],
+    ids=["channels_last", "fuse_qkv"],
+)
+def test_setting_keeps_the_image(pipes, tiny_weights_dir, fastpath):
+    fast = load_pipelines(tiny_weights_dir, fastpath=fastpath)
+    difference = np.abs(image(fast) - image(pipes))
+    assert difference.max() <= 2  # uint8 levels: rounding of reordered float sums, nothing more
+
+
+def test_xformers_is_refused_without_cuda(tiny_weights_dir):
+    with pytest.raises(ValueError, match="xformers needs a CUDA device"):
+        load_pipelines(tiny_weights_dir, fastpath=FastPath(attention="xformers"))
+
+
+@pytest.mark.parametrize(
+    "env, message", [({"SDXL_ATTENTION": "flash"}, "not one of"), ({"SDXL_COMPILE": "yes"}, "use 1 or 0")]
+)
+def test_bad_settings_are_named(monkeypatch, env, message):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=message):
+        FastPath.from_env()
+
+
+@pytest.mark.slow
+def test_regional_compile_keeps_the_image(pipes, tiny_weights_dir):
+    fast = load_pipelines(tiny_weights_dir, fastpath=FastPath(compile=True))
+    assert np.abs(image(fast) - image(pipes)).max() <= 2
