@@ -1,0 +1,337 @@
+"""Benchmark the serving layer against plain diffusers, measured side by side in the same run.
+
+    python scripts/benchmark.py --mode cpu              # any machine, a few minutes: tiny and mid-size SDXL shapes
+    python scripts/benchmark.py --mode gpu              # CUDA: full-size SDXL architecture with random weights
+
+Writes a markdown table to stdout and everything measured as JSON (--json, default benchmark-<mode>.json).
+Random weights give real timings for real shapes without any download; the images are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from sdxl import weights  # noqa: E402
+from sdxl.architectures import ARCHITECTURES  # noqa: E402
+from sdxl.generation import generate  # noqa: E402
+from sdxl.loading import load_pipelines  # noqa: E402
+from sdxl.request import GenerationRequest  # noqa: E402
+from sdxl.tiny_weights import write_random_weights  # noqa: E402
+
+log = logging.getLogger("benchmark")
+
+
+# --- measuring ---------------------------------------------------------------------------------------------------
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int) -> list[float]:
+    seconds = []
+    for _ in range(repeats):
+        sync()
+        started = time.perf_counter()
+        fn()
+        sync()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def side_by_side(ours, theirs, repeats: int, warmup: int = 1) -> dict:
+    """Median seconds of two callables, interleaved so drift (thermal, other load) hits both alike."""
+    for _ in range(warmup):
+        ours(), theirs()
+    a, b = [], []
+    for _ in range(repeats):
+        a += timed(ours, 1)
+        b += timed(theirs, 1)
+    ours_s, theirs_s = statistics.median(a), statistics.median(b)
+    return {"ours_s": ours_s, "baseline_s": theirs_s, "ratio": ours_s / theirs_s}
+
+
+@contextlib.contextmanager
+def unet_counter(pipes):
+    counts = {"base": 0, "refiner": 0}
+
+    def bump(key):
+        return lambda *_: counts.__setitem__(key, counts[key] + 1)
+
+    hooks = [
+        pipes.text2img.unet.register_forward_pre_hook(bump("base")),
+        pipes.refiner.unet.register_forward_pre_hook(bump("refiner")),
+    ]
+    try:
+        yield counts
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+# --- baselines: plain diffusers, written as its docs show ---------------------------------------------------------
+
+
+def plain_from_pretrained(root: Path, dtype, device):
+    from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    variant = "fp16" if any((root / weights.BASE.folder / "unet").glob("*.fp16.*")) else None
+    vae = AutoencoderKL.from_pretrained(root / weights.VAE.folder, dtype=dtype)
+    base = StableDiffusionXLPipeline.from_pretrained(
+        root / weights.BASE.folder, vae=vae, dtype=dtype, variant=variant, add_watermarker=False
+    ).to(device)
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        root / weights.REFINER.folder,
+        vae=vae,
+        text_encoder_2=base.text_encoder_2,
+        tokenizer_2=base.tokenizer_2,
+        dtype=dtype,
+        variant=variant,
+        add_watermarker=False,
+    ).to(device)
+    checker = StableDiffusionSafetyChecker.from_pretrained(root / weights.SAFETY_CHECKER.folder, dtype=dtype).to(device)
+    for pipe in (base, refiner):
+        pipe.set_progress_bar_config(disable=True)
+    return base, refiner, checker
+
+
+def direct_call(pipe, request: GenerationRequest):
+    return pipe(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        num_inference_steps=request.num_inference_steps,
+        guidance_scale=request.guidance_scale,
+        num_images_per_prompt=request.num_outputs,
+        width=request.width,
+        height=request.height,
+        generator=torch.Generator("cpu").manual_seed(request.seed),
+    ).images
+
+
+# --- the measurements ---------------------------------------------------------------------------------------------
+
+
+def measure_setup(root: Path, repeats: int) -> dict:
+    placement = load_pipelines(root).placement
+    return side_by_side(
+        lambda: load_pipelines(root, placement=placement),
+        lambda: plain_from_pretrained(root, placement.dtype, placement.device),
+        repeats,
+    )
+
+
+def measure_generation(pipes, baseline_pipe, request: GenerationRequest, repeats: int) -> dict:
+    """The library's full request path with safety checker and watermark off (the same work as the baseline)."""
+    bare = GenerationRequest(**{**request.__dict__, "apply_watermark": False, "disable_safety_checker": True})
+    result = side_by_side(lambda: generate(pipes, bare), lambda: direct_call(baseline_pipe, bare), repeats)
+    full = statistics.median(timed(lambda: generate(pipes, request), repeats))
+    result["with_safety_and_watermark_s"] = full
+    return result
+
+
+REFINE_CASES = [
+    ("text2img", "no_refiner", {}),
+    ("text2img", "expert_ensemble_refiner", {}),
+    ("text2img", "base_image_refiner", {}),
+]
+
+
+def expected_unet_calls(request: GenerationRequest) -> dict:
+    if request.refine == "no_refiner":
+        return {"base": request.num_inference_steps, "refiner": 0}
+    if request.refine == "base_image_refiner":
+        return {"base": request.num_inference_steps, "refiner": int(request.refiner_steps * 0.3)}
+    base = sum(1 for t in leading_timesteps(request.num_inference_steps) if t >= (1 - request.high_noise_frac) * 1000)
+    return {"base": base, "refiner": request.num_inference_steps - base}
+
+
+def leading_timesteps(steps: int) -> list[int]:
+    ratio = 1000 // steps
+    return [i * ratio + 1 for i in reversed(range(steps))]  # SDXL's "leading" spacing with steps_offset 1
+
+
+def measure_unet_calls(pipes, size: int) -> list[dict]:
+    rows = []
+    for mode, refine, extra in REFINE_CASES:
+        request = GenerationRequest(width=size, height=size, num_inference_steps=10, refine=refine, seed=0, **extra)
+        with unet_counter(pipes) as counts:
+            generate(pipes, request)
+        rows.append({"mode": mode, "refine": refine, "counted": dict(counts), "expected": expected_unet_calls(request)})
+    return rows
+
+
+def peak_rss_mb(root: Path, what: str) -> float:
+    """Peak resident memory of a fresh process that loads `what` (base only, or everything)."""
+    code = f"""
+import resource, sys
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+if {what!r} == "base":
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from sdxl import weights
+    root = Path({str(root)!r})
+    vae = AutoencoderKL.from_pretrained(root / weights.VAE.folder)
+    StableDiffusionXLPipeline.from_pretrained(root / weights.BASE.folder, vae=vae, add_watermarker=False)
+else:
+    from sdxl.loading import load_pipelines
+    load_pipelines({str(root)!r})
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def measure_memory(root: Path, pipes) -> dict:
+    refiner_unet_mb = sum(p.numel() * p.element_size() for p in pipes.refiner.unet.parameters()) / 2**20
+    base_mb, all_mb = peak_rss_mb(root, "base"), peak_rss_mb(root, "all")
+    budget = (base_mb + refiner_unet_mb) * 1.10
+    return {
+        "base_only_mb": base_mb,
+        "base_refiner_checker_mb": all_mb,
+        "refiner_unet_mb": refiner_unet_mb,
+        "budget_mb": budget,
+        "within_budget": all_mb <= budget,
+    }
+
+
+# --- modes --------------------------------------------------------------------------------------------------------
+
+
+def cpu_mode(args) -> dict:
+    report = {"mode": "cpu", "architectures": {}}
+    sizes = {"tiny": (128, 4), "mid": (256, 4)}
+    for arch_name in args.architectures:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = write_random_weights(Path(tmp), ARCHITECTURES[arch_name])
+            pipes = load_pipelines(root)
+            baseline_pipe, _, _ = plain_from_pretrained(root, torch.float32, torch.device("cpu"))
+            size, steps = sizes[arch_name]
+            request = GenerationRequest(width=size, height=size, num_inference_steps=steps, seed=0)
+            log.info("%s: measuring setup, generation, UNet calls, memory", arch_name)
+            report["architectures"][arch_name] = {
+                "size": size,
+                "steps": steps,
+                "setup": measure_setup(root, args.repeats),
+                "generation": measure_generation(pipes, baseline_pipe, request, args.repeats),
+                "unet_calls": measure_unet_calls(pipes, size),
+                "memory": measure_memory(root, pipes),
+            }
+    return report
+
+
+def gpu_mode(args) -> dict:
+    if not torch.cuda.is_available():
+        raise SystemExit("--mode gpu needs a CUDA device")
+    report = {"mode": "gpu", "device": torch.cuda.get_device_name(), "runs": []}
+    with tempfile.TemporaryDirectory(dir=args.scratch) as tmp:
+        started = time.perf_counter()
+        root = write_random_weights(Path(tmp), ARCHITECTURES["full"], dtype=torch.float16)
+        log.info("wrote full-size random fp16 weights in %.0fs", time.perf_counter() - started)
+        cold = timed(lambda: load_pipelines(root), 1)[0]
+        pipes = load_pipelines(root)
+        report["cold_start_s"] = cold
+        report["fastpath"] = pipes.fastpath.describe()
+        for steps in (30, 50):
+            for outputs in (1, 4):
+                for refine in ("no_refiner", "expert_ensemble_refiner", "base_image_refiner"):
+                    request = GenerationRequest(num_inference_steps=steps, num_outputs=outputs, refine=refine, seed=0)
+                    generate(pipes, request)  # warm-up
+                    torch.cuda.reset_peak_memory_stats()
+                    seconds = statistics.median(timed(lambda r=request: generate(pipes, r), args.repeats))
+                    report["runs"].append(
+                        {
+                            "steps": steps,
+                            "outputs": outputs,
+                            "refine": refine,
+                            "s_per_image": seconds / outputs,
+                            "steps_per_s": steps / seconds,
+                            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                        }
+                    )
+    return report
+
+
+# --- output -------------------------------------------------------------------------------------------------------
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Benchmark ({report['mode']}), {report['machine']}, {report['date']}", ""]
+    if report["mode"] == "cpu":
+        lines += ["| model | measure | ours | plain diffusers | ratio | target |", "|---|---|---|---|---|---|"]
+        for name, r in report["architectures"].items():
+            g, s = r["generation"], r["setup"]
+            lines.append(
+                f"| {name} | request {r['size']}px {r['steps']} steps | {g['ours_s']:.3f} s | {g['baseline_s']:.3f} s"
+                f" | {g['ratio']:.3f} | <= 1.03 |"
+            )
+            lines.append(f"| {name} | + safety checker + watermark | {g['with_safety_and_watermark_s']:.3f} s | | | |")
+            lines.append(
+                f"| {name} | setup vs from_pretrained | {s['ours_s']:.3f} s | {s['baseline_s']:.3f} s"
+                f" | {s['ratio']:.3f} | <= 1.10 |"
+            )
+            m = r["memory"]
+            lines.append(
+                f"| {name} | peak RSS base+refiner+checker | {m['base_refiner_checker_mb']:.0f} MiB"
+                f" | base {m['base_only_mb']:.0f} MiB + refiner UNet {m['refiner_unet_mb']:.0f} MiB"
+                f" | {m['base_refiner_checker_mb'] / (m['base_only_mb'] + m['refiner_unet_mb']):.3f} | <= 1.10 |"
+            )
+            for row in r["unet_calls"]:
+                ok = "ok" if row["counted"] == row["expected"] else "MISMATCH"
+                lines.append(
+                    f"| {name} | UNet calls {row['refine']} (10 steps) | {row['counted']} | expected"
+                    f" {row['expected']} | {ok} | equal |"
+                )
+    else:
+        lines += [
+            f"device: {report['device']}; cold start {report['cold_start_s']:.2f} s; fast path: {report['fastpath']}",
+            "",
+            "| steps | outputs | refine | s/image | steps/s | peak GiB |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in report["runs"]:
+            lines.append(
+                f"| {r['steps']} | {r['outputs']} | {r['refine']} | {r['s_per_image']:.3f} | {r['steps_per_s']:.2f}"
+                f" | {r['peak_gib']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--architectures", nargs="+", default=["tiny", "mid"], choices=("tiny", "mid"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--scratch", default=None, help="folder for the full-size weights (gpu mode; ~14 GB)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("sdxl").setLevel(logging.WARNING)
+
+    report = cpu_mode(args) if args.mode == "cpu" else gpu_mode(args)
+    report["date"] = date.today().isoformat()
+    report["machine"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    report["torch"] = torch.__version__
+    (args.json or Path(f"benchmark-{args.mode}.json")).write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
