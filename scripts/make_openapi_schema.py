@@ -221,19 +221,22 @@ def merge(predict: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
     return predict
 
 
-def _inspect(ref: str):
-    """Run cog's inspector on `file.py:Name` from the repository root."""
+def _inspect(root: Path, ref: str):
+    """Run cog's inspector on `file.py:Name`, imported from the repository root."""
     file, name = ref.split(":", 1)
-    return create_predictor(Path(file).stem, name)
+    sys.path.insert(0, str(root))
+    try:
+        return create_predictor(Path(file).stem, name)
+    finally:
+        sys.path.remove(str(root))
 
 
 def build(root: Path = ROOT) -> dict[str, Any]:
     config = yaml.safe_load((root / "cog.yaml").read_text())
-    sys.path.insert(0, str(root))
-    schema = document(_inspect(config["predict"]), "predict")
+    schema = document(_inspect(root, config["predict"]), "predict")
     train_ref = config.get("train")
     if train_ref and (root / train_ref.split(":", 1)[0]).exists():
-        schema = merge(schema, document(_inspect(train_ref), "train"))
+        schema = merge(schema, document(_inspect(root, train_ref), "train"))
     else:
         print(f"no {train_ref or 'train entry'}: the training schema is skipped", file=sys.stderr)
     return schema
