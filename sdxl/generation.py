@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,9 @@ from sdxl.watermark import apply_watermark
 log = logging.getLogger(__name__)
 
 CLIP_MAX_TOKENS = 77
+
+# on_step(stage, step, steps): called after each denoising step of a stage ("base" or "refiner"), step counting from 1.
+StepCallback = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -93,7 +97,19 @@ def refiner_call(pipes: Pipelines, request: GenerationRequest, latents: torch.Te
     return pipe, kwargs
 
 
-def denoise(pipes: Pipelines, request: GenerationRequest) -> list[Image.Image]:
+def _progress(on_step: StepCallback | None, stage: str) -> dict:
+    """diffusers' step-end hook, reporting progress only (it hands the tensors back untouched)."""
+    if on_step is None:
+        return {}
+
+    def callback(pipe, step, timestep, callback_kwargs):
+        on_step(stage, step + 1, pipe.num_timesteps)
+        return callback_kwargs
+
+    return {"callback_on_step_end": callback}
+
+
+def denoise(pipes: Pipelines, request: GenerationRequest, on_step: StepCallback | None = None) -> list[Image.Image]:
     """Base (and refiner) denoising for a request with a concrete seed; returns every generated image."""
     generator = torch.Generator("cpu").manual_seed(request.seed)  # CPU noise: the same seed, the same start anywhere
     common = dict(
@@ -105,6 +121,7 @@ def denoise(pipes: Pipelines, request: GenerationRequest) -> list[Image.Image]:
         generator=generator,
     )
     base, base_kwargs = base_call(pipes, request)
+    base_kwargs.update(_progress(on_step, "base"))
     if request.refine == "no_refiner":
         with _scheduler_for(base, request.scheduler):
             return base(**common, **base_kwargs).images
@@ -114,14 +131,14 @@ def denoise(pipes: Pipelines, request: GenerationRequest) -> list[Image.Image]:
         latents = base(**common, **base_kwargs, output_type="latent").images
     refiner, refiner_kwargs = refiner_call(pipes, request, latents)
     # Each prompt's latents are already repeated num_outputs times: the refiner takes one image per latent.
-    refiner_common = {**common, "num_images_per_prompt": 1, **refiner_kwargs}
+    refiner_common = {**common, "num_images_per_prompt": 1, **refiner_kwargs, **_progress(on_step, "refiner")}
     refiner_common["prompt"] = [request.prompt] * request.num_outputs
     refiner_common["negative_prompt"] = [request.negative_prompt] * request.num_outputs
     with _scheduler_for(refiner, request.scheduler):
         return refiner(**refiner_common).images
 
 
-def generate(pipes: Pipelines, request: GenerationRequest) -> GenerationResult:
+def generate(pipes: Pipelines, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
     """1. fix the seed  2. denoise (and refine)  3. drop what the safety checker flags  4. watermark."""
     started = time.perf_counter()
     request = request.with_seed()
@@ -136,7 +153,7 @@ def generate(pipes: Pipelines, request: GenerationRequest) -> GenerationResult:
     )
     _warn_if_truncated(pipes, request)
     with torch.inference_mode():
-        images = denoise(pipes, request)
+        images = denoise(pipes, request, on_step)
 
     flags = [False] * len(images)
     if not request.disable_safety_checker:

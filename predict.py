@@ -1,0 +1,151 @@
+"""The Cog edge for predictions: the inputs of stability-ai/sdxl, translated into one call to sdxl.generate.
+
+Nothing here decides how an image is made. Checks a client can fail live in sdxl.request (and in the Input bounds
+below, which the server turns into 422 answers); generation lives in sdxl.generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from typing import Optional
+
+from cog import BaseRunner, Input, Path
+
+from sdxl.errors import InputError
+from sdxl.generation import generate
+from sdxl.images import MAX_SIDE, MIN_SIDE, load_image, load_mask
+from sdxl.loading import load_pipelines
+from sdxl.request import DEFAULT_PROMPT, MAX_OUTPUTS, MAX_STEPS, REFINE_MODES, GenerationRequest
+from sdxl.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from sdxl.weights import is_tiny, weights_dir
+
+log = logging.getLogger("predict")
+
+OUTPUT_PREFIX = "sdxl-out-"
+PROGRESS_EVERY = 10  # log denoising progress on the first step, every N steps and the last
+
+
+def log_progress(stage: str, step: int, steps: int) -> None:
+    if step == 1 or step == steps or step % PROGRESS_EVERY == 0:
+        log.info("%s: step %d/%d", stage, step, steps)
+
+
+def save_pngs(images) -> list[Path]:
+    """Each request writes into its own fresh folder, so concurrent requests never share a file name."""
+    folder = Path(tempfile.mkdtemp(prefix=OUTPUT_PREFIX))
+    paths = []
+    for index, image in enumerate(images):
+        path = folder / f"out-{index}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+class Runner(BaseRunner):
+    def _discard_previous_outputs(self) -> None:
+        """Cog leaves returned files on disk. A sync run() never overlaps another, and Cog has sent (or uploaded) the
+        previous request's files before it starts the next run: they can go then, instead of piling up in /tmp."""
+        for folder in {path.parent for path in self._outputs}:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._outputs = []
+
+    def setup(self, weights: Optional[str] = None) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        if weights:
+            # Cog's weights mechanism (COG_WEIGHTS) would carry a trained_model.tar: not loadable yet, and serving
+            # the base model in its place would hide that from the caller.
+            raise RuntimeError(f"setup(weights={weights!r}): trained weights (COG_WEIGHTS) are not supported yet")
+        root = weights_dir()
+        if is_tiny(root):
+            log.warning("%s holds the TINY RANDOM test weights: every image will be noise", root)
+        self.pipes = load_pipelines(root)
+        self._outputs: list[Path] = []  # the previous request's files
+
+    def run(
+        self,
+        prompt: str = Input(description="Input prompt", default=DEFAULT_PROMPT),
+        negative_prompt: str = Input(description="Input Negative Prompt", default=""),
+        image: Optional[Path] = Input(description="Input image for img2img or inpaint mode", default=None),
+        mask: Optional[Path] = Input(
+            description="Input mask for inpaint mode. Black areas will be preserved, white areas will be inpainted.",
+            default=None,
+        ),
+        width: int = Input(
+            description=f"Width of output image (a multiple of 8 from {MIN_SIDE} to {MAX_SIDE})",
+            default=1024,
+            ge=MIN_SIDE,
+            le=MAX_SIDE,
+        ),
+        height: int = Input(
+            description=f"Height of output image (a multiple of 8 from {MIN_SIDE} to {MAX_SIDE})",
+            default=1024,
+            ge=MIN_SIDE,
+            le=MAX_SIDE,
+        ),
+        num_outputs: int = Input(description="Number of images to output.", default=1, ge=1, le=MAX_OUTPUTS),
+        scheduler: str = Input(description="scheduler", default=DEFAULT_SCHEDULER, choices=list(SCHEDULERS)),
+        num_inference_steps: int = Input(description="Number of denoising steps", default=50, ge=1, le=MAX_STEPS),
+        guidance_scale: float = Input(description="Scale for classifier-free guidance", default=7.5, ge=1, le=50),
+        prompt_strength: float = Input(
+            description="Prompt strength when using img2img / inpaint. 1.0 corresponds to full destruction of "
+            "information in image",
+            default=0.8,
+            ge=0.0,
+            le=1.0,
+        ),
+        seed: Optional[int] = Input(description="Random seed. Leave blank to randomize the seed", default=None),
+        refine: str = Input(description="Which refine style to use", default="no_refiner", choices=list(REFINE_MODES)),
+        high_noise_frac: float = Input(
+            description="For expert_ensemble_refiner, the fraction of noise to use", default=0.8, ge=0.0, le=1.0
+        ),
+        refine_steps: Optional[int] = Input(
+            description="For base_image_refiner, the number of steps to refine, defaults to num_inference_steps",
+            default=None,
+            ge=1,
+            le=MAX_STEPS,
+        ),
+        apply_watermark: bool = Input(
+            description="Applies a watermark to enable determining if an image is generated in downstream "
+            "applications. If you have other provisions for generating or deploying images safely, you can use this "
+            "to disable watermarking.",
+            default=True,
+        ),
+        lora_scale: float = Input(
+            description="LoRA additive scale. Only applicable on trained models.", default=0.6, ge=0.0, le=1.0
+        ),
+        replicate_weights: Optional[str] = Input(
+            description="Replicate LoRA weights to use. Leave blank to use the default weights.", default=None
+        ),
+        disable_safety_checker: bool = Input(description="Disable safety checker for generated images.", default=False),
+    ) -> list[Path]:
+        self._discard_previous_outputs()
+        # lora_scale only matters once trained weights can be loaded (sdxl/adapters.py, not written yet).
+        if replicate_weights:
+            raise InputError(
+                "replicate_weights", "trained weights are not supported by this server yet; leave it empty"
+            )
+        request = GenerationRequest(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            image=load_image(image, "image") if image else None,
+            mask=load_mask(mask, "mask") if mask else None,
+            width=width,
+            height=height,
+            num_outputs=num_outputs,
+            scheduler=scheduler,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            prompt_strength=prompt_strength,
+            seed=seed,
+            refine=refine,
+            high_noise_frac=high_noise_frac,
+            refine_steps=refine_steps,
+            apply_watermark=apply_watermark,
+            disable_safety_checker=disable_safety_checker,
+        ).with_seed()
+        log.info("Using seed: %d", request.seed)
+        result = generate(self.pipes, request, on_step=log_progress)
+        self._outputs = save_pngs(result.images)
+        return self._outputs
