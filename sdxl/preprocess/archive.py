@@ -166,7 +166,7 @@ def _zip_kind(info: zipfile.ZipInfo) -> str:
         return "dir"
     if stat.S_ISLNK(mode):
         return "symbolic link"
-    if mode and not stat.S_ISREG(mode):
+    if stat.S_IFMT(mode) and not stat.S_ISREG(mode):  # no type bits at all: a plain file (zipfile.writestr)
         return "device or special file"
     return "file"
 
@@ -178,7 +178,9 @@ def _extract_zip(path: Path, dest: Path, budget: _Budget) -> None:
             raise _reject(f"has {len(infos)} entries; at most {budget.limits.max_entries} are allowed")
         declared = sum(info.file_size for info in infos)
         if declared > budget.limits.max_total_bytes:
-            raise _reject(f"declares {declared:,} bytes uncompressed; at most {budget.limits.max_total_bytes:,}")
+            raise _reject(
+                f"expands to more than {budget.limits.max_total_bytes:,} bytes uncompressed (it declares {declared:,})"
+            )
         for info in infos:
             budget.entry()
             kind = _zip_kind(info)
