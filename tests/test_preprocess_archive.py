@@ -139,7 +139,11 @@ HOSTILE = [
     ("tar fifo", lambda p: tar_with_special(p, tarfile.FIFOTYPE), "is a device or special file"),
     ("zip entries", lambda p: make_zip(p, {f"{i}.png": RED_PNG for i in range(6)}), "6 entries; at most 5"),
     ("tar entries", lambda p: make_tar(p, {f"{i}.png": RED_PNG for i in range(6)}), "more than 5 entries"),
-    ("zip size bomb", lambda p: make_zip(p, {"a.png": RED_PNG, "z.png": zeros(3_000_000)}), "more than 1,000,000 bytes"),
+    (
+        "zip size bomb",
+        lambda p: make_zip(p, {"a.png": RED_PNG, "z.png": zeros(3_000_000)}),
+        "more than 1,000,000 bytes",
+    ),
     ("tar.gz size bomb", lambda p: make_tar(p, {"z.png": zeros(3_000_000)}, "w:gz"), "more than 1,000,000 bytes"),
     ("pixel bomb", lambda p: make_zip(p, {"big.png": encode(solid("red", (200, 200)), "PNG")}), "200x200"),
     ("corrupt tar", lambda p: p.write_bytes(make_tar(p, {"a.png": RED_PNG}).read_bytes()[:700]) and p, "corrupt"),

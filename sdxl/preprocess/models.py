@@ -22,5 +22,7 @@ def load(spec: weights.WeightSpec, model_cls, processor_cls, models_dir: Path | 
     model = model_cls.from_pretrained(folder, local_files_only=True, dtype=placement.dtype)
     model = model.to(placement.device).eval()
     params = sum(p.numel() for p in model.parameters())
-    log.info("loaded %s from %s (%s params, %s, %s)", spec.name, folder, f"{params:,}", placement.device, placement.dtype)
+    log.info(
+        "loaded %s from %s (%s params, %s, %s)", spec.name, folder, f"{params:,}", placement.device, placement.dtype
+    )
     return processor, model

@@ -155,7 +155,9 @@ def run(
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     if config.resolution < RECOMMENDED_MIN_RESOLUTION:
-        log.warning("resolution %d is below %d: SDXL learns poorly that small", config.resolution, RECOMMENDED_MIN_RESOLUTION)
+        log.warning(
+            "resolution %d is below %d: SDXL learns poorly that small", config.resolution, RECOMMENDED_MIN_RESOLUTION
+        )
     started = time.monotonic()
 
     # 1. Read the archive: images (EXIF-rotated RGB) and caption.csv captions matched by file name.
