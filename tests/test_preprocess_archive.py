@@ -160,7 +160,7 @@ def test_hostile_archives_are_rejected_leaving_nothing(tmp_path, work, name, mak
     assert not (tmp_path / "evil.png").exists() and not (tmp_path.parent / "evil.png").exists()
 
 
-@pytest.mark.parametrize("width, height", [(30_000, 30_000), (5_000, 5_000)])  # above and below PIL's own guard
+@pytest.mark.parametrize("width, height", [(30_000, 30_000), (10_000, 10_000)])  # above and below PIL's own guard
 def test_pixel_bomb_with_default_limits(tmp_path, work, width, height):
     path = make_zip(tmp_path / "bomb.zip", {"ok.png": RED_PNG, "bomb.png": png_header_only(width, height)})
     with pytest.raises(InputError, match="image 'bomb.png'"):
@@ -171,4 +171,10 @@ def test_pixel_bomb_with_default_limits(tmp_path, work, width, height):
 def test_limits_are_validated():
     with pytest.raises(ValueError, match="ArchiveLimits.max_entries: 0"):
         ArchiveLimits(max_entries=0)
-    assert archive.DEFAULT_LIMITS.max_image_pixels == 4096 * 4096
+    assert archive.DEFAULT_LIMITS.max_image_pixels == 8192 * 8192
+
+
+def test_large_images_are_scaled_down_as_they_are_read(tmp_path, work):
+    path = make_zip(tmp_path / "set.zip", {"wide.png": encode(solid("red", (300, 100)), "PNG"), "small.png": RED_PNG})
+    sizes = {s.name: s.image.size for s in read_samples(path, parent=work, short_side=64)}
+    assert sizes == {"wide.png": (192, 64), "small.png": (48, 40)}  # never scaled up here: that is upscale's job

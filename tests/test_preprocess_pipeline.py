@@ -158,3 +158,15 @@ def test_missing_models_name_the_fix(upload, tmp_path):
 
     with pytest.raises(WeightsMissingError, match="(?s)swin2sr .* missing .*download_weights"):
         preprocess(upload, tmp_path / "out", resolution=RESOLUTION, models_dir=tmp_path / "no-weights")
+
+
+@pytest.mark.parametrize("salience, expected_x", [(True, 512), (False, 735)])
+def test_crop_centre_follows_the_mask_or_the_faces(salience, expected_x):
+    from sdxl.preprocess import mask
+    from sdxl.preprocess.pipeline import _crop_centers
+
+    image = Image.new("RGB", (1024, 512))
+    image.paste(astronaut(), (512, 0))  # the face sits right of centre, near x = 512 + 223
+    config = PreprocessConfig(resolution=RESOLUTION, crop_based_on_salience=salience)
+    (center,) = _crop_centers(config, [image], [mask.uniform_mask(image)])
+    assert center[0] == pytest.approx(expected_x, abs=15)

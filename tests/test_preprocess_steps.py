@@ -47,6 +47,14 @@ def test_only_small_images_are_upscaled_to_at_least_the_resolution(upscaler):
     assert min(out[2].size) >= 64 and out[2].size == (64, 77)  # x4 is not: a resize finishes the job
 
 
+def test_images_too_long_for_swin2sr_are_resized(upscaler, monkeypatch):
+    from sdxl.preprocess import upscale
+
+    monkeypatch.setattr(upscale, "MAX_OUTPUT_PIXELS", 100 * 100)
+    monkeypatch.setattr(Upscaler, "upscale", lambda self, image: pytest.fail("Swin2SR ran on a too-long image"))
+    assert upscale_small([astronaut().resize((90, 30))], 64, upscaler)[0].size == (192, 64)
+
+
 # --- caption ----------------------------------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +25,6 @@ from typing import BinaryIO
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sdxl.errors import InputError
-from sdxl.images import MAX_INPUT_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ class ArchiveLimits:
 
     max_entries: int = 10_000
     max_total_bytes: int = 4 << 30  # uncompressed, over all extracted files
-    max_image_pixels: int = MAX_INPUT_PIXELS  # per image, read from the header before decoding
+    # Per image, read from the header before decoding. Above generation's input cap: phone cameras shoot 50 MP.
+    max_image_pixels: int = 8192 * 8192
 
     def __post_init__(self):
         for name in ("max_entries", "max_total_bytes", "max_image_pixels"):
@@ -259,10 +260,24 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: Path, name: str, limits: ArchiveLimits = DEFAULT_LIMITS) -> Image.Image | None:
-    """The image with its EXIF rotation applied, None (logged) if it cannot be decoded; a pixel bomb is an error."""
+def _shrink(image: Image.Image, short_side: int | None) -> Image.Image:
+    """Scaled down so its short side is `short_side`: training never uses more, and memory stays bounded."""
+    if short_side is None or min(image.size) <= short_side:
+        return image
+    scale = short_side / min(image.size)
+    size = (max(short_side, round(image.width * scale)), max(short_side, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def load_image(
+    path: Path, name: str, limits: ArchiveLimits = DEFAULT_LIMITS, short_side: int | None = None
+) -> Image.Image | None:
+    """The image with its EXIF rotation applied (and at most `short_side` on its short side, if given), None (logged)
+    if it cannot be decoded; a pixel bomb is an error."""
     try:
-        image = Image.open(path)
+        with warnings.catch_warnings():  # PIL's bomb warning: the explicit cap below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
     except Image.DecompressionBombError:
         raise _reject(f"image {name!r} has more than {limits.max_image_pixels:,} pixels") from None
     except (UnidentifiedImageError, OSError) as error:
@@ -274,7 +289,7 @@ def load_image(path: Path, name: str, limits: ArchiveLimits = DEFAULT_LIMITS) ->
             raise _reject(f"image {name!r} is {width}x{height}; at most {limits.max_image_pixels:,} pixels are allowed")
         try:
             image.load()
-            return _to_rgb(ImageOps.exif_transpose(image))
+            return _shrink(_to_rgb(ImageOps.exif_transpose(image)), short_side)
         except (OSError, SyntaxError, ValueError) as error:
             log.warning("%s: skipping %s: corrupt image data (%s)", ARCHIVE_FIELD, name, error)
             return None
@@ -342,8 +357,10 @@ def read_samples(
     filetype: str = "infer",
     limits: ArchiveLimits = DEFAULT_LIMITS,
     parent: Path | None = None,
+    short_side: int | None = None,
 ) -> list[Sample]:
-    """Every usable image of the archive, in path order, with its caption.csv caption if it has one."""
+    """Every usable image of the archive, in path order, with its caption.csv caption if it has one. With
+    `short_side`, larger images are scaled down to it as they are read."""
     with extracted(path, filetype=filetype, limits=limits, parent=parent) as folder:
         files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
         caption_files = [name for name in files if PurePosixPath(name).name.lower() == CAPTION_FILE]
@@ -357,7 +374,7 @@ def read_samples(
             if reason:
                 log.info("%s: skipping %s: %s", ARCHIVE_FIELD, name, reason)
                 continue
-            image = load_image(folder / name, name, limits)
+            image = load_image(folder / name, name, limits, short_side)
             if image is not None:
                 images[name] = image
         captions: dict[str, str] = {}

@@ -35,6 +35,9 @@ CAPTIONS_FILE = "captions.csv"
 CAPTIONS_COLUMNS = ("image_file", "mask_file", "caption")
 MIN_IMAGES = 1  # one image is enough for a (pivotal-tuning) LoRA; fewer is the "no usable image" error
 RECOMMENDED_MIN_RESOLUTION = 512
+# Images are worked on at no more than this (or the resolution, if larger) on their short side: the crop ends at the
+# resolution anyway, and face detection still sees faces in group photos.
+WORKING_SHORT_SIDE = 1024
 
 
 def _require_bool(field: str, value) -> None:
@@ -160,8 +163,14 @@ def run(
         )
     started = time.monotonic()
 
-    # 1. Read the archive: images (EXIF-rotated RGB) and caption.csv captions matched by file name.
-    samples = archive.read_samples(archive_path, filetype=config.input_images_filetype, limits=limits)
+    # 1. Read the archive: images (EXIF-rotated RGB; large ones scaled down as they are read, to bound memory) and
+    #    caption.csv captions matched by file name.
+    samples = archive.read_samples(
+        archive_path,
+        filetype=config.input_images_filetype,
+        limits=limits,
+        short_side=max(config.resolution, WORKING_SHORT_SIDE),
+    )
     if len(samples) < config.min_images:
         raise InputError(
             archive.ARCHIVE_FIELD, f"holds {len(samples)} usable images; at least {config.min_images} are needed"

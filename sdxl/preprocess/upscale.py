@@ -16,6 +16,9 @@ from sdxl.preprocess import models
 
 log = logging.getLogger(__name__)
 
+# Swin2SR's activations grow with the output: a short but very long image (a panorama) is resized instead.
+MAX_OUTPUT_PIXELS = 4096 * 4096
+
 
 @dataclass(frozen=True)
 class Upscaler:
@@ -52,13 +55,18 @@ def needs_upscaling(image: Image.Image, resolution: int) -> bool:
 
 def upscale_small(images: list[Image.Image], resolution: int, upscaler: Upscaler) -> list[Image.Image]:
     """Each image whose short side is below `resolution` goes once through Swin2SR; if it is still short (an image
-    under resolution/4), a Lanczos resize finishes the job. Larger images are returned unchanged."""
+    under resolution/4, or one too long for Swin2SR), a Lanczos resize finishes the job. Larger images are returned
+    unchanged."""
     out = []
     for index, image in enumerate(images):
         if not needs_upscaling(image, resolution):
             out.append(image)
             continue
-        upscaled = upscaler.upscale(image)
+        if image.width * image.height * upscaler.scale**2 <= MAX_OUTPUT_PIXELS:
+            upscaled = upscaler.upscale(image)
+        else:
+            log.info("upscale: image %d (%dx%d) is too long for Swin2SR; resized instead", index, *image.size)
+            upscaled = image
         if needs_upscaling(upscaled, resolution):
             factor = resolution / min(upscaled.size)
             size = tuple(max(resolution, round(side * factor)) for side in upscaled.size)
