@@ -168,6 +168,18 @@ def test_pixel_bomb_with_default_limits(tmp_path, work, width, height):
     assert list(work.iterdir()) == []
 
 
+def test_encrypted_zip_is_refused(tmp_path, work):
+    data = bytearray(make_zip(tmp_path / "plain.zip", {"a.png": RED_PNG}).read_bytes())
+    # Set the "encrypted" flag in the local and the central header: Python's zipfile cannot read it without a password.
+    data[6] |= 0x1
+    data[data.rindex(b"PK\x01\x02") + 8] |= 0x1
+    path = tmp_path / "secret.zip"
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="input_images: uses an unsupported zip feature .*encrypted"):
+        read_samples(path, parent=work)
+    assert list(work.iterdir()) == []
+
+
 def test_limits_are_validated():
     with pytest.raises(ValueError, match="ArchiveLimits.max_entries: 0"):
         ArchiveLimits(max_entries=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import lzma
 import re
 import shutil
 import stat
@@ -16,6 +17,7 @@ import tarfile
 import tempfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -224,9 +226,9 @@ def extract(path: Path | str, dest: Path, *, filetype: str = "infer", limits: Ar
     budget = _Budget(limits)
     try:
         (_extract_zip if kind == "zip" else _extract_tar)(Path(path), Path(dest), budget)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError) as error:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as error:
         raise _reject(f"is a corrupt {kind} archive ({error})") from None
-    except NotImplementedError as error:  # e.g. a zip compression method Python cannot read
+    except (NotImplementedError, RuntimeError) as error:  # a compression method Python lacks; an encrypted zip
         raise _reject(f"uses an unsupported {kind} feature ({error})") from None
     log.info("%s: extracted %d entries, %d bytes from a %s archive", ARCHIVE_FIELD, budget.entries, budget.bytes, kind)
     return kind
