@@ -112,7 +112,8 @@ UPSCALER = WeightSpec(
     repo_id="caidas/swin2SR-realworld-sr-x4-64-bsrgan-psnr",
     revision=None,
     allow_patterns=("config.json", "preprocessor_config.json", "*.safetensors", "pytorch_model.bin"),
-    required_files=("config.json",),
+    # As for the safety checker: where only pytorch_model.bin exists, the download converts it to model.safetensors.
+    required_files=("config.json", "preprocessor_config.json", "model.safetensors"),
     purpose="training preprocessing: x4 upscaling of small images",
 )
 
@@ -122,7 +123,13 @@ CAPTIONER = WeightSpec(
     repo_id="Salesforce/blip-image-captioning-large",
     revision="353689b859fcf0523410b1806dace5fb46ecdf41",
     allow_patterns=("*.json", "*.txt", "model.safetensors"),
-    required_files=("config.json", "preprocessor_config.json"),
+    required_files=(
+        "config.json",
+        "preprocessor_config.json",
+        "tokenizer_config.json",
+        "tokenizer.json",
+        "model.safetensors",
+    ),
     purpose="training preprocessing: image captions",
 )
 
@@ -132,7 +139,14 @@ SEGMENTER = WeightSpec(
     repo_id="CIDAS/clipseg-rd64-refined",
     revision="999e0328d9e10b484360c477313983f9afdd7050",
     allow_patterns=("*.json", "*.txt", "model.safetensors"),
-    required_files=("config.json", "preprocessor_config.json"),
+    required_files=(
+        "config.json",
+        "preprocessor_config.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+        "model.safetensors",
+    ),
     purpose="training preprocessing: text-prompted masks",
 )
 

@@ -1,0 +1,390 @@
+"""Read the uploaded training archive safely: zip or tar told apart by content, hostile entries refused.
+
+Only regular files and folders are extracted, one by one, into a fresh temporary folder that never outlives the
+call that made it. Links, devices, paths that leave the folder, too many entries, too many uncompressed bytes and
+images with too many pixels (decompression bombs) reject the whole archive with an error naming the entry.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import lzma
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+import warnings
+import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from sdxl.errors import InputError
+
+log = logging.getLogger(__name__)
+
+ARCHIVE_FIELD = "input_images"
+FILETYPE_FIELD = "input_images_filetype"
+FILETYPES = ("zip", "tar", "infer")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+CAPTION_FILE = "caption.csv"
+IMAGE_COLUMNS = ("image_file", "image", "file_name", "filename", "file")
+CAPTION_COLUMNS = ("caption", "text")
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """Bounds that keep a hostile upload from filling the disk or the memory."""
+
+    max_entries: int = 10_000
+    max_total_bytes: int = 4 << 30  # uncompressed, over all extracted files
+    # Per image, read from the header before decoding. Above generation's input cap: phone cameras shoot 50 MP.
+    max_image_pixels: int = 8192 * 8192
+
+    def __post_init__(self):
+        for name in ("max_entries", "max_total_bytes", "max_image_pixels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ArchiveLimits.{name}: {value!r} is not allowed; use a positive integer")
+
+
+DEFAULT_LIMITS = ArchiveLimits()
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training image read from the archive."""
+
+    name: str  # its path inside the archive, with "/" separators
+    image: Image.Image  # RGB, EXIF rotation applied
+    caption: str | None  # from caption.csv, else None (captioned later)
+
+
+def _reject(message: str) -> InputError:
+    return InputError(ARCHIVE_FIELD, message)
+
+
+# --- which kind of archive ----------------------------------------------------------------------------------------
+
+
+def _sniff(path: Path) -> str | None:
+    """The archive type from the bytes: tar's "ustar" magic, zip's local header, compressed tars, then the
+    libraries' own (slower, looser) checks."""
+    with open(path, "rb") as file:
+        head = file.read(512)
+    if head[257:262] == b"ustar":
+        return "tar"
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "zip"
+    if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")) and tarfile.is_tarfile(path):
+        return "tar"
+    if zipfile.is_zipfile(path):
+        return "zip"
+    if tarfile.is_tarfile(path):  # old v7 tars carry no magic
+        return "tar"
+    return None
+
+
+def detect_filetype(path: Path | str, filetype: str = "infer") -> str:
+    """'zip' or 'tar'. An explicit `filetype` wins over the content, but must still open as that type."""
+    if filetype not in FILETYPES:
+        raise InputError(FILETYPE_FIELD, f"{filetype!r} is not allowed; use one of {', '.join(FILETYPES)}")
+    path = Path(path)
+    if not path.is_file():
+        raise _reject(f"{path} is not a file")
+    sniffed = _sniff(path)
+    if filetype == "infer":
+        if sniffed is None:
+            raise _reject("is neither a zip nor a tar archive; upload a .zip or .tar (optionally gzipped) of images")
+        return sniffed
+    opens = zipfile.is_zipfile(path) if filetype == "zip" else tarfile.is_tarfile(path)
+    if not opens:
+        looks = f"it looks like a {sniffed} archive" if sniffed else "it is not an archive"
+        raise _reject(f"is not a {filetype} archive as {FILETYPE_FIELD}={filetype!r} says ({looks}); use 'infer'")
+    return filetype
+
+
+# --- extraction -------------------------------------------------------------------------------------------------
+
+
+def _safe_relpath(name: str) -> PurePosixPath | None:
+    """The entry's path inside the extraction folder, or an error if it would land outside it."""
+    if "\x00" in name:
+        raise _reject(f"entry {name!r} has a NUL character in its name")
+    posix = name.replace("\\", "/")
+    if posix.startswith("/") or re.match(r"^[A-Za-z]:", posix):
+        raise _reject(f"entry {name!r} has an absolute path; archive entries must be relative")
+    parts = [part for part in posix.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise _reject(f"entry {name!r} escapes the extraction folder ('..' in its path)")
+    return PurePosixPath(*parts) if parts else None
+
+
+class _Budget:
+    """Counts entries and uncompressed bytes as they are extracted; declared sizes are not trusted."""
+
+    def __init__(self, limits: ArchiveLimits):
+        self.limits = limits
+        self.entries = 0
+        self.bytes = 0
+
+    def entry(self) -> None:
+        self.entries += 1
+        if self.entries > self.limits.max_entries:
+            raise _reject(f"has more than {self.limits.max_entries} entries")
+
+    def spend(self, count: int) -> None:
+        self.bytes += count
+        if self.bytes > self.limits.max_total_bytes:
+            raise _reject(f"expands to more than {self.limits.max_total_bytes:,} bytes uncompressed")
+
+
+def _write(source: BinaryIO, dest: Path, rel: PurePosixPath, budget: _Budget) -> None:
+    target = dest.joinpath(*rel.parts)
+    if not target.resolve().is_relative_to(dest.resolve()):  # belt and braces over _safe_relpath
+        raise _reject(f"entry {str(rel)!r} escapes the extraction folder")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "xb") as out:  # "x": a duplicate entry never overwrites an earlier one silently
+            while chunk := source.read(CHUNK):
+                budget.spend(len(chunk))
+                out.write(chunk)
+    except FileExistsError:
+        raise _reject(f"entry {str(rel)!r} appears twice") from None
+    except OSError as error:
+        raise _reject(f"entry {str(rel)!r} could not be extracted ({error.strerror or error})") from None
+
+
+def _zip_kind(info: zipfile.ZipInfo) -> str:
+    mode = info.external_attr >> 16  # Unix mode bits, zero when the zip was made elsewhere
+    if info.is_dir() or stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    if stat.S_IFMT(mode) and not stat.S_ISREG(mode):  # no type bits at all: a plain file (zipfile.writestr)
+        return "device or special file"
+    return "file"
+
+
+def _extract_zip(path: Path, dest: Path, budget: _Budget) -> None:
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+        if len(infos) > budget.limits.max_entries:
+            raise _reject(f"has {len(infos)} entries; at most {budget.limits.max_entries} are allowed")
+        declared = sum(info.file_size for info in infos)
+        if declared > budget.limits.max_total_bytes:
+            raise _reject(
+                f"expands to more than {budget.limits.max_total_bytes:,} bytes uncompressed (it declares {declared:,})"
+            )
+        for info in infos:
+            budget.entry()
+            kind = _zip_kind(info)
+            rel = _safe_relpath(info.filename)
+            if kind not in ("file", "dir"):
+                raise _reject(f"entry {info.filename!r} is a {kind}; only regular files and folders are allowed")
+            if rel is not None and kind == "file":
+                with archive.open(info) as source:
+                    _write(source, dest, rel, budget)
+
+
+def _tar_kind(member: tarfile.TarInfo) -> str:
+    if member.isreg():
+        return "file"
+    if member.isdir():
+        return "dir"
+    if member.issym():
+        return "symbolic link"
+    if member.islnk():
+        return "hard link"
+    return "device or special file"
+
+
+def _extract_tar(path: Path, dest: Path, budget: _Budget) -> None:
+    with tarfile.open(path, "r:*") as archive:
+        for member in archive:  # streamed: a million-entry tar stops at the limit, not after listing everything
+            budget.entry()
+            kind = _tar_kind(member)
+            rel = _safe_relpath(member.name)
+            if kind not in ("file", "dir"):
+                raise _reject(f"entry {member.name!r} is a {kind}; only regular files and folders are allowed")
+            if rel is not None and kind == "file":
+                source = archive.extractfile(member)
+                _write(source, dest, rel, budget)
+
+
+def extract(path: Path | str, dest: Path, *, filetype: str = "infer", limits: ArchiveLimits = DEFAULT_LIMITS) -> str:
+    """Extract the archive's regular files into the existing folder `dest`; returns the type used."""
+    kind = detect_filetype(path, filetype)
+    budget = _Budget(limits)
+    try:
+        (_extract_zip if kind == "zip" else _extract_tar)(Path(path), Path(dest), budget)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as error:
+        raise _reject(f"is a corrupt {kind} archive ({error})") from None
+    except (NotImplementedError, RuntimeError) as error:  # a compression method Python lacks; an encrypted zip
+        raise _reject(f"uses an unsupported {kind} feature ({error})") from None
+    log.info("%s: extracted %d entries, %d bytes from a %s archive", ARCHIVE_FIELD, budget.entries, budget.bytes, kind)
+    return kind
+
+
+@contextmanager
+def extracted(
+    path: Path | str,
+    *,
+    filetype: str = "infer",
+    limits: ArchiveLimits = DEFAULT_LIMITS,
+    parent: Path | None = None,
+) -> Iterator[Path]:
+    """A fresh temporary folder holding the archive's files; removed on leaving, and at once on any failure."""
+    dest = Path(tempfile.mkdtemp(prefix="sdxl-archive-", dir=parent))
+    try:
+        extract(path, dest, filetype=filetype, limits=limits)
+        yield dest
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+# --- images and captions ----------------------------------------------------------------------------------------
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB over white: transparent pixels carry arbitrary colours, white is predictable."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _shrink(image: Image.Image, short_side: int | None) -> Image.Image:
+    """Scaled down so its short side is `short_side`: training never uses more, and memory stays bounded."""
+    if short_side is None or min(image.size) <= short_side:
+        return image
+    scale = short_side / min(image.size)
+    size = (max(short_side, round(image.width * scale)), max(short_side, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def load_image(
+    path: Path, name: str, limits: ArchiveLimits = DEFAULT_LIMITS, short_side: int | None = None
+) -> Image.Image | None:
+    """The image with its EXIF rotation applied (and at most `short_side` on its short side, if given), None (logged)
+    if it cannot be decoded; a pixel bomb is an error."""
+    try:
+        with warnings.catch_warnings():  # PIL's bomb warning: the explicit cap below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError:
+        raise _reject(f"image {name!r} has more than {limits.max_image_pixels:,} pixels") from None
+    except (UnidentifiedImageError, OSError) as error:
+        log.warning("%s: skipping %s: not a readable image (%s)", ARCHIVE_FIELD, name, error)
+        return None
+    with image:
+        width, height = image.size
+        if width * height > limits.max_image_pixels:
+            raise _reject(f"image {name!r} is {width}x{height}; at most {limits.max_image_pixels:,} pixels are allowed")
+        try:
+            image.load()
+            return _shrink(_to_rgb(ImageOps.exif_transpose(image)), short_side)
+        except (OSError, SyntaxError, ValueError) as error:
+            log.warning("%s: skipping %s: corrupt image data (%s)", ARCHIVE_FIELD, name, error)
+            return None
+
+
+def _normalise(name: str) -> str:
+    return "/".join(part for part in name.strip().replace("\\", "/").split("/") if part not in ("", "."))
+
+
+def read_caption_csv(path: Path) -> dict[str, str]:
+    """caption.csv as {image path as written: caption}. Column names are matched case-insensitively."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as file:
+            reader = csv.DictReader(file)
+            columns = {(name or "").strip().lower(): name for name in reader.fieldnames or []}
+            image_column = next((columns[c] for c in IMAGE_COLUMNS if c in columns), None)
+            caption_column = next((columns[c] for c in CAPTION_COLUMNS if c in columns), None)
+            if image_column is None or caption_column is None:
+                raise _reject(
+                    f"{CAPTION_FILE} has the columns {reader.fieldnames}; it needs an image column (one of"
+                    f" {', '.join(IMAGE_COLUMNS)}) and a caption column (one of {', '.join(CAPTION_COLUMNS)})"
+                )
+            rows = [(row.get(image_column) or "", row.get(caption_column) or "") for row in reader]
+    except UnicodeDecodeError:
+        raise _reject(f"{CAPTION_FILE} is not UTF-8 text") from None
+    except csv.Error as error:
+        raise _reject(f"{CAPTION_FILE} is not valid CSV ({error})") from None
+    return {_normalise(image): caption.strip() for image, caption in rows if _normalise(image) and caption.strip()}
+
+
+def match_captions(image_names: list[str], rows: dict[str, str], csv_folder: str = "") -> dict[str, str]:
+    """Captions by image NAME, never by order: the row's path from the archive root, or from caption.csv's folder,
+    or (path prefixes from the uploader's machine tolerated) its file name when exactly one image has it."""
+    by_path = set(image_names)
+    by_file: dict[str, list[str]] = {}
+    for name in image_names:
+        by_file.setdefault(PurePosixPath(name).name, []).append(name)
+    matched: dict[str, str] = {}
+    for key, caption in rows.items():
+        relative = f"{csv_folder}/{key}" if csv_folder else key
+        candidates = (
+            [key] if key in by_path else [relative] if relative in by_path else by_file.get(key.split("/")[-1], [])
+        )
+        if len(candidates) == 1:
+            matched[candidates[0]] = caption
+        elif candidates:
+            log.warning("%s: %s row %r matches %s; give its path", ARCHIVE_FIELD, CAPTION_FILE, key, candidates)
+        else:
+            log.warning("%s: %s row %r matches no image in the archive", ARCHIVE_FIELD, CAPTION_FILE, key)
+    return matched
+
+
+def _skipped(rel: PurePosixPath) -> str | None:
+    """Why a file is not a training image, or None if it is one."""
+    if any(part.startswith(".") or part == "__MACOSX" for part in rel.parts):
+        return "hidden or macOS metadata file"
+    if rel.suffix.lower() not in IMAGE_SUFFIXES:
+        return f"not an image (accepted: {', '.join(IMAGE_SUFFIXES)})"
+    return None
+
+
+def read_samples(
+    path: Path | str,
+    *,
+    filetype: str = "infer",
+    limits: ArchiveLimits = DEFAULT_LIMITS,
+    parent: Path | None = None,
+    short_side: int | None = None,
+) -> list[Sample]:
+    """Every usable image of the archive, in path order, with its caption.csv caption if it has one. With
+    `short_side`, larger images are scaled down to it as they are read."""
+    with extracted(path, filetype=filetype, limits=limits, parent=parent) as folder:
+        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        caption_files = [name for name in files if PurePosixPath(name).name.lower() == CAPTION_FILE]
+        if len(caption_files) > 1:
+            raise _reject(f"has several {CAPTION_FILE} files ({', '.join(caption_files)}); keep one")
+        images: dict[str, Image.Image] = {}
+        for name in files:
+            if name in caption_files:
+                continue
+            reason = _skipped(PurePosixPath(name))
+            if reason:
+                log.info("%s: skipping %s: %s", ARCHIVE_FIELD, name, reason)
+                continue
+            image = load_image(folder / name, name, limits, short_side)
+            if image is not None:
+                images[name] = image
+        captions: dict[str, str] = {}
+        if caption_files:
+            parent_folder = PurePosixPath(caption_files[0]).parent.as_posix()
+            csv_folder = "" if parent_folder == "." else parent_folder
+            captions = match_captions(list(images), read_caption_csv(folder / caption_files[0]), csv_folder)
+    if not images:
+        raise _reject(f"holds no usable image ({len(files)} files, none a readable {'/'.join(IMAGE_SUFFIXES)} image)")
+    log.info("%s: %d images, %d of them captioned by %s", ARCHIVE_FIELD, len(images), len(captions), CAPTION_FILE)
+    return [Sample(name=name, image=image, caption=captions.get(name)) for name, image in images.items()]

@@ -1,0 +1,141 @@
+"""Loss masks: what matters in each training image. White (255) is trained on fully, black (0) not at all.
+
+Three kinds, exactly one mask per image, in the images' order:
+- CLIPSeg, prompted by `mask_target_prompts`: sigmoid(logits / clipseg_temperature), a small floor, scaled so the
+  most salient pixel is 1, resized to the image;
+- faces (`use_face_detection_instead`): OpenCV's Haar cascade; all faces of an image go into its one mask;
+- neither: a uniform (all-white) mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from sdxl import weights
+from sdxl.device import Placement
+from sdxl.preprocess import models
+
+log = logging.getLogger(__name__)
+
+CLIPSEG_FLOOR = 0.01  # as the hosted trainer: no pixel is ignored completely
+FACE_CASCADE = "haarcascade_frontalface_default.xml"
+FACE_DETECTION_SIDE = 1024  # faces are found on a copy at most this large: fast and scale-stable
+FACE_MIN_FRACTION = 0.04  # smallest face looked for, as a fraction of the short side
+# A Haar box spans brows to mouth; an ellipse with these half-axes (relative to the box) covers the whole box
+# (its corners lie at 0.75 of the ellipse's radius) plus forehead and chin.
+FACE_ELLIPSE = (0.75, 0.9)
+
+
+@dataclass(frozen=True)
+class Box:
+    left: int
+    top: int
+    width: int
+    height: int
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return self.left + self.width / 2, self.top + self.height / 2
+
+
+def uniform_mask(image: Image.Image) -> Image.Image:
+    return Image.new("L", image.size, 255)
+
+
+# --- CLIPSeg --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Segmenter:
+    processor: object
+    model: torch.nn.Module
+
+    @classmethod
+    def load(cls, models_dir: Path | None = None, placement: Placement | None = None) -> Segmenter:
+        from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+
+        return cls(*models.load(weights.SEGMENTER, CLIPSegForImageSegmentation, CLIPSegProcessor,
+                                models_dir, placement))  # fmt: skip
+
+    @torch.inference_mode()
+    def mask(self, image: Image.Image, prompt: str, temperature: float = 1.0) -> Image.Image:
+        """A soft mask of the image's size; a higher temperature flattens (blurs) it."""
+        parameter = next(self.model.parameters())
+        inputs = self.processor(
+            text=[prompt], images=[image.convert("RGB")], padding="max_length", truncation=True, return_tensors="pt"
+        )
+        inputs = {key: value.to(parameter.device) for key, value in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(parameter.dtype)
+        logits = self.model(**inputs).logits.float()
+        logits = logits.reshape(1, 1, *logits.shape[-2:])  # batch of one: some versions squeeze it away
+        probs = (torch.sigmoid(logits / temperature) + CLIPSEG_FLOOR).clamp(0, 1)
+        probs = probs / probs.max()
+        width, height = image.size
+        probs = torch.nn.functional.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
+        array = (probs[0, 0].clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        return Image.fromarray(array, "L")
+
+
+def clipseg_masks(
+    images: list[Image.Image], prompt: str, temperature: float, segmenter: Segmenter
+) -> list[Image.Image]:
+    return [segmenter.mask(image, prompt, temperature) for image in images]
+
+
+# --- faces ------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _cascade():
+    import cv2
+
+    path = Path(cv2.data.haarcascades) / FACE_CASCADE
+    cascade = cv2.CascadeClassifier(str(path))
+    if cascade.empty():
+        raise RuntimeError(f"OpenCV could not load its face cascade {path}; install opencv-python (not 5.x)")
+    return cascade
+
+
+def detect_faces(image: Image.Image) -> list[Box]:
+    """Face boxes in the image's pixel coordinates (frontal faces; an empty list if none is found)."""
+    import cv2
+
+    scale = min(1.0, FACE_DETECTION_SIDE / max(image.size))
+    small = image.convert("L")
+    if scale < 1.0:
+        small = small.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
+    gray = cv2.equalizeHist(np.asarray(small))
+    min_side = max(20, round(FACE_MIN_FRACTION * min(gray.shape)))
+    found = _cascade().detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side))
+    return [Box(*(round(int(v) / scale) for v in box)) for box in found]
+
+
+def face_mask(image: Image.Image, faces: list[Box] | None = None) -> Image.Image:
+    """ONE mask whatever the number of faces: the union of an ellipse around each. No face: uniform."""
+    faces = detect_faces(image) if faces is None else faces
+    if not faces:
+        return uniform_mask(image)
+    mask = Image.new("L", image.size, 0)
+    draw = ImageDraw.Draw(mask)
+    for face in faces:
+        cx, cy = face.center
+        rx, ry = face.width * FACE_ELLIPSE[0], face.height * FACE_ELLIPSE[1]
+        draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=255)
+    return mask
+
+
+def face_masks(images: list[Image.Image]) -> list[Image.Image]:
+    masks = []
+    for index, image in enumerate(images):
+        faces = detect_faces(image)
+        if not faces:
+            log.warning("mask: no face found in image %d; its mask is uniform", index)
+        masks.append(face_mask(image, faces))
+    return masks
