@@ -19,7 +19,7 @@ from sdxl.images import MAX_SIDE, MIN_SIDE, load_image, load_mask
 from sdxl.loading import load_pipelines
 from sdxl.request import DEFAULT_PROMPT, MAX_OUTPUTS, MAX_STEPS, REFINE_MODES, GenerationRequest
 from sdxl.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
-from sdxl.weights import is_tiny, weights_dir
+from sdxl.weights import random_architecture, weights_dir
 
 log = logging.getLogger("predict")
 
@@ -58,8 +58,8 @@ class Runner(BaseRunner):
             # the base model in its place would hide that from the caller.
             raise RuntimeError(f"setup(weights={weights!r}): trained weights (COG_WEIGHTS) are not supported yet")
         root = weights_dir()
-        if is_tiny(root):
-            log.warning("%s holds the TINY RANDOM test weights: every image will be noise", root)
+        if random_architecture(root):
+            log.warning("%s holds RANDOM %s test weights: every image will be noise", root, random_architecture(root))
         self.pipes = load_pipelines(root)
         self._outputs: list[Path] = []  # the previous request's files
 
