@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import platform
 import statistics
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
 
@@ -138,20 +140,55 @@ def measure_setup(root: Path, repeats: int) -> dict:
     )
 
 
-def measure_generation(pipes, baseline_pipe, request: GenerationRequest, repeats: int) -> dict:
-    """The library's full request path with safety checker and watermark off (the same work as the baseline)."""
+def predictor_inputs(request: GenerationRequest) -> list[str]:
+    return [
+        f"width={request.width}",
+        f"height={request.height}",
+        f"num_inference_steps={request.num_inference_steps}",
+        f"seed={request.seed}",
+        f"apply_watermark={str(request.apply_watermark).lower()}",
+        f"disable_safety_checker={str(request.disable_safety_checker).lower()}",
+    ]
+
+
+def measure_generation(runner, baseline_pipe, request: GenerationRequest, repeats: int) -> dict:
+    """The predictor's whole run() (validation, generation, PNG files) with safety checker and watermark off, so it
+    does the same work as the plain diffusers call; then the same with both on, to show what they cost."""
+    from cog_predict import resolve_inputs
+
     bare = GenerationRequest(**{**request.__dict__, "apply_watermark": False, "disable_safety_checker": True})
-    result = side_by_side(lambda: generate(pipes, bare), lambda: direct_call(baseline_pipe, bare), repeats)
-    full = statistics.median(timed(lambda: generate(pipes, request), repeats))
-    result["with_safety_and_watermark_s"] = full
+    bare_kwargs = resolve_inputs(predictor_inputs(bare))
+    result = side_by_side(lambda: runner.run(**bare_kwargs), lambda: direct_call(baseline_pipe, bare), repeats)
+    full_kwargs = resolve_inputs(predictor_inputs(request))
+    result["with_safety_and_watermark_s"] = statistics.median(timed(lambda: runner.run(**full_kwargs), repeats))
     return result
 
 
-REFINE_CASES = [
-    ("text2img", "no_refiner", {}),
-    ("text2img", "expert_ensemble_refiner", {}),
-    ("text2img", "base_image_refiner", {}),
-]
+def measure_http(root: Path, runner, request: GenerationRequest, repeats: int) -> dict:
+    """A sync POST /predictions through the real Cog server vs the same run() in process."""
+    from cog_predict import resolve_inputs
+
+    from tests.cogserver import CogServer
+
+    kwargs = resolve_inputs(predictor_inputs(request))
+    body = {key: value for key, value in kwargs.items() if value is not None}
+    with tempfile.TemporaryDirectory() as tmp:
+        server = CogServer(root, Path(tmp) / "server.log")
+        try:
+            server.wait_for("READY", timeout=300)
+
+            def post():
+                response = server.predict(body)
+                assert response.json()["status"] == "succeeded", response.text
+
+            result = side_by_side(post, lambda: runner.run(**kwargs), repeats)
+        finally:
+            server.stop()
+    result["added_ms"] = (result["ours_s"] - result["baseline_s"]) * 1000
+    return result
+
+
+REFINE_MODES = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
 
 
 def expected_unet_calls(request: GenerationRequest) -> dict:
@@ -170,11 +207,11 @@ def leading_timesteps(steps: int) -> list[int]:
 
 def measure_unet_calls(pipes, size: int) -> list[dict]:
     rows = []
-    for mode, refine, extra in REFINE_CASES:
-        request = GenerationRequest(width=size, height=size, num_inference_steps=10, refine=refine, seed=0, **extra)
+    for refine in REFINE_MODES:
+        request = GenerationRequest(width=size, height=size, num_inference_steps=10, refine=refine, seed=0)
         with unet_counter(pipes) as counts:
             generate(pipes, request)
-        rows.append({"mode": mode, "refine": refine, "counted": dict(counts), "expected": expected_unet_calls(request)})
+        rows.append({"refine": refine, "counted": dict(counts), "expected": expected_unet_calls(request)})
     return rows
 
 
@@ -221,16 +258,22 @@ def cpu_mode(args) -> dict:
     for arch_name in args.architectures:
         with tempfile.TemporaryDirectory() as tmp:
             root = write_random_weights(Path(tmp), ARCHITECTURES[arch_name])
-            pipes = load_pipelines(root)
+            os.environ[weights.WEIGHTS_DIR_ENV] = str(root)
+            from predict import Runner
+
+            runner = Runner()
+            runner.setup()
+            pipes = runner.pipes
             baseline_pipe, _, _ = plain_from_pretrained(root, torch.float32, torch.device("cpu"))
             size, steps = sizes[arch_name]
             request = GenerationRequest(width=size, height=size, num_inference_steps=steps, seed=0)
-            log.info("%s: measuring setup, generation, UNet calls, memory", arch_name)
+            log.info("%s: measuring setup, generation, HTTP, UNet calls, memory", arch_name)
             report["architectures"][arch_name] = {
                 "size": size,
                 "steps": steps,
                 "setup": measure_setup(root, args.repeats),
-                "generation": measure_generation(pipes, baseline_pipe, request, args.repeats),
+                "generation": measure_generation(runner, baseline_pipe, request, args.repeats),
+                "http": measure_http(root, runner, request, args.repeats),
                 "unet_calls": measure_unet_calls(pipes, size),
                 "memory": measure_memory(root, pipes),
             }

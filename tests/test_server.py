@@ -52,7 +52,7 @@ def assert_same_images(data_uris: list[str], expected: list[np.ndarray]) -> None
 def test_health_goes_from_starting_to_ready(server):
     assert server.statuses_seen[0] == "STARTING"
     assert server.statuses_seen[-1] == "READY"
-    assert "TINY RANDOM test weights" in server.health()["setup"]["logs"]
+    assert "RANDOM tiny test weights" in server.health()["setup"]["logs"]
 
 
 def test_setup_failure_is_reported_with_the_missing_weights(tmp_path):
