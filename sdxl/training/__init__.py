@@ -1,0 +1,10 @@
+"""Fine-tuning SDXL: a UNet LoRA (or the whole UNet) plus textual inversion of new tokens, on accelerate.
+
+  config.py      the validated trainer inputs            dataset.py   the preprocessed folder -> examples
+  models.py      loading the base modules                tokens.py    new tokens, their learned rows only
+  conditioning   SDXL text conditioning                  sampling.py  batches and noise from (seed, step, process)
+  loop.py        the training run                        checkpoints  save / resume through accelerate
+  progress.py    step, loss, steps/s, ETA                export.py    trained_model.tar, atomically
+
+`python -m sdxl.training --help` runs it from a shell, in one process or several (`--num-processes`).
+"""
