@@ -63,21 +63,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _launch(args: argparse.Namespace, argv: list[str]) -> int:
-    """Re-run this command under `accelerate launch` with the seed fixed, so every process trains the same run."""
-    import subprocess
-
-    rest = [a for i, a in enumerate(argv) if a != "--num-processes" and (i == 0 or argv[i - 1] != "--num-processes")]
-    rest = [a for a in rest if not a.startswith("--num-processes=")]
-    if args.seed is None:
-        rest += ["--seed", str(TrainingConfig().with_seed().seed)]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
-    command += ["--num_processes", str(args.num_processes), "--num_machines", "1", "--dynamo_backend", "no"]
-    command += ["-m", "sdxl.training", *rest]
-    logging.getLogger(__name__).info("launching: %s", " ".join(command))
-    return subprocess.call(command)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -86,20 +71,24 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
     )
-    if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
-        return _launch(args, argv)
     try:
         config = TrainingConfig(**{f.name: getattr(args, f.name) for f in fields(TrainingConfig)})
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    weights_root = args.weights or weights.weights_dir()
+    if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+        from sdxl.training.launch import run_processes
+
+        run_processes(config, args.dataset, weights_root, args.output_dir, args.num_processes, args.tar)
+        return 0
 
     from sdxl.training.loop import train
 
     train(
         config,
         args.dataset,
-        args.weights or weights.weights_dir(),
+        weights_root,
         args.output_dir,
         tar_path=args.tar,
         keep_checkpoints=args.keep_checkpoints,
