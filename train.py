@@ -23,6 +23,8 @@ from sdxl.training.export import TAR_NAME
 
 log = logging.getLogger("sdxl.train")
 
+RESULTS_DIR = "sdxl-trained-models"  # under the temporary folder: the latest training's trained_model.tar
+
 
 class TrainingOutput(BaseModel):
     weights: Path
@@ -45,14 +47,25 @@ def _num_processes() -> int:
     return max(1, torch.cuda.device_count())
 
 
+def _fresh_result_dir() -> LocalPath:
+    """A private folder for this training's tar. Cog reads the returned file after train() returns, so it cannot be
+    removed here; the previous training's folder is removed instead (trainings run one at a time)."""
+    parent = LocalPath(tempfile.gettempdir()) / RESULTS_DIR
+    if parent.exists():
+        for previous in parent.iterdir():
+            shutil.rmtree(previous, ignore_errors=True)
+    parent.mkdir(exist_ok=True)
+    return LocalPath(tempfile.mkdtemp(prefix="run-", dir=parent))
+
+
 def run_training(config: TrainingConfig, input_images: LocalPath, weights_root: LocalPath) -> LocalPath:
     """1. preprocess the archive, 2. train (data-parallel over every GPU), 3. hand back the tar's path."""
     # The preprocessing step (archive extraction, upscaling, captions, masks, crops), imported when used.
     from sdxl.preprocess import preprocess
 
     config = config.with_seed()
-    result_dir = LocalPath(tempfile.mkdtemp(prefix="sdxl-trained-"))
-    work = LocalPath(tempfile.mkdtemp(prefix="sdxl-training-"))
+    result_dir = _fresh_result_dir()
+    work = LocalPath(tempfile.mkdtemp(prefix="sdxl-training-"))  # dataset and checkpoints: removed in every case
     try:
         dataset = preprocess(
             input_images,
@@ -76,6 +89,7 @@ def run_training(config: TrainingConfig, input_images: LocalPath, weights_root: 
             from sdxl.training.loop import train as train_loop
 
             train_loop(config, dataset, weights_root, work / "run", tar_path=tar_path)
+        log.info("trained_model.tar ready: %s", tar_path)
         return tar_path
     except BaseException:
         shutil.rmtree(result_dir, ignore_errors=True)

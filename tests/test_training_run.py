@@ -52,9 +52,7 @@ def _fresh_pipeline(root):
 
 def _generate(pipe, prompt="a photo of <s0><s1>"):
     generator = torch.Generator().manual_seed(0)
-    return pipe(
-        prompt, num_inference_steps=2, height=64, width=64, output_type="np", generator=generator
-    ).images
+    return pipe(prompt, num_inference_steps=2, height=64, width=64, output_type="np", generator=generator).images
 
 
 def test_lora_tar_has_the_contract_files_and_shapes(lora_run, tmp_path):
@@ -63,7 +61,10 @@ def test_lora_tar_has_the_contract_files_and_shapes(lora_run, tmp_path):
     assert files_under(output) == ["trained_model.tar"]  # checkpoints removed after success, nothing else
     assert _unpack(result.tar_path, tmp_path) == CONTRACT_FILES_LORA
     embeddings = load_file(tmp_path / "embeddings.pti")
-    assert {k: tuple(v.shape) for k, v in embeddings.items()} == {"text_encoders_0": (2, 32), "text_encoders_1": (2, 48)}
+    assert {k: tuple(v.shape) for k, v in embeddings.items()} == {
+        "text_encoders_0": (2, 32),
+        "text_encoders_1": (2, 48),
+    }
     assert json.loads((tmp_path / "special_params.json").read_text()) == {"TOK": "<s0><s1>"}
     assert json.loads((tmp_path / "training_params.json").read_text()) == small_config().to_dict()
     lora = load_file(tmp_path / "lora.safetensors")
