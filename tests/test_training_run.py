@@ -170,6 +170,8 @@ def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run
     assert not (tmp_path / "trained_model.tar").exists()
     saved = checkpoints.latest(tmp_path)
     assert saved.name == "checkpoint-2" and checkpoints.read_state(saved)["step"] == 2
+    stored = {p.name for p in saved.iterdir()}
+    assert "trainable.safetensors" in stored and not any(n.startswith("model") for n in stored)  # no frozen base
     assert not any(p.name.endswith(".partial") or p.name.startswith(".") for p in tmp_path.rglob("*"))
     # Same seed, same inputs: the first steps are identical to the other run's.
     assert_same_tensors(killed.states[1], uninterrupted.states[1])
