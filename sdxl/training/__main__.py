@@ -80,7 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
         from sdxl.training.launch import run_processes
 
-        run_processes(config, args.dataset, weights_root, args.output_dir, args.num_processes, args.tar)
+        run_processes(
+            config,
+            args.dataset,
+            weights_root,
+            args.output_dir,
+            args.num_processes,
+            args.tar,
+            keep_checkpoints=args.keep_checkpoints,
+        )
         return 0
 
     from sdxl.training.loop import train
