@@ -1,0 +1,11 @@
+"""Fine-tuning SDXL: a UNet LoRA (or the whole UNet) plus textual inversion of new tokens, on accelerate.
+
+  config.py      the validated trainer inputs            dataset.py   the preprocessed folder -> examples
+  models.py      loading the base modules                tokens.py    new tokens, their learned rows only
+  conditioning   SDXL text conditioning                  sampling.py  batches and noise from (seed, step, process)
+  trainer.py     a run's state, loss and step            loop.py      the run, as numbered steps
+  checkpoints    save / resume through accelerate        progress.py  step, loss, steps/s, ETA
+  export.py      trained_model.tar, atomically           launch.py    several processes (accelerate launch)
+
+`python -m sdxl.training --help` runs it from a shell, in one process or several (`--num-processes`).
+"""
