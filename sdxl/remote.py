@@ -76,7 +76,7 @@ def refusal(address: str, allow_loopback: bool) -> str | None:
         ip = ip.ipv4_mapped  # ::ffff:10.0.0.1 is 10.0.0.1
     if ip.is_loopback:
         return None if allow_loopback else "a loopback address"
-    for kind in ("unspecified", "link_local", "multicast", "private", "reserved"):
+    for kind in ("unspecified", "link_local", "multicast", "reserved", "private"):
         if getattr(ip, f"is_{kind}"):
             return f"a {kind.replace('_', '-')} address"
     if not ip.is_global:  # shared address space (100.64/10), documentation ranges, 6to4/Teredo relays, ...
