@@ -60,6 +60,10 @@ class FetchLimits:
     chunk_bytes: int = 1 << 20
 
 
+def human_size(count: int) -> str:
+    return f"{count} bytes" if count < 10**6 else f"{count / 1e6:,.1f} MB"
+
+
 def loopback_allowed() -> bool:
     return os.environ.get(ALLOW_LOOPBACK_ENV) == "1"
 
@@ -239,7 +243,7 @@ def _copy_body(response, file, offset: int, length: int | None, ctx: _Download) 
             break
         written += len(chunk)
         if offset + written > ctx.limits.max_bytes:
-            raise FetchError(ctx.field, f"the file is larger than the {ctx.limits.max_bytes / 1e6:.0f} MB allowed")
+            raise FetchError(ctx.field, f"the file is larger than the {human_size(ctx.limits.max_bytes)} allowed")
         if length is not None and written > length:
             raise FetchError(ctx.field, "the server sent more bytes than it announced")
         os.pwrite(file.fileno(), chunk, offset + written - len(chunk))
@@ -269,7 +273,7 @@ def _content_length(response, ctx: _Download) -> int | None:
     length = int(value)
     if length > ctx.limits.max_bytes:
         raise FetchError(
-            ctx.field, f"the file is {length / 1e6:.0f} MB, larger than the {ctx.limits.max_bytes / 1e6:.0f} MB allowed"
+            ctx.field, f"the file is {human_size(length)}, larger than the {human_size(ctx.limits.max_bytes)} allowed"
         )
     return length
 

@@ -216,7 +216,7 @@ def extract_trained_tar(archive: Path, dest: Path, field: str, max_bytes: int) -
                     continue
                 total += member.size
                 if total > max_bytes:
-                    raise InputError(field, f"the tar's files add up to more than {max_bytes / 1e6:.0f} MB")
+                    raise InputError(field, f"the tar's files add up to more than {remote.human_size(max_bytes)}")
                 if name not in TRAINED_FILES:
                     log.info("%s: ignoring unknown file %r in the tar", field, member.name)
                     continue
