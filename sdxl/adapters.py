@@ -321,14 +321,14 @@ class Adapters:
         return name
 
     def _read_lora(self, source: Path | dict, field: str) -> dict[str, torch.Tensor]:
-        """The LoRA's tensors (safetensors only, never a pickle), keyed for this model's text encoder layout."""
+        """The LoRA's tensors: safetensors only, never a pickle. diffusers converts kohya/A1111 names itself."""
         if isinstance(source, dict):
             return dict(source)
         try:
             state = load_file(source)
         except Exception as error:
             raise InputError(field, f"the LoRA file cannot be read as safetensors ({_first_line(error)})") from None
-        return match_text_encoder_layout(state, self.pipe.text_encoder)
+        return state
 
     def _adapter_numel(self, name: str) -> int:
         return sum(
@@ -411,6 +411,7 @@ class Adapters:
                 self.pipe.unload_textual_inversion(present, tokenizer=tokenizer, text_encoder=encoder)
             if encoder.get_input_embeddings().weight.shape[0] != len(tokenizer):
                 encoder.resize_token_embeddings(len(tokenizer))  # rows a cancelled load added without their tokens
+            encoder.config.vocab_size = len(tokenizer)  # unload_textual_inversion leaves the resized count there
         if names is self._request_tokens:
             self._request_tokens = []
 
@@ -499,30 +500,6 @@ class Adapters:
             wc.extract_trained_tar(path, folder, OWN_FIELD, max_bytes=self.cache.limits.max_trained_bytes)
             return folder
         return stack.enter_context(self.cache.open("trained", str(source), OWN_FIELD))
-
-
-def match_text_encoder_layout(state: dict[str, torch.Tensor], text_encoder) -> dict[str, torch.Tensor]:
-    """Key a LoRA's first-text-encoder layers the way this transformers version names them.
-
-    SDXL LoRAs (kohya `lora_te1_text_model_...`, diffusers `text_encoder.text_model....`) name CLIP-L's layers under
-    `text_model`; transformers 5's CLIPTextModel has no such wrapper, and its loader then silently leaves those LoRA
-    weights at their initial values. diffusers' own conversion does the rest (kohya names, alphas, sgm blocks).
-    """
-    if hasattr(text_encoder, "text_model"):
-        return state
-    renames = (
-        ("lora_te1_text_model_", "lora_te1_"),
-        ("lora_te_text_model_", "lora_te_"),
-        ("text_encoder.text_model.", "text_encoder."),
-    )
-
-    def rename(key: str) -> str:
-        for old, new in renames:
-            if key.startswith(old):
-                return new + key[len(old) :]
-        return key
-
-    return {rename(key): tensor for key, tensor in state.items()}
 
 
 def _first_line(error: BaseException) -> str:

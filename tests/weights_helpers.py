@@ -185,9 +185,11 @@ def te_lora_state(text_encoder, seed: int, rank: int = 4) -> dict[str, torch.Ten
 
     fresh = CLIPTextModel(text_encoder.config)
     torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"], init_lora_weights=False
+    )
     fresh.add_adapter(config)
-    state = get_peft_model_state_dict(fresh)
+    state = get_peft_model_state_dict(fresh, save_embedding_layers=False)
     return {f"text_encoder.text_model.{k}": v.detach().clone().contiguous() for k, v in state.items()}
 
 
