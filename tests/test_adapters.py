@@ -441,3 +441,19 @@ def test_module_has_no_cog_import():
         }
         modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert "cog" not in names | modules
+
+
+def test_own_full_finetune_from_a_url(tiny_weights_dir, server, tmp_path):
+    """COG_WEIGHTS as a URL: fetched through the cache; a full fine-tune becomes the base, its tokens stay."""
+    own = load_pipelines(tiny_weights_dir)
+    tuned = {k: v + 0.5 for k, v in own.text2img.unet.state_dict().items()}
+    url = server.serve(
+        "/own-full.tar", wh.trained_tar(tmp_path, unet=tuned, rows=wh.embeddings(WIDTHS), token_map={"sks": "<s1><s0>"})
+    )
+    adapters = Adapters(own, wc.WeightsCache(tmp_path / "cache"))
+    adapters.load_own_weights(url)
+    state = own.text2img.unet.state_dict()
+    assert all(torch.equal(state[k], tuned[k]) for k in tuned)
+    with adapters.applied(AdapterRequest()) as applied:
+        assert applied.rewrite_text("an sks dog") == "an <s1-own><s0-own> dog"
+    assert "<s0-own>" in own.text2img.tokenizer.get_vocab() and "<s1-own>" in own.text2img.tokenizer_2.get_vocab()
