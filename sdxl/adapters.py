@@ -237,14 +237,11 @@ class Adapters:
                 with self._discard_on_input_error("trained", url):
                     rewrites.update(self._apply_trained(stack, trained))
                     if trained.file(wc.LORA_FILE):
-                        active.append(
-                            (
-                                self._ensure_lora(trained.adapter_name, trained.file(wc.LORA_FILE), TRAINED_FIELD),
-                                request.lora_scale,
-                            )
-                        )
+                        adapter = self._ensure_lora(trained.adapter_name, trained.file(wc.LORA_FILE), TRAINED_FIELD)
+                        active.append((adapter, request.lora_scale))
             elif self._own_lora is not None:
-                active.append((self._ensure_lora(f"trained_{OWN_TAG}", self._own_lora, OWN_FIELD), request.lora_scale))
+                adapter = self._ensure_lora(f"trained_{OWN_TAG}", self._own_lora, OWN_FIELD)
+                active.append((adapter, request.lora_scale))
             for i, lora in enumerate(request.loras):
                 name = f"{LORAS_FIELD}[{i}]"
                 folder = stack.enter_context(self.cache.open("lora", lora.url, name))
