@@ -3,6 +3,8 @@ connected to), then real downloads from a loopback server."""
 
 import logging
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -244,3 +246,31 @@ def test_refused_early_without_a_request(server, tmp_path, monkeypatch):
     with pytest.raises(FetchError):
         remote.fetch_to_file(url, tmp_path, FIELD, FetchLimits(max_bytes=100))
     assert server.requests["/w.bin"] == 0
+
+
+@pytest.fixture
+def tls_server(tmp_path, monkeypatch):
+    """An https server on 127.0.0.1 with a self-signed certificate for `localhost`, trusted through SSL_CERT_FILE."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    server = WeightsServer(tls=(cert, key))
+    yield server
+    server.close()
+
+
+def test_https_connects_to_the_checked_address_and_verifies_the_name(tls_server, tmp_path, loopback):
+    """The resolver's (checked) answer is where the connection goes; TLS still checks the certificate's name."""
+    url = tls_server.serve("/w.bin", b"secure weights")
+    limits = remote.FetchLimits(max_bytes=100)
+    path = remote.fetch_to_file(tls_server.url("/w.bin", "localhost"), tmp_path, FIELD, limits, stub("127.0.0.1"))
+    assert path.read_bytes() == b"secure weights"
+    with pytest.raises(FetchError, match="certificate verify failed|match"):
+        remote.fetch_to_file(url, tmp_path, FIELD, limits)  # 127.0.0.1 is not the certificate's name
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".download")] == [path.name]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import ssl
 import tarfile
 import threading
 from collections import Counter
@@ -17,7 +18,8 @@ from safetensors.torch import save, save_file
 class WeightsServer:
     """Serves in-memory files on 127.0.0.1; counts requests; can redirect, stall, omit lengths or refuse ranges."""
 
-    def __init__(self):
+    def __init__(self, tls: tuple[Path, Path] | None = None):
+        self.scheme = "https" if tls else "http"
         self.files: dict[str, bytes] = {}
         self.redirects: dict[str, str] = {}
         self.stalls: set[str] = set()
@@ -76,11 +78,15 @@ class WeightsServer:
         self.httpd.daemon_threads = True
         self.httpd.block_on_close = False
         self.httpd.handle_error = lambda request, address: None  # clients that hang up early are expected
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_port}{path}"
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"{self.scheme}://{host}:{self.httpd.server_port}{path}"
 
     def serve(self, path: str, body: bytes) -> str:
         self.files[path] = body
