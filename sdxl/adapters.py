@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -188,9 +189,17 @@ class Applied:
         return replace(request, prompt=prompt, negative_prompt=negative)
 
 
-def _lora_numel(tensors) -> int:
+def _lora_numel(shapes) -> int:
     """LoRA matrices' element count (alphas and other scalars aside): what must land in the model."""
-    return sum(math.prod(shape) for shape in tensors if len(shape) >= 2)
+    return sum(math.prod(shape) for shape in shapes if len(shape) >= 2)
+
+
+def _file_shapes(path: Path, field: str) -> list[tuple[int, ...]]:
+    try:
+        with safe_open(path, framework="pt") as file:
+            return [tuple(file.get_slice(key).get_shape()) for key in file.keys()]
+    except Exception as error:  # safetensors' own error for anything that is not a safetensors file
+        raise InputError(field, f"the LoRA file cannot be read as safetensors ({_first_line(error)})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -211,7 +220,7 @@ class Adapters:
         self._unet_dirty = False
         self._request_tokens: list[str] = []
         self._own_rewrites: dict[str, str] = {}
-        self._own_lora: dict[str, torch.Tensor] | None = None
+        self._own_lora: Path | None = None  # a private copy: no cache eviction can remove it
 
     @property
     def _modules(self):
@@ -287,18 +296,21 @@ class Adapters:
 
     # -- LoRA adapters ------------------------------------------------------------------------------------------------
 
-    def _ensure_lora(self, name: str, source: Path | dict, field: str) -> str:
-        """The peft adapter `name`, loaded from `source` unless already resident. Marked resident only when complete."""
+    def _ensure_lora(self, name: str, path: Path, field: str) -> str:
+        """The peft adapter `name`, loaded from `path` unless already resident. Marked resident only when complete.
+
+        diffusers reads the file itself (safetensors only, never a pickle): it converts kohya/A1111 names and alphas,
+        and reads the LoraConfig (rank, alpha) a peft-format file carries in its header.
+        """
         if name in self._resident:
             self._resident.move_to_end(name)
             return name
         started = time.perf_counter()
         complete = False
         try:
-            state = self._read_lora(source, field)
-            expected = _lora_numel(t.shape for t in state.values())
+            expected = _lora_numel(_file_shapes(path, field))
             try:
-                self.pipe.load_lora_weights(state, adapter_name=name, use_safetensors=True)
+                self.pipe.load_lora_weights(str(path), adapter_name=name, use_safetensors=True)
             except Exception as error:  # diffusers/peft raise ValueError, RuntimeError (size mismatch), KeyError, ...
                 raise InputError(field, f"the LoRA does not fit this SDXL model: {_first_line(error)}") from None
             landed = self._adapter_numel(name)
@@ -316,16 +328,6 @@ class Adapters:
         log.info("LoRA %s (%s) loaded in %.2fs", name, field, time.perf_counter() - started)
         self._evict_adapters()
         return name
-
-    def _read_lora(self, source: Path | dict, field: str) -> dict[str, torch.Tensor]:
-        """The LoRA's tensors: safetensors only, never a pickle. diffusers converts kohya/A1111 names itself."""
-        if isinstance(source, dict):
-            return dict(source)
-        try:
-            state = load_file(source)
-        except Exception as error:
-            raise InputError(field, f"the LoRA file cannot be read as safetensors ({_first_line(error)})") from None
-        return state
 
     def _adapter_numel(self, name: str) -> int:
         return sum(
@@ -481,8 +483,9 @@ class Adapters:
                 self._load_tokens(names, rows)
                 self._own_rewrites = rewrites
             if trained.file(wc.LORA_FILE):
-                # Kept in memory (LoRAs are small): no cache eviction can lose it, and it reloads if adapters are reset.
-                self._own_lora = self._read_lora(trained.file(wc.LORA_FILE), OWN_FIELD)
+                # A private copy for the process's life: it reloads from there if the adapters are ever reset.
+                self._own_lora = Path(tempfile.mkdtemp(prefix="sdxl-own-lora-")) / wc.LORA_FILE
+                shutil.copyfile(trained.file(wc.LORA_FILE), self._own_lora)
                 self._ensure_lora(f"trained_{OWN_TAG}", self._own_lora, OWN_FIELD)
                 self._set_lora_layers(enabled=False)
         log.info("own weights from %s loaded in %.1fs", source, time.perf_counter() - started)

@@ -68,17 +68,20 @@ def base_images(tiny_weights_dir):
 def trained(model, server, tmp_path_factory):
     """LoRA + tokens tar (the trainer's usual output), served on loopback."""
     folder = tmp_path_factory.mktemp("trained")
-    lora, rows = wh.lora_state(model.text2img.unet, seed=1), wh.embeddings(WIDTHS, seed=1)
-    url = server.serve("/trained.tar", wh.trained_tar(folder, lora=lora, rows=rows))
-    return dict(url=url, lora=lora, rows=rows, lora_file=folder / "lora.safetensors")
+    # alpha = 2 x rank, stated in the file's header (LoraConfig metadata): the LoRA acts at twice its matrices' product
+    lora, rows = wh.lora_state(model.text2img.unet, seed=1, alpha=8), wh.embeddings(WIDTHS, seed=1)
+    tar = wh.trained_tar(folder, lora=lora, rows=rows, config=wh.lora_config(rank=4, alpha=8))
+    url = server.serve("/trained.tar", tar)
+    return dict(url=url, lora=folder / "lora.safetensors", rows=rows)
 
 
 def reference(fresh, lora=None, scale=1.0, rows=None, prompt="a photo", loras=()):
     """The same call made with diffusers' own loaders on a fresh model."""
     pipe = fresh.text2img
     names, weights = [], []
-    for i, (state, weight) in enumerate(([(lora, scale)] if lora else []) + list(loras)):
-        pipe.load_lora_weights(dict(state), adapter_name=f"ref{i}", use_safetensors=True)
+    for i, (source, weight) in enumerate(([(lora, scale)] if lora else []) + list(loras)):
+        source = dict(source) if isinstance(source, dict) else str(source)  # a file: diffusers reads its header too
+        pipe.load_lora_weights(source, adapter_name=f"ref{i}", use_safetensors=True)
         names.append(f"ref{i}")
         weights.append(weight)
     if names:
@@ -338,9 +341,9 @@ class Cancelled(BaseException):
 
 def test_cancel_mid_load_leaves_the_model_clean(adapters, model, server, tmp_path, monkeypatch, base_images, fresh):
     base_state = {k: v.clone() for k, v in fresh.text2img.unet.state_dict().items()}
-    lora = wh.lora_state(model.text2img.unet, seed=50)
+    lora_state = wh.lora_state(model.text2img.unet, seed=50)
     rows = wh.embeddings(WIDTHS, seed=50)
-    url = server.serve("/cancel.tar", wh.trained_tar(tmp_path, lora=lora, rows=rows))
+    url = server.serve("/cancel.tar", wh.trained_tar(tmp_path, lora=lora_state, rows=rows))
     pipe = model.text2img
     real_lora, real_ti = pipe.load_lora_weights, pipe.load_textual_inversion
 
@@ -384,7 +387,7 @@ def test_cancel_mid_load_leaves_the_model_clean(adapters, model, server, tmp_pat
     # the next request loads what it needs, completely
     with adapters.applied(AdapterRequest(url, lora_scale=0.5)) as applied:
         got = image(model, applied.rewrite(request(prompt="TOK")))
-    assert np.array_equal(got, reference(fresh, lora=lora, scale=0.5, rows=rows, prompt="<s0><s1>"))
+    assert np.array_equal(got, reference(fresh, lora=lora_state, scale=0.5, rows=rows, prompt="<s0><s1>"))
     assert_clean(model)
 
 

@@ -114,25 +114,37 @@ def tar_bytes(files: dict[str, bytes], extra: list[tarfile.TarInfo] | None = Non
     return buffer.getvalue()
 
 
-def lora_state(unet, seed: int, rank: int = 4, targets=("to_q", "to_k", "to_v", "to_out.0")) -> dict[str, torch.Tensor]:
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def lora_config(rank: int = 4, alpha: float | None = None):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(TARGETS), init_lora_weights=False)
+
+
+def lora_state(unet, seed: int, rank: int = 4, alpha: float | None = None) -> dict[str, torch.Tensor]:
     """A peft LoRA on (a fresh copy of) the tiny UNet's attention, with random non-zero lora_B, keyed `unet.*`
     the way StableDiffusionXLPipeline.save_lora_weights writes it."""
     from diffusers import UNet2DConditionModel
-    from peft import LoraConfig, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict
 
     fresh = UNet2DConditionModel.from_config(unet.config)
     torch.manual_seed(seed)
-    fresh.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), init_lora_weights=False))
+    fresh.add_adapter(lora_config(rank, alpha))
     state = get_peft_model_state_dict(fresh)
     return {f"unet.{k}": v.detach().clone().contiguous() for k, v in state.items()}
 
 
-def write_lora(folder: Path, state: dict[str, torch.Tensor]) -> Path:
-    """Through the library's own writer, as the trainer does."""
+def write_lora(folder: Path, state: dict[str, torch.Tensor], config=None) -> Path:
+    """Through the library's own writer, as the trainer does; with `config`, its LoraConfig goes in the header."""
     from diffusers import StableDiffusionXLPipeline
 
     unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-    StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=unet, weight_name="lora.safetensors")
+    metadata = config.to_dict() if config is not None else None
+    StableDiffusionXLPipeline.save_lora_weights(
+        folder, unet_lora_layers=unet, weight_name="lora.safetensors", unet_lora_adapter_metadata=metadata
+    )
     return folder / "lora.safetensors"
 
 
@@ -142,12 +154,12 @@ def embeddings(widths: tuple[int, int], count: int = 2, seed: int = 0) -> dict[s
 
 
 def trained_tar(
-    tmp: Path, lora: dict | None = None, unet: dict | None = None, rows: dict | None = None, token_map=None
+    tmp: Path, lora: dict | None = None, unet: dict | None = None, rows: dict | None = None, token_map=None, config=None
 ) -> bytes:
     """A trained_model.tar as the trainer writes it."""
     files = {}
     if lora is not None:
-        files["lora.safetensors"] = write_lora(tmp, lora).read_bytes()
+        files["lora.safetensors"] = write_lora(tmp, lora, config).read_bytes()
     if unet is not None:
         files["unet.safetensors"] = save(unet)
     if rows is not None:
