@@ -1,0 +1,281 @@
+"""An on-disk cache of downloaded weights: trained_model.tar contents and single LoRA files, keyed by URL.
+
+- An entry is a folder named after the sha256 of its URL, under a folder for its kind (`trained/`, `lora/`).
+- A hit uses no network; it only touches the folder's mtime, which is the least-recently-used order.
+- Inserting downloads into a temporary folder, validates and extracts there, then renames the folder into place:
+  an entry is complete or absent. Any failure removes everything it wrote.
+- Entries are evicted least recently used first until the new entry fits the disk budget; entries in use by the
+  current request (`open`) are never evicted.
+- Tar extraction is done by hand: regular files only, no `..` or absolute paths, no links or devices, an entry count
+  cap, a total size cap, and only the file names the trainer writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from safetensors import safe_open
+
+from sdxl import remote
+from sdxl.errors import InputError
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR_ENV = "SDXL_WEIGHTS_CACHE_DIR"
+CACHE_BUDGET_ENV = "SDXL_WEIGHTS_CACHE_BYTES"
+DEFAULT_BUDGET = 40 << 30
+
+LORA_FILE = "lora.safetensors"
+UNET_FILE = "unet.safetensors"
+EMBEDDINGS_FILE = "embeddings.pti"
+SPECIAL_PARAMS_FILE = "special_params.json"
+TRAINING_PARAMS_FILE = "training_params.json"
+TRAINED_FILES = (LORA_FILE, UNET_FILE, EMBEDDINGS_FILE, SPECIAL_PARAMS_FILE, TRAINING_PARAMS_FILE)
+SAFETENSORS_FILES = (LORA_FILE, UNET_FILE, EMBEDDINGS_FILE)
+
+MAX_TAR_ENTRIES = 64
+MAX_JSON_BYTES = 1 << 20
+KINDS = ("trained", "lora")
+
+
+@dataclass(frozen=True)
+class CacheLimits:
+    budget_bytes: int = DEFAULT_BUDGET
+    max_trained_bytes: int = 12 << 30  # a full fine-tune's fp32 UNet is ~10.3 GB
+    max_lora_bytes: int = 2 << 30
+    fetch: remote.FetchLimits | None = None  # None: FetchLimits(max_bytes=the kind's cap)
+
+
+def url_key(url: str) -> str:
+    return hashlib.sha256(url.strip().encode()).hexdigest()
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+class WeightsCache:
+    def __init__(self, root: Path, limits: CacheLimits = CacheLimits(), resolver: remote.Resolver | None = None):
+        self.root = Path(root)
+        self.limits = limits
+        self.resolver = resolver
+        self._in_use: dict[Path, int] = {}
+        self._lock = threading.RLock()
+        for kind in KINDS:
+            (self.root / kind).mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".tmp-*"):  # left by a process that was killed mid-insert
+            shutil.rmtree(stale, ignore_errors=True)
+
+    @classmethod
+    def from_env(cls) -> WeightsCache:
+        root = Path(os.environ.get(CACHE_DIR_ENV) or Path(tempfile.gettempdir()) / "sdxl-weights-cache")
+        budget = int(os.environ.get(CACHE_BUDGET_ENV) or DEFAULT_BUDGET)
+        return cls(root, CacheLimits(budget_bytes=budget))
+
+    def path_for(self, kind: str, url: str) -> Path:
+        return self.root / kind / url_key(url)
+
+    @contextlib.contextmanager
+    def open(self, kind: str, url: str, field: str):
+        """The entry's folder for `url` (fetched on a miss), protected from eviction inside the with-block."""
+        folder = self.get(kind, url, field)
+        with self._lock:
+            self._in_use[folder] = self._in_use.get(folder, 0) + 1
+        try:
+            yield folder
+        finally:
+            with self._lock:
+                self._in_use[folder] -= 1
+                if not self._in_use[folder]:
+                    del self._in_use[folder]
+
+    def get(self, kind: str, url: str, field: str) -> Path:
+        if kind not in KINDS:
+            raise ValueError(f"unknown cache kind {kind!r}")
+        folder = self.path_for(kind, url)
+        if folder.is_dir():
+            os.utime(folder)
+            log.info("weights cache hit for %s (%s)", field, folder.name[:12])
+            return folder
+        return self._insert(kind, url, field, folder)
+
+    def discard(self, kind: str, url: str) -> None:
+        """Drop an entry (for example one whose weights do not fit this model)."""
+        shutil.rmtree(self.path_for(kind, url), ignore_errors=True)
+
+    def _insert(self, kind: str, url: str, field: str, folder: Path) -> Path:
+        cap = self.limits.max_trained_bytes if kind == "trained" else self.limits.max_lora_bytes
+        fetch_limits = self.limits.fetch or remote.FetchLimits(max_bytes=cap)
+        remote.check_url(url, field, self.resolver or remote.system_resolver)  # refuse early, before any disk work
+        work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+        try:
+            started = time.perf_counter()
+            download = remote.fetch_to_file(url, work, field, fetch_limits, self.resolver)
+            entry = work / "entry"
+            entry.mkdir()
+            if kind == "trained":
+                extract_trained_tar(download, entry, field, max_bytes=cap)
+            else:
+                check_safetensors(download, field, "the LoRA file")
+                download.rename(entry / LORA_FILE)
+            download.unlink(missing_ok=True)
+            size = _size(entry)
+            self._make_room(size)
+            try:
+                entry.rename(folder)
+            except OSError:
+                if not folder.is_dir():  # another process inserted it first: theirs is as good as ours
+                    raise
+            log.info(
+                "cached %s for %s: %.1f MB in %.1fs (%s)",
+                kind,
+                field,
+                size / 1e6,
+                time.perf_counter() - started,
+                folder.name[:12],
+            )
+            return folder
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _make_room(self, incoming: int) -> None:
+        """Evict least recently used entries (never those in use) until `incoming` bytes fit the budget."""
+        with self._lock:
+            entries = [e for kind in KINDS for e in (self.root / kind).iterdir() if e.is_dir()]
+            entries.sort(key=lambda e: e.stat().st_mtime)
+            total = sum(_size(e) for e in entries)
+            for entry in entries:
+                if total + incoming <= self.limits.budget_bytes:
+                    break
+                if entry in self._in_use:
+                    continue
+                size = _size(entry)
+                shutil.rmtree(entry, ignore_errors=True)
+                total -= size
+                log.info("weights cache: evicted %s (%.1f MB) to stay under the budget", entry.name[:12], size / 1e6)
+            if total + incoming > self.limits.budget_bytes:
+                log.warning("weights cache is over its budget: the entries left are in use")
+
+
+def check_safetensors(path: Path, field: str, what: str) -> None:
+    """Refuse a file that is not a safetensors file (it is never unpickled either way)."""
+    try:
+        with safe_open(path, framework="pt") as file:
+            if not list(file.keys()):
+                raise InputError(field, f"{what} holds no tensors")
+    except InputError:
+        raise
+    except Exception as error:  # safetensors raises its own SafetensorError for a bad header
+        raise InputError(field, f"{what} is not a valid safetensors file ({error})") from None
+
+
+def _member_problem(member: tarfile.TarInfo) -> str | None:
+    name = member.name
+    if name.startswith("/") or PurePosixPath(name).is_absolute() or (len(name) > 1 and name[1] == ":"):
+        return f"an absolute path {name!r}"
+    if ".." in PurePosixPath(name).parts or ".." in name.split("\\"):
+        return f"a path that leaves the archive {name!r}"
+    if member.issym() or member.islnk():
+        return f"a link {name!r} -> {member.linkname!r}"
+    if member.isdev():
+        return f"a device or pipe {name!r}"
+    if not (member.isfile() or member.isdir()):
+        return f"{name!r}, which is not a regular file"
+    return None
+
+
+def extract_trained_tar(archive: Path, dest: Path, field: str, max_bytes: int) -> None:
+    """Extract a trained_model.tar's known files into `dest` and check them; raise InputError(field) otherwise."""
+    if not tarfile.is_tarfile(archive):
+        raise InputError(field, "the file is not a tar archive; give the trained_model.tar a training produced")
+    seen: set[str] = set()
+    total = 0
+    try:
+        with tarfile.open(archive, mode="r:*") as tar:
+            for count, member in enumerate(tar, start=1):
+                if count > MAX_TAR_ENTRIES:
+                    raise InputError(field, f"the tar holds more than {MAX_TAR_ENTRIES} entries")
+                problem = _member_problem(member)
+                if problem:
+                    raise InputError(field, f"the tar holds {problem}; only regular files are allowed")
+                name = PurePosixPath(member.name).as_posix().removeprefix("./")
+                if member.isdir():
+                    if name not in (".", ""):
+                        log.info("%s: ignoring folder %r in the tar", field, member.name)
+                    continue
+                total += member.size
+                if total > max_bytes:
+                    raise InputError(field, f"the tar's files add up to more than {remote.human_size(max_bytes)}")
+                if name not in TRAINED_FILES:
+                    log.info("%s: ignoring unknown file %r in the tar", field, member.name)
+                    continue
+                if name in seen:
+                    raise InputError(field, f"the tar holds {name!r} twice")
+                seen.add(name)
+                _copy_member(tar, member, dest / name)
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise InputError(field, f"the tar archive is damaged ({error})") from None
+    check_trained_files(dest, field)
+
+
+def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
+    source = tar.extractfile(member)
+    with source, open(target, "xb") as out:  # "x": never through an existing file or link
+        remaining = member.size
+        while remaining:
+            chunk = source.read(min(remaining, 1 << 20))
+            if not chunk:
+                raise tarfile.ReadError(f"{member.name} is truncated")
+            out.write(chunk)
+            remaining -= len(chunk)
+
+
+def check_trained_files(folder: Path, field: str) -> None:
+    """The files a trained_model.tar must hold, and that each is what its name says."""
+    present = {f.name for f in folder.iterdir()}
+    if not present & {LORA_FILE, UNET_FILE}:
+        raise InputError(
+            field,
+            f"the tar holds neither {LORA_FILE} nor {UNET_FILE} (found: {', '.join(sorted(present)) or 'nothing'}); "
+            "give the trained_model.tar a training produced",
+        )
+    if {LORA_FILE, UNET_FILE} <= present:
+        raise InputError(field, f"the tar holds both {LORA_FILE} and {UNET_FILE}; a training writes one of them")
+    if (EMBEDDINGS_FILE in present) != (SPECIAL_PARAMS_FILE in present):
+        missing = SPECIAL_PARAMS_FILE if EMBEDDINGS_FILE in present else EMBEDDINGS_FILE
+        raise InputError(field, f"the tar holds trained tokens but not {missing}")
+    for name in SAFETENSORS_FILES:
+        if name in present:
+            check_safetensors(folder / name, field, name)
+    if SPECIAL_PARAMS_FILE in present:
+        read_token_map(folder / SPECIAL_PARAMS_FILE, field)
+    for name in (SPECIAL_PARAMS_FILE, TRAINING_PARAMS_FILE):
+        if name in present and (folder / name).stat().st_size > MAX_JSON_BYTES:
+            raise InputError(field, f"{name} is larger than {MAX_JSON_BYTES} bytes")
+
+
+def read_token_map(path: Path, field: str) -> dict[str, str]:
+    """special_params.json: {"TOK": "<s0><s1>"}: each trained word and the new tokens that stand for it."""
+    try:
+        token_map = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputError(field, f"{SPECIAL_PARAMS_FILE} is not valid JSON ({error})") from None
+    if not isinstance(token_map, dict) or not token_map:
+        raise InputError(
+            field, f"{SPECIAL_PARAMS_FILE} must map each trained word to its tokens, e.g. {{'TOK': '<s0><s1>'}}"
+        )
+    for word, tokens in token_map.items():
+        if not word.strip() or not isinstance(tokens, str) or not tokens.strip():
+            raise InputError(field, f"{SPECIAL_PARAMS_FILE}: {word!r} -> {tokens!r} is not a word and its tokens")
+    return token_map

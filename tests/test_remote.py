@@ -1,0 +1,276 @@
+"""The URL fetcher: the address check (literal addresses and a resolver stub: nothing but loopback is ever
+connected to), then real downloads from a loopback server."""
+
+import logging
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from sdxl import remote
+from sdxl.remote import FetchError, FetchLimits
+from tests.weights_helpers import WeightsServer
+
+FIELD = "replicate_weights"
+
+
+@pytest.fixture
+def loopback(monkeypatch):
+    monkeypatch.setenv(remote.ALLOW_LOOPBACK_ENV, "1")
+
+
+@pytest.fixture
+def server(loopback):
+    server = WeightsServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def no_connect(monkeypatch):
+    """Any connection attempt fails the test: refusals must happen before connecting."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a connection was attempted: {args}")
+
+    monkeypatch.setattr(remote.socket, "create_connection", refuse)
+
+
+def stub(*addresses):
+    return lambda host, port: list(addresses)
+
+
+@pytest.mark.parametrize(
+    "address, reason",
+    [
+        ("10.1.2.3", "private"),
+        ("172.16.0.1", "private"),
+        ("192.168.1.1", "private"),
+        ("100.64.0.1", "not a public"),  # carrier-grade NAT
+        ("169.254.169.254", "link-local"),  # cloud metadata
+        ("127.0.0.1", "loopback"),
+        ("127.8.9.10", "loopback"),
+        ("0.0.0.0", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("240.0.0.1", "reserved"),
+        ("255.255.255.255", "reserved"),  # broadcast
+        ("::1", "loopback"),
+        ("::", "unspecified"),
+        ("fe80::1", "link-local"),
+        ("fc00::1", "private"),
+        ("ff02::1", "multicast"),
+        ("::ffff:10.0.0.1", "private"),  # IPv4-mapped
+        ("::ffff:127.0.0.1", "loopback"),
+        ("fe80::1%eth0", "link-local"),
+    ],
+)
+def test_refused_addresses(address, reason):
+    assert reason in remote.refusal(address, allow_loopback=False)
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "151.101.1.1"])
+def test_public_addresses_pass(address):
+    assert remote.refusal(address, allow_loopback=False) is None
+
+
+def test_loopback_passes_only_with_the_setting():
+    assert remote.refusal("127.0.0.1", allow_loopback=True) is None
+    assert remote.refusal("::1", allow_loopback=True) is None
+    assert remote.refusal("10.0.0.1", allow_loopback=True) == "a private address"
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("file:///etc/passwd", "scheme file: is not allowed"),
+        ("ftp://example.com/w.tar", "scheme ftp: is not allowed"),
+        ("data:application/x-tar;base64,AAAA", "scheme data: is not allowed"),
+        ("gopher://example.com/", "scheme gopher: is not allowed"),
+        ("example.com/w.tar", r"scheme \(none\) is not allowed"),
+        ("http://example.com/w.tar", "plain http is not allowed"),
+        ("https://user:pw@example.com/w.tar", "credentials"),
+        ("https:///w.tar", "has no host"),
+        ("https://example.com:99999/w.tar", "not a valid URL"),
+        ("", "is not a URL"),
+    ],
+)
+def test_refused_urls(url, message, no_connect):
+    with pytest.raises(FetchError, match=message) as error:
+        remote.check_url(url, FIELD, stub("93.184.215.14"))
+    assert error.value.field == FIELD and str(error.value).startswith(f"{FIELD}: ")
+
+
+@pytest.mark.parametrize(
+    "addresses", [("10.0.0.1",), ("169.254.169.254",), ("93.184.215.14", "192.168.0.1"), ("127.0.0.1",)]
+)
+def test_host_resolving_to_a_refused_address(addresses, no_connect):
+    """Every resolved address is checked: one bad answer among good ones refuses the host."""
+    with pytest.raises(FetchError, match="refused: weights.example resolves to"):
+        remote.check_url("https://weights.example/w.tar", FIELD, stub(*addresses))
+
+
+@pytest.mark.parametrize("url", ["https://10.0.0.1/w.tar", "https://[fe80::1]/w.tar", "https://169.254.169.254/x"])
+def test_literal_addresses_refused_before_connecting(url, no_connect, tmp_path):
+    with pytest.raises(FetchError, match="refused"):
+        remote.fetch_to_file(url, tmp_path, FIELD, FetchLimits(max_bytes=1000))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checked_target_connects_to_the_checked_address():
+    target = remote.check_url("https://weights.example:8443/a/b.tar?sig=1", FIELD, stub("93.184.215.14"))
+    assert (target.host, target.port, target.address, target.path) == (
+        "weights.example",
+        8443,
+        "93.184.215.14",
+        "/a/b.tar?sig=1",
+    )
+
+
+def test_http_needs_the_loopback_setting(monkeypatch, no_connect):
+    monkeypatch.delenv(remote.ALLOW_LOOPBACK_ENV, raising=False)
+    with pytest.raises(FetchError, match="plain http is not allowed"):
+        remote.check_url("http://127.0.0.1:1/w.tar", FIELD)
+    with pytest.raises(FetchError, match="loopback address"):
+        remote.check_url("https://127.0.0.1:1/w.tar", FIELD)
+
+
+def test_http_with_the_setting_is_for_loopback_only(loopback, no_connect):
+    with pytest.raises(FetchError, match="public address|loopback test servers only"):
+        remote.check_url("http://weights.example/w.tar", FIELD, stub("93.184.215.14"))
+
+
+# -- real downloads from 127.0.0.1 -------------------------------------------------------------------------------------
+
+
+def test_download(server, tmp_path, caplog):
+    body = os.urandom(300_000)
+    url = server.serve("/w.bin", body)
+    with caplog.at_level(logging.INFO, logger="sdxl.remote"):
+        path = remote.fetch_to_file(url, tmp_path, FIELD, FetchLimits(max_bytes=10**6))
+    assert path.read_bytes() == body and path.parent == tmp_path
+    assert server.requests["/w.bin"] == 1 and server.range_requests == []
+    assert "downloaded" in caplog.text
+
+
+def test_parallel_ranges(server, tmp_path):
+    body = os.urandom(1_000_003)
+    url = server.serve("/big.bin", body)
+    limits = FetchLimits(max_bytes=2 * 10**6, parallel_min_bytes=500_000, parallel_parts=4, chunk_bytes=100_000)
+    path = remote.fetch_to_file(url, tmp_path, FIELD, limits)
+    assert path.read_bytes() == body
+    assert len(server.range_requests) == 4
+    ends = sorted(int(r.split("-")[1]) for r in server.range_requests)
+    assert ends[-1] == len(body) - 1
+
+
+def test_no_ranges_without_accept_ranges(server, tmp_path):
+    server.ranges = False
+    body = os.urandom(600_000)
+    url = server.serve("/big.bin", body)
+    limits = FetchLimits(max_bytes=10**6, parallel_min_bytes=100_000, chunk_bytes=50_000)
+    assert remote.fetch_to_file(url, tmp_path, FIELD, limits).read_bytes() == body
+    assert server.range_requests == []
+
+
+def test_redirect_followed_and_rechecked(server, tmp_path):
+    server.serve("/final.bin", b"weights")
+    server.redirects["/start"] = "/final.bin"
+    path = remote.fetch_to_file(server.url("/start"), tmp_path, FIELD, FetchLimits(max_bytes=100))
+    assert path.read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize(
+    "location, message",
+    [
+        ("http://10.0.0.1/w.tar", "10.0.0.1, a private address"),
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("https://[fd00::1]/w.tar", "private"),
+        ("file:///etc/passwd", "scheme file:"),
+    ],
+)
+def test_redirect_to_a_refused_host(server, tmp_path, location, message, monkeypatch):
+    server.redirects["/start"] = location
+    real = remote.socket.create_connection
+
+    def loopback_only(address, *args, **kwargs):
+        assert address[0] in ("127.0.0.1", "::1"), f"connected to {address}"
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(remote.socket, "create_connection", loopback_only)
+    with pytest.raises(FetchError, match=message):
+        remote.fetch_to_file(server.url("/start"), tmp_path, FIELD, FetchLimits(max_bytes=100))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_redirect_loop_is_capped(server, tmp_path):
+    server.redirects["/a"] = "/b"
+    server.redirects["/b"] = "/a"
+    with pytest.raises(FetchError, match=f"more than {remote.MAX_REDIRECTS} redirects"):
+        remote.fetch_to_file(server.url("/a"), tmp_path, FIELD, FetchLimits(max_bytes=100))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_found(server, tmp_path):
+    with pytest.raises(FetchError, match="HTTP 404"):
+        remote.fetch_to_file(server.url("/missing.tar"), tmp_path, FIELD, FetchLimits(max_bytes=100))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stalled_server_times_out(server, tmp_path):
+    server.stalls.add("/slow")
+    with pytest.raises(FetchError, match="timed out"):
+        remote.fetch_to_file(server.url("/slow"), tmp_path, FIELD, FetchLimits(max_bytes=100, read_timeout=0.3))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_over_the_cap_by_content_length(server, tmp_path):
+    url = server.serve("/big.bin", b"x" * 5000)
+    with pytest.raises(FetchError, match="larger than"):
+        remote.fetch_to_file(url, tmp_path, FIELD, FetchLimits(max_bytes=4999))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_over_the_cap_while_streaming(server, tmp_path):
+    """No Content-Length: the cap is enforced on the bytes that arrive."""
+    url = server.serve("/big.bin", b"x" * 50_000)
+    server.no_length.add("/big.bin")
+    with pytest.raises(FetchError, match="larger than"):
+        remote.fetch_to_file(url, tmp_path, FIELD, FetchLimits(max_bytes=20_000, chunk_bytes=4096))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refused_early_without_a_request(server, tmp_path, monkeypatch):
+    monkeypatch.delenv(remote.ALLOW_LOOPBACK_ENV)
+    url = server.serve("/w.bin", b"w")
+    with pytest.raises(FetchError):
+        remote.fetch_to_file(url, tmp_path, FIELD, FetchLimits(max_bytes=100))
+    assert server.requests["/w.bin"] == 0
+
+
+@pytest.fixture
+def tls_server(tmp_path, monkeypatch):
+    """An https server on 127.0.0.1 with a self-signed certificate for `localhost`, trusted through SSL_CERT_FILE."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    server = WeightsServer(tls=(cert, key))
+    yield server
+    server.close()
+
+
+def test_https_connects_to_the_checked_address_and_verifies_the_name(tls_server, tmp_path, loopback):
+    """The resolver's (checked) answer is where the connection goes; TLS still checks the certificate's name."""
+    url = tls_server.serve("/w.bin", b"secure weights")
+    limits = remote.FetchLimits(max_bytes=100)
+    path = remote.fetch_to_file(tls_server.url("/w.bin", "localhost"), tmp_path, FIELD, limits, stub("127.0.0.1"))
+    assert path.read_bytes() == b"secure weights"
+    with pytest.raises(FetchError, match="certificate verify failed|match"):
+        remote.fetch_to_file(url, tmp_path, FIELD, limits)  # 127.0.0.1 is not the certificate's name
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".download")] == [path.name]
