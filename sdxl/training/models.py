@@ -57,7 +57,7 @@ def load_components(root: Path) -> Components:
         module.requires_grad_(False).eval()
     log.info(
         "loaded %s training weights from %s: unet %.1fM, text encoders %.1fM + %.1fM, vae %.1fM params",
-        "TINY RANDOM" if weights.is_tiny(root) else "production",
+        f"RANDOM {weights.random_architecture(root)}" if weights.random_architecture(root) else "production",
         root,
         count_params(components.unet) / 1e6,
         count_params(components.text_encoders[0]) / 1e6,
