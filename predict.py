@@ -13,7 +13,7 @@ from typing import Optional
 
 from cog import BaseRunner, Input, Path
 
-from sdxl.errors import InputError
+from sdxl.adapters import AdapterRequest, Adapters, parse_loras
 from sdxl.generation import generate
 from sdxl.images import MAX_SIDE, MIN_SIDE, load_image, load_mask
 from sdxl.loading import load_pipelines
@@ -53,14 +53,13 @@ class Runner(BaseRunner):
 
     def setup(self, weights: Optional[str] = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        if weights:
-            # Cog's weights mechanism (COG_WEIGHTS) would carry a trained_model.tar: not loadable yet, and serving
-            # the base model in its place would hide that from the caller.
-            raise RuntimeError(f"setup(weights={weights!r}): trained weights (COG_WEIGHTS) are not supported yet")
         root = weights_dir()
         if random_architecture(root):
             log.warning("%s holds RANDOM %s test weights: every image will be noise", root, random_architecture(root))
         self.pipes = load_pipelines(root)
+        self.adapters = Adapters(self.pipes)
+        if weights:  # Cog's weights mechanism (COG_WEIGHTS): a trained_model.tar deployed as this model's own weights
+            self.adapters.load_own_weights(str(weights))
         self._outputs: list[Path] = []  # the previous request's files
 
     def run(
@@ -119,13 +118,14 @@ class Runner(BaseRunner):
             description="Replicate LoRA weights to use. Leave blank to use the default weights.", default=None
         ),
         disable_safety_checker: bool = Input(description="Disable safety checker for generated images.", default=False),
+        loras: str = Input(
+            description='Extra LoRAs (beyond the hosted model): a JSON list of {"url": ..., "scale": ...}, diffusers/peft'
+            " or kohya (A1111/ComfyUI) SDXL LoRA safetensors files, at most 4, scale from -2 to 2",
+            default="",
+        ),
     ) -> list[Path]:
         self._discard_previous_outputs()
-        # lora_scale only matters once trained weights can be loaded (sdxl/adapters.py, not written yet).
-        if replicate_weights:
-            raise InputError(
-                "replicate_weights", "trained weights are not supported by this server yet; leave it empty"
-            )
+        extra = AdapterRequest(replicate_weights=replicate_weights, lora_scale=lora_scale, loras=parse_loras(loras))
         request = GenerationRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -146,6 +146,7 @@ class Runner(BaseRunner):
             disable_safety_checker=disable_safety_checker,
         ).with_seed()
         log.info("Using seed: %d", request.seed)
-        result = generate(self.pipes, request, on_step=log_progress)
+        with self.adapters.applied(extra) as applied:
+            result = generate(self.pipes, applied.rewrite(request), on_step=log_progress)
         self._outputs = save_pngs(result.images)
         return self._outputs

@@ -503,5 +503,9 @@ class Adapters:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:300]
+    """The line of a library error that says what is wrong: torch's load_state_dict puts a bare header first and
+    the useful "size mismatch for ..." / "Missing key(s) ..." lines after it."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        lines = lines[1:]
+    return (lines[0] if lines else type(error).__name__)[:300]

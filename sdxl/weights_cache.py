@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 CACHE_DIR_ENV = "SDXL_WEIGHTS_CACHE_DIR"
 CACHE_BUDGET_ENV = "SDXL_WEIGHTS_CACHE_BYTES"
+MAX_TRAINED_ENV = "SDXL_MAX_TRAINED_BYTES"  # the largest trained_model.tar accepted
+MAX_LORA_ENV = "SDXL_MAX_LORA_BYTES"  # the largest single LoRA file accepted
+READ_TIMEOUT_ENV = "SDXL_FETCH_READ_TIMEOUT"  # seconds of silence before a download is abandoned
 DEFAULT_BUDGET = 40 << 30
 
 LORA_FILE = "lora.safetensors"
@@ -54,7 +57,8 @@ class CacheLimits:
     budget_bytes: int = DEFAULT_BUDGET
     max_trained_bytes: int = 12 << 30  # a full fine-tune's fp32 UNet is ~10.3 GB
     max_lora_bytes: int = 2 << 30
-    fetch: remote.FetchLimits | None = None  # None: FetchLimits(max_bytes=the kind's cap)
+    read_timeout: float = remote.FetchLimits.read_timeout
+    fetch: remote.FetchLimits | None = None  # None: FetchLimits(max_bytes=the kind's cap, read_timeout)
 
 
 def url_key(url: str) -> str:
@@ -80,8 +84,14 @@ class WeightsCache:
     @classmethod
     def from_env(cls) -> WeightsCache:
         root = Path(os.environ.get(CACHE_DIR_ENV) or Path(tempfile.gettempdir()) / "sdxl-weights-cache")
-        budget = int(os.environ.get(CACHE_BUDGET_ENV) or DEFAULT_BUDGET)
-        return cls(root, CacheLimits(budget_bytes=budget))
+        defaults = CacheLimits()
+        limits = CacheLimits(
+            budget_bytes=int(os.environ.get(CACHE_BUDGET_ENV) or defaults.budget_bytes),
+            max_trained_bytes=int(os.environ.get(MAX_TRAINED_ENV) or defaults.max_trained_bytes),
+            max_lora_bytes=int(os.environ.get(MAX_LORA_ENV) or defaults.max_lora_bytes),
+            read_timeout=float(os.environ.get(READ_TIMEOUT_ENV) or defaults.read_timeout),
+        )
+        return cls(root, limits)
 
     def path_for(self, kind: str, url: str) -> Path:
         return self.root / kind / url_key(url)
@@ -116,7 +126,7 @@ class WeightsCache:
 
     def _insert(self, kind: str, url: str, field: str, folder: Path) -> Path:
         cap = self.limits.max_trained_bytes if kind == "trained" else self.limits.max_lora_bytes
-        fetch_limits = self.limits.fetch or remote.FetchLimits(max_bytes=cap)
+        fetch_limits = self.limits.fetch or remote.FetchLimits(max_bytes=cap, read_timeout=self.limits.read_timeout)
         remote.check_url(url, field, self.resolver or remote.system_resolver)  # refuse early, before any disk work
         work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
         try:

@@ -73,10 +73,16 @@ def test_check_mode_fails_on_a_stale_file(script, generated, tmp_path, monkeypat
     assert script.main() == 0
 
 
+# Inputs beyond the hosted model: each has a default that keeps old clients' behaviour.
+EXTRA_INPUTS = {"loras": ("string", "")}
+
+
 def test_inputs_match_the_contract_in_order():
     schema = json.loads(SCHEMA_FILE.read_text())["components"]["schemas"]
     properties = schema["Input"]["properties"]
-    assert list(properties) == list(CONTRACT)
+    assert list(properties) == list(CONTRACT) + list(EXTRA_INPUTS)
+    for name, (json_type, default) in EXTRA_INPUTS.items():
+        assert (properties[name]["type"], properties[name]["default"]) == (json_type, default)
     assert "required" not in schema["Input"]  # every input has a default: old clients may send any subset
     for order, (name, (json_type, default, choices, minimum, maximum)) in enumerate(CONTRACT.items()):
         prop = properties[name]

@@ -8,6 +8,8 @@ import pytest
 from cog._inspector import check_input, create_predictor
 
 import predict
+from sdxl.adapters import Adapters
+from sdxl.errors import InputError
 from sdxl.generation import generate
 from sdxl.request import GenerationRequest
 
@@ -19,6 +21,7 @@ def runner(pipes):
     """A Runner on the session's tiny pipelines (setup's loading is the server tests' business)."""
     runner = predict.Runner()
     runner.pipes, runner._outputs = pipes, []
+    runner.adapters = Adapters(pipes)
     return runner
 
 
@@ -53,9 +56,10 @@ def test_progress_is_logged_on_the_first_every_tenth_and_the_last_step(caplog, s
     assert caplog.messages == [f"base: step {step}/{steps}" for step in logged]
 
 
-def test_trained_weights_through_setup_are_refused_not_ignored():
-    with pytest.raises(RuntimeError, match="not supported yet"):
-        predict.Runner().setup(weights="https://example.invalid/trained_model.tar")
+def test_unusable_own_weights_fail_setup_naming_them(tiny_weights_dir, monkeypatch):
+    monkeypatch.setenv("SDXL_WEIGHTS_DIR", str(tiny_weights_dir))
+    with pytest.raises(InputError, match="weights: .*https"):
+        predict.Runner().setup(weights="ftp://127.0.0.1/trained_model.tar")
 
 
 @pytest.mark.parametrize(
