@@ -215,6 +215,44 @@ def measure_unet_calls(pipes, size: int) -> list[dict]:
     return rows
 
 
+def measure_lora_switch(pipes, baseline_pipe, repeats: int) -> dict:
+    """Switching between two LoRAs the predictor already holds vs diffusers' plain load_lora_weights from local disk
+    (plus unloading it again, so every baseline round starts from the same state)."""
+    from sdxl.adapters import AdapterRequest, Adapters, LoraInput
+    from tests.weights_helpers import WeightsServer, lora_state, write_lora
+
+    os.environ["SDXL_ALLOW_LOOPBACK_HTTP"] = "1"
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["SDXL_WEIGHTS_CACHE_DIR"] = str(Path(tmp) / "cache")
+        server = WeightsServer()
+        try:
+            files = []
+            for seed in (1, 2):
+                folder = Path(tmp) / f"lora{seed}"
+                folder.mkdir()
+                files.append(write_lora(folder, lora_state(pipes.text2img.unet, seed=seed, rank=16)))
+            urls = [server.serve(f"/lora{i}.safetensors", path.read_bytes()) for i, path in enumerate(files)]
+            adapters = Adapters(pipes)
+            requests = [AdapterRequest(loras=(LoraInput(url, 1.0),)) for url in urls]
+            for request in requests:  # fetch and load both once: what follows are switches between cached LoRAs
+                with adapters.applied(request):
+                    pass
+            turn = iter(range(10**9))
+
+            def switch():
+                with adapters.applied(requests[next(turn) % 2]):
+                    pass
+
+            def plain_load():
+                baseline_pipe.load_lora_weights(str(files[1]), adapter_name="plain")
+                baseline_pipe.delete_adapters("plain")
+
+            result = side_by_side(switch, plain_load, repeats * 4)
+        finally:
+            server.close()
+    return result
+
+
 def peak_rss_mb(root: Path, what: str) -> float:
     """Peak resident memory of a fresh process that loads `what` (base only, or everything)."""
     code = f"""
@@ -274,6 +312,7 @@ def cpu_mode(args) -> dict:
                 "setup": measure_setup(root, args.repeats),
                 "generation": measure_generation(runner, baseline_pipe, request, args.repeats),
                 "http": measure_http(root, runner, request, args.repeats),
+                "lora_switch": measure_lora_switch(pipes, baseline_pipe, args.repeats),
                 "unet_calls": measure_unet_calls(pipes, size),
                 "memory": measure_memory(root, pipes),
             }
@@ -329,6 +368,11 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {name} | setup vs from_pretrained | {s['ours_s']:.3f} s | {s['baseline_s']:.3f} s"
                 f" | {s['ratio']:.3f} | <= 1.10 |"
+            )
+            lo = r["lora_switch"]
+            lines.append(
+                f"| {name} | switch to a cached LoRA vs load_lora_weights | {lo['ours_s'] * 1000:.1f} ms"
+                f" | {lo['baseline_s'] * 1000:.1f} ms | {lo['ratio']:.3f} | <= 1.00 |"
             )
             m = r["memory"]
             lines.append(

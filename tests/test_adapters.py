@@ -11,12 +11,14 @@ from sdxl import adapters as ad
 from sdxl import remote
 from sdxl import weights_cache as wc
 from sdxl.adapters import AdapterRequest, Adapters, Applied, LoraInput, parse_loras
+from sdxl.architectures import CLIP_VOCAB_SIZE, TINY
 from sdxl.errors import InputError
 from sdxl.generation import generate
 from sdxl.loading import load_pipelines
 from sdxl.request import GenerationRequest
-from sdxl.tiny_weights import CLIP_VOCAB_SIZE, TE1_WIDTH, TE2_WIDTH
 from tests import weights_helpers as wh
+
+TE1_WIDTH, TE2_WIDTH = TINY.te1["hidden_size"], TINY.te2["hidden_size"]
 
 PROMPT = "a photo of TOK in tokyo"
 WIDTHS = (TE1_WIDTH, TE2_WIDTH)
