@@ -319,25 +319,77 @@ def cpu_mode(args) -> dict:
     return report
 
 
-def gpu_mode(args) -> dict:
-    if not torch.cuda.is_available():
-        raise SystemExit("--mode gpu needs a CUDA device")
-    report = {"mode": "gpu", "device": torch.cuda.get_device_name(), "runs": []}
+H100_DENSE_BF16_TFLOPS = 989.0
+
+
+def unet_tflop_per_call(pipes, size: int, outputs: int) -> float:
+    """TFLOPs of one base UNet call with CFG (batch 2 x outputs) at `size`, by torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = pipes.text2img.unet
+    config, placement = unet.config, pipes.placement
+    batch, side = 2 * outputs, size // pipes.text2img.vae_scale_factor
+    pooled = pipes.text2img.text_encoder_2.config.projection_dim
+
+    def tensor(*shape):
+        return torch.zeros(*shape, device=placement.device, dtype=placement.dtype)
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        unet(
+            tensor(batch, config.in_channels, side, side),
+            torch.tensor(500, device=placement.device),
+            encoder_hidden_states=tensor(batch, 77, config.cross_attention_dim),
+            added_cond_kwargs={"text_embeds": tensor(batch, pooled), "time_ids": tensor(batch, 6)},
+        )
+    return counter.get_total_flops() / 1e12
+
+
+FASTPATH_VARIANTS = {
+    "default": {},
+    "channels_last": {"SDXL_CHANNELS_LAST": "1"},
+    "fused_qkv": {"SDXL_FUSE_QKV": "1"},
+    "xformers": {"SDXL_ATTENTION": "xformers"},
+    "compile": {"SDXL_COMPILE": "1"},
+}
+
+
+def full_size_mode(args) -> dict:
+    """Full-size SDXL shapes with random weights on CUDA (or, with --smoke, the tiny shapes on CPU in seconds)."""
+    smoke = args.smoke
+    if not smoke and not torch.cuda.is_available():
+        raise SystemExit("--mode gpu needs a CUDA device (use --smoke to try the code path on CPU)")
+    cuda = torch.cuda.is_available()
+    arch = ARCHITECTURES["tiny" if smoke else "full"]
+    size = 128 if smoke else 1024
+    steps_list, outputs_list = ((4,), (1, 2)) if smoke else ((30, 50), (1, 4))
+    report = {"mode": "gpu", "device": torch.cuda.get_device_name() if cuda else "cpu (smoke)", "runs": []}
     with tempfile.TemporaryDirectory(dir=args.scratch) as tmp:
         started = time.perf_counter()
-        root = write_random_weights(Path(tmp), ARCHITECTURES["full"], dtype=torch.float16)
-        log.info("wrote full-size random fp16 weights in %.0fs", time.perf_counter() - started)
-        cold = timed(lambda: load_pipelines(root), 1)[0]
+        root = write_random_weights(Path(tmp), arch, dtype=torch.float16 if cuda else torch.float32)
+        report["write_weights_s"] = time.perf_counter() - started
+        load_pipelines(root)  # the files are in the page cache from here on
+        if cuda:
+            torch.cuda.empty_cache()
+        report["cold_start_s"] = timed(lambda: load_pipelines(root), 1)[0]
         pipes = load_pipelines(root)
-        report["cold_start_s"] = cold
         report["fastpath"] = pipes.fastpath.describe()
-        for steps in (30, 50):
-            for outputs in (1, 4):
-                for refine in ("no_refiner", "expert_ensemble_refiner", "base_image_refiner"):
-                    request = GenerationRequest(num_inference_steps=steps, num_outputs=outputs, refine=refine, seed=0)
+        report["unet_tflop_per_call"] = unet_tflop_per_call(pipes, size, 1)
+
+        def peak_gib():
+            return torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+
+        for steps in steps_list:
+            for outputs in outputs_list:
+                for refine in REFINE_MODES:
+                    request = GenerationRequest(
+                        width=size, height=size, num_inference_steps=steps, num_outputs=outputs, refine=refine, seed=0
+                    )
                     generate(pipes, request)  # warm-up
-                    torch.cuda.reset_peak_memory_stats()
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats()
                     seconds = statistics.median(timed(lambda r=request: generate(pipes, r), args.repeats))
+                    calls = expected_unet_calls(request)["base"]
                     report["runs"].append(
                         {
                             "steps": steps,
@@ -345,10 +397,39 @@ def gpu_mode(args) -> dict:
                             "refine": refine,
                             "s_per_image": seconds / outputs,
                             "steps_per_s": steps / seconds,
-                            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                            "peak_gib": peak_gib(),
+                            "base_unet_tflops": report["unet_tflop_per_call"] * outputs * calls / seconds,
                         }
                     )
+        report["fastpath_variants"] = measure_fastpath_variants(root, size, steps_list[0], args) if cuda else {}
     return report
+
+
+def measure_fastpath_variants(root: Path, size: int, steps: int, args) -> dict:
+    """Each fast-path setting alone, in a fresh load, against the defaults: seconds per image and the largest pixel
+    difference to the default image (fp noise only is acceptable)."""
+    import numpy as np
+
+    request = GenerationRequest(width=size, height=size, num_inference_steps=steps, seed=0, apply_watermark=False)
+    results, reference = {}, None
+    for name, env in FASTPATH_VARIANTS.items():
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        try:
+            pipes = load_pipelines(root)
+            image = np.asarray(generate(pipes, request).images[0]).astype(int)
+            seconds = statistics.median(timed(lambda p=pipes: generate(p, request), args.repeats))
+            reference = image if reference is None else reference
+            results[name] = {"s_per_image": seconds, "max_pixel_diff": int(np.abs(image - reference).max())}
+        except Exception as error:  # e.g. xformers not installed: reported, not fatal
+            results[name] = {"error": f"{type(error).__name__}: {error}"[:200]}
+        finally:
+            for key, value in saved.items():
+                os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+            pipes = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return results
 
 
 # --- output -------------------------------------------------------------------------------------------------------
@@ -388,16 +469,24 @@ def markdown(report: dict) -> str:
                 )
     else:
         lines += [
-            f"device: {report['device']}; cold start {report['cold_start_s']:.2f} s; fast path: {report['fastpath']}",
+            f"device: {report['device']}; cold start from page cache {report['cold_start_s']:.2f} s;"
+            f" one base UNet call (CFG) {report['unet_tflop_per_call']:.2f} TFLOP; fast path: {report['fastpath']}",
             "",
-            "| steps | outputs | refine | s/image | steps/s | peak GiB |",
-            "|---|---|---|---|---|---|",
+            "| steps | outputs | refine | s/image | steps/s | base UNet TFLOP/s | peak GiB |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in report["runs"]:
             lines.append(
                 f"| {r['steps']} | {r['outputs']} | {r['refine']} | {r['s_per_image']:.3f} | {r['steps_per_s']:.2f}"
-                f" | {r['peak_gib']:.2f} |"
+                f" | {r['base_unet_tflops']:.0f} | {r['peak_gib']:.2f} |"
             )
+        if report["fastpath_variants"]:
+            lines += ["", "| fast-path setting | s/image | max pixel diff vs default |", "|---|---|---|"]
+            for name, v in report["fastpath_variants"].items():
+                if "error" in v:
+                    lines.append(f"| {name} | {v['error']} | |")
+                else:
+                    lines.append(f"| {name} | {v['s_per_image']:.3f} | {v['max_pixel_diff']} |")
     return "\n".join(lines)
 
 
@@ -408,11 +497,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--scratch", default=None, help="folder for the full-size weights (gpu mode; ~14 GB)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--smoke", action="store_true", help="gpu mode's code path on tiny shapes on CPU (a test)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("sdxl").setLevel(logging.WARNING)
 
-    report = cpu_mode(args) if args.mode == "cpu" else gpu_mode(args)
+    report = cpu_mode(args) if args.mode == "cpu" else full_size_mode(args)
     report["date"] = date.today().isoformat()
     report["machine"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     report["torch"] = torch.__version__
