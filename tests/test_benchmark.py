@@ -1,0 +1,36 @@
+"""The benchmark script runs end to end (quickly, on tiny shapes), so it cannot rot between GPU sessions. Its
+numbers are not asserted here: speed is checked by reading the benchmark, never by timed tests."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_benchmark(tmp_path, *args):
+    out = tmp_path / "report.json"
+    subprocess.run(
+        [sys.executable, "scripts/benchmark.py", *args, "--repeats", "1", "--json", str(out)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return json.loads(out.read_text())
+
+
+def test_cpu_mode_measures_every_part(tmp_path):
+    report = run_benchmark(tmp_path, "--mode", "cpu", "--architectures", "tiny")
+    tiny = report["architectures"]["tiny"]
+    for part in ("setup", "generation", "http", "lora_switch"):
+        assert tiny[part]["ours_s"] > 0 and tiny[part]["baseline_s"] > 0, part
+    assert all(row["counted"] == row["expected"] for row in tiny["unet_calls"])
+    assert tiny["memory"]["base_refiner_checker_mb"] > 0
+
+
+def test_gpu_mode_code_path_runs_in_smoke_form(tmp_path):
+    report = run_benchmark(tmp_path, "--mode", "gpu", "--smoke")
+    assert {run["refine"] for run in report["runs"]} == {"no_refiner", "expert_ensemble_refiner", "base_image_refiner"}
+    assert report["unet_tflop_per_call"] > 0
