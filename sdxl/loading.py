@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -47,6 +48,17 @@ class Pipelines:
         return (self.refiner, self.refiner_inpaint)
 
 
+def _view(cls, pipe):
+    """`cls` over the same modules and config flags as `pipe` (what from_pipe does, minus its per-module .to() pass,
+    which made up a tenth of setup)."""
+    params = inspect.signature(cls.__init__).parameters
+    components = {name: module for name, module in pipe.components.items() if name in params}
+    flags = {k: v for k, v in pipe.config.items() if k in params and k not in components and not k.startswith("_")}
+    view = cls(**components, **flags, add_watermarker=False)
+    view.set_progress_bar_config(disable=True)
+    return view
+
+
 def _variant(folder: Path) -> str | None:
     """Production folders hold fp16 variant files (`*.fp16.safetensors`); the tiny set holds plain ones."""
     return "fp16" if any(folder.glob("unet/*.fp16.safetensors")) else None
@@ -76,8 +88,8 @@ def load_pipelines(
     text2img = StableDiffusionXLPipeline.from_pretrained(
         base_dir, vae=vae, add_watermarker=False, variant=_variant(base_dir), **common
     )
-    img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(text2img)
-    inpaint = StableDiffusionXLInpaintPipeline.from_pipe(text2img)
+    img2img = _view(StableDiffusionXLImg2ImgPipeline, text2img)
+    inpaint = _view(StableDiffusionXLInpaintPipeline, text2img)
 
     # 3. The refiner: its own UNet; VAE and second text encoder are the base's.
     refiner_dir = root / weights.REFINER.folder
@@ -90,7 +102,7 @@ def load_pipelines(
         variant=_variant(refiner_dir),
         **common,
     )
-    refiner_inpaint = StableDiffusionXLInpaintPipeline.from_pipe(refiner)
+    refiner_inpaint = _view(StableDiffusionXLInpaintPipeline, refiner)
 
     # 4. The safety checker and its image processor.
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
@@ -101,19 +113,21 @@ def load_pipelines(
     feature_extractor = CLIPImageProcessor.from_pretrained(checker_dir)
 
     for module in (vae, text2img.text_encoder, text2img.text_encoder_2, text2img.unet, refiner.unet, safety_checker):
-        module.to(placement.device)
+        if module.device != placement.device:
+            module.to(placement.device)
         module.eval().requires_grad_(False)
     for pipe in (text2img, img2img, inpaint, refiner, refiner_inpaint):
         pipe.set_progress_bar_config(disable=True)
 
     random_weights = weights.random_architecture(root)
     log.info(
-        "loaded %s weights from %s in %.1fs on %s/%s: base unet %s, refiner unet %s, text encoders %s + %s, vae %s",
+        "loaded %s weights from %s in %.1fs on %s/%s (%d CPU threads): base unet %s, refiner unet %s, text encoders %s + %s, vae %s",
         f"RANDOM ({random_weights}, they draw noise)" if random_weights else "production",
         root,
         time.perf_counter() - started,
         placement.device,
         str(dtype).removeprefix("torch."),
+        torch.get_num_threads(),
         _count(text2img.unet),
         _count(refiner.unet),
         _count(text2img.text_encoder),
