@@ -305,6 +305,10 @@ class Adapters:
         if name in self._resident:
             self._resident.move_to_end(name)
             return name
+        if self.pipes.fastpath.fuse_qkv:
+            raise InputError(
+                field, "this server runs with fused attention projections (SDXL_FUSE_QKV=1), which cannot take LoRAs"
+            )
         started = time.perf_counter()
         complete = False
         try:
