@@ -17,7 +17,7 @@ from sdxl.adapters import AdapterRequest, Adapters, parse_loras
 from sdxl.generation import generate
 from sdxl.images import MAX_SIDE, MIN_SIDE, load_image, load_mask
 from sdxl.loading import load_pipelines
-from sdxl.request import DEFAULT_PROMPT, MAX_OUTPUTS, MAX_STEPS, REFINE_MODES, GenerationRequest
+from sdxl.request import DEFAULT_PROMPT, MAX_OUTPUTS, MAX_STEPS, REFINE_MODES, SEED_RANGE, GenerationRequest
 from sdxl.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from sdxl.weights import random_architecture, weights_dir
 
@@ -94,7 +94,12 @@ class Runner(BaseRunner):
             ge=0.0,
             le=1.0,
         ),
-        seed: Optional[int] = Input(description="Random seed. Leave blank to randomize the seed", default=None),
+        seed: Optional[int] = Input(
+            description="Random seed. Leave blank to randomize the seed",
+            default=None,
+            ge=SEED_RANGE[0],
+            le=SEED_RANGE[1],
+        ),
         refine: str = Input(description="Which refine style to use", default="no_refiner", choices=list(REFINE_MODES)),
         high_noise_frac: float = Input(
             description="For expert_ensemble_refiner, the fraction of noise to use", default=0.8, ge=0.0, le=1.0

@@ -28,7 +28,7 @@ CONTRACT = {
     "num_inference_steps": ("integer", 50, None, 1, 500),
     "guidance_scale": ("number", 7.5, None, 1, 50),
     "prompt_strength": ("number", 0.8, None, 0, 1),
-    "seed": ("integer", None, None, None, None),
+    "seed": ("integer", None, None, 0, 2**32 - 1),
     "refine": ("string", "no_refiner", REFINERS, None, None),
     "high_noise_frac": ("number", 0.8, None, 0, 1),
     "refine_steps": ("integer", None, None, 1, 500),
