@@ -166,7 +166,7 @@ def _request(target: Target, limits: FetchLimits, headers: dict[str, str], field
         return connection, connection.getresponse()
     except (OSError, http.client.HTTPException) as error:
         connection.close()
-        raise FetchError(field, f"cannot fetch {target.url}: {_describe(error)}") from None
+        raise FetchError(field, f"cannot fetch {_redact(target.url)}: {_describe(error)}") from None
 
 
 def _describe(error: BaseException) -> str:
@@ -185,7 +185,7 @@ def open_url(url: str, field: str, limits: FetchLimits, headers: dict[str, str] 
         location = response.getheader("Location")
         connection.close()
         if not location:
-            raise FetchError(field, f"{target.url} redirected (HTTP {response.status}) without a Location")
+            raise FetchError(field, f"{_redact(target.url)} redirected (HTTP {response.status}) without a Location")
         log.info("%s redirects to %s", target.url, _redact(location))
         target = check_url(urljoin(target.url, location), field, resolver or system_resolver)
     raise FetchError(field, f"more than {MAX_REDIRECTS} redirects")
