@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from sdxl import images as image_io
+from sdxl.compute import Cancelled, on_compute_thread
 from sdxl.errors import NSFWError
 from sdxl.loading import Pipelines
 from sdxl.request import BASE_IMAGE_REFINER_STRENGTH, GenerationRequest
@@ -97,19 +99,27 @@ def refiner_call(pipes: Pipelines, request: GenerationRequest, latents: torch.Te
     return pipe, kwargs
 
 
-def _progress(on_step: StepCallback | None, stage: str) -> dict:
-    """diffusers' step-end hook, reporting progress only (it hands the tensors back untouched)."""
-    if on_step is None:
+def _progress(on_step: StepCallback | None, stage: str, cancelled: threading.Event | None = None) -> dict:
+    """diffusers' step-end hook: reports progress and stops at a cancel; the tensors go back untouched."""
+    if on_step is None and cancelled is None:
         return {}
 
     def callback(pipe, step, timestep, callback_kwargs):
-        on_step(stage, step + 1, pipe.num_timesteps)
+        if cancelled is not None and cancelled.is_set():
+            raise Cancelled(f"{stage}: cancelled after step {step + 1}")
+        if on_step is not None:
+            on_step(stage, step + 1, pipe.num_timesteps)
         return callback_kwargs
 
     return {"callback_on_step_end": callback}
 
 
-def denoise(pipes: Pipelines, request: GenerationRequest, on_step: StepCallback | None = None) -> list[Image.Image]:
+def denoise(
+    pipes: Pipelines,
+    request: GenerationRequest,
+    on_step: StepCallback | None = None,
+    cancelled: threading.Event | None = None,
+) -> list[Image.Image]:
     """Base (and refiner) denoising for a request with a concrete seed; returns every generated image."""
     generator = torch.Generator("cpu").manual_seed(request.seed)  # CPU noise: the same seed, the same start anywhere
     common = dict(
@@ -121,7 +131,7 @@ def denoise(pipes: Pipelines, request: GenerationRequest, on_step: StepCallback 
         generator=generator,
     )
     base, base_kwargs = base_call(pipes, request)
-    base_kwargs.update(_progress(on_step, "base"))
+    base_kwargs.update(_progress(on_step, "base", cancelled))
     if request.refine == "no_refiner":
         with _scheduler_for(base, request.scheduler):
             return base(**common, **base_kwargs).images
@@ -131,7 +141,12 @@ def denoise(pipes: Pipelines, request: GenerationRequest, on_step: StepCallback 
         latents = base(**common, **base_kwargs, output_type="latent").images
     refiner, refiner_kwargs = refiner_call(pipes, request, latents)
     # Each prompt's latents are already repeated num_outputs times: the refiner takes one image per latent.
-    refiner_common = {**common, "num_images_per_prompt": 1, **refiner_kwargs, **_progress(on_step, "refiner")}
+    refiner_common = {
+        **common,
+        "num_images_per_prompt": 1,
+        **refiner_kwargs,
+        **_progress(on_step, "refiner", cancelled),
+    }
     refiner_common["prompt"] = [request.prompt] * request.num_outputs
     refiner_common["negative_prompt"] = [request.negative_prompt] * request.num_outputs
     with _scheduler_for(refiner, request.scheduler):
@@ -139,6 +154,14 @@ def denoise(pipes: Pipelines, request: GenerationRequest, on_step: StepCallback 
 
 
 def generate(pipes: Pipelines, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
+    """Run the request on the compute thread (sdxl.compute), whatever thread calls; a cancel stops it at the next
+    denoising step."""
+    return on_compute_thread(lambda cancelled: _generate(pipes, request, on_step, cancelled))
+
+
+def _generate(
+    pipes: Pipelines, request: GenerationRequest, on_step: StepCallback | None, cancelled: threading.Event
+) -> GenerationResult:
     """1. fix the seed  2. denoise (and refine)  3. drop what the safety checker flags  4. watermark."""
     started = time.perf_counter()
     request = request.with_seed()
@@ -152,8 +175,9 @@ def generate(pipes: Pipelines, request: GenerationRequest, on_step: StepCallback
         request.seed,
     )
     _warn_if_truncated(pipes, request)
+    pipes.placement.use_cpu_threads()
     with torch.inference_mode():
-        images = denoise(pipes, request, on_step)
+        images = denoise(pipes, request, on_step, cancelled)
 
     flags = [False] * len(images)
     if not request.disable_safety_checker:

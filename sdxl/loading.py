@@ -17,6 +17,7 @@ from diffusers import (
 )
 
 from sdxl import weights
+from sdxl.compute import on_compute_thread
 from sdxl.device import Placement, choose_placement
 from sdxl.fastpath import FastPath, apply_fastpath
 
@@ -71,11 +72,17 @@ def _count(module: torch.nn.Module) -> str:
 def load_pipelines(
     root: Path | None = None, placement: Placement | None = None, fastpath: FastPath | None = None
 ) -> Pipelines:
-    """Load everything a prediction needs from `root` (the weights folder). Never downloads."""
+    """Load everything a prediction needs from `root` (the weights folder), on the compute thread where every
+    generation will run (sdxl.compute). Never downloads."""
+    return on_compute_thread(lambda _: _load_pipelines(root, placement, fastpath))
+
+
+def _load_pipelines(root: Path | None, placement: Placement | None, fastpath: FastPath | None) -> Pipelines:
     root = Path(root or weights.weights_dir())
     placement = placement or choose_placement()
     fastpath = fastpath or FastPath.from_env()
     weights.require(root, weights.PREDICTION_WEIGHTS)
+    placement.use_cpu_threads()
     started = time.perf_counter()
     dtype = placement.dtype
     common = dict(dtype=dtype, use_safetensors=True, local_files_only=True)
