@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from sdxl import weights  # noqa: E402
 from sdxl.architectures import ARCHITECTURES  # noqa: E402
+from sdxl.compute import on_compute_thread  # noqa: E402
 from sdxl.generation import generate  # noqa: E402
 from sdxl.loading import load_pipelines  # noqa: E402
 from sdxl.request import GenerationRequest  # noqa: E402
@@ -47,6 +48,10 @@ def sync():
         torch.cuda.synchronize()
 
 
+def _on_compute_thread(fn):
+    return lambda: on_compute_thread(lambda _cancelled: fn())
+
+
 def timed(fn, repeats: int) -> list[float]:
     seconds = []
     for _ in range(repeats):
@@ -59,7 +64,10 @@ def timed(fn, repeats: int) -> list[float]:
 
 
 def side_by_side(ours, theirs, repeats: int, warmup: int = 1) -> dict:
-    """Median seconds of two callables, interleaved so drift (thermal, other load) hits both alike."""
+    """Median seconds of two callables, interleaved so drift (thermal, other load) hits both alike. Both run on the
+    compute thread (sdxl.compute), so torch's CPU threads are shared alike (a second thread running torch would
+    grow a second OpenMP team and slow both down)."""
+    ours, theirs = _on_compute_thread(ours), _on_compute_thread(theirs)
     for _ in range(warmup):
         ours(), theirs()
     a, b = [], []
