@@ -46,6 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdxl import weights_cache as wc
+from sdxl.compute import compute_bound
 from sdxl.errors import InputError
 from sdxl.loading import Pipelines
 from sdxl.request import GenerationRequest
@@ -296,6 +297,7 @@ class Adapters:
 
     # -- LoRA adapters ------------------------------------------------------------------------------------------------
 
+    @compute_bound
     def _ensure_lora(self, name: str, path: Path, field: str) -> str:
         """The peft adapter `name`, loaded from `path` unless already resident. Marked resident only when complete.
 
@@ -349,6 +351,7 @@ class Adapters:
                     return True
         return False
 
+    @compute_bound
     def _remove_adapter(self, name: str) -> None:
         """Take a (possibly half-loaded) adapter out; if that fails, unload every adapter (all reload on demand)."""
         self._resident.pop(name, None)
@@ -362,6 +365,7 @@ class Adapters:
             self._unload_all_loras()
             raise
 
+    @compute_bound
     def _unload_all_loras(self) -> None:
         self._resident.clear()
         self.pipe.unload_lora_weights()
@@ -372,12 +376,14 @@ class Adapters:
             self._remove_adapter(name)
             log.info("LoRA %s evicted (more than %d resident)", name, self.max_resident)
 
+    @compute_bound
     def _set_lora_layers(self, enabled: bool) -> None:
         if not self._has_layers():
             return
         for module in self._modules.values():
             set_adapter_layers(module, enabled=enabled)
 
+    @compute_bound
     def _activate(self, stack: contextlib.ExitStack, active: list[tuple[str, float]]) -> None:
         if not active:
             return
@@ -400,12 +406,14 @@ class Adapters:
     def _te_widths(self) -> tuple[int, int]:
         return tuple(encoder.get_input_embeddings().weight.shape[1] for encoder, _ in self._encoders())
 
+    @compute_bound
     def _load_tokens(self, names: list[str], rows: dict[str, torch.Tensor]) -> None:
         started = time.perf_counter()
         for (encoder, tokenizer), key in zip(self._encoders(), EMBEDDING_KEYS):
             self.pipe.load_textual_inversion(rows[key], token=names, text_encoder=encoder, tokenizer=tokenizer)
         log.info("loaded %d trained tokens into both text encoders in %.2fs", len(names), time.perf_counter() - started)
 
+    @compute_bound
     def _unload_tokens(self, names: list[str]) -> None:
         """Remove these tokens from both tokenizers and embedding tables, also after a half-finished load."""
         for encoder, tokenizer in self._encoders():
@@ -449,12 +457,14 @@ class Adapters:
             )
         return path
 
+    @compute_bound
     def _take_unet_snapshot(self) -> None:
         if self._unet_snapshot is None:
             started = time.perf_counter()
             self._unet_snapshot = {k: t.detach().to("cpu", copy=True) for k, t in self._unet_tensors().items()}
             log.info("base UNet snapshot kept in CPU memory for full fine-tunes (%.1fs)", time.perf_counter() - started)
 
+    @compute_bound
     @torch.no_grad()
     def _copy_into_unet(self, path: Path) -> None:
         targets = self._unet_tensors()
@@ -462,6 +472,7 @@ class Adapters:
             for key in file.keys():
                 targets[key].copy_(file.get_tensor(key))
 
+    @compute_bound
     @torch.no_grad()
     def _restore_unet(self) -> None:
         started = time.perf_counter()
@@ -473,6 +484,7 @@ class Adapters:
 
     # -- the model's own weights (setup) ------------------------------------------------------------------------------
 
+    @compute_bound
     def load_own_weights(self, source: str | Path) -> None:
         """Make a trained tar (a URL, a local .tar or its extracted folder) this model's own weights, for good."""
         started = time.perf_counter()

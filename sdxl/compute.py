@@ -12,6 +12,7 @@ stops at its next check (the denoising loop checks every step), and the caller r
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -61,3 +62,14 @@ def on_compute_thread(work: Callable[[threading.Event], T]) -> T:
             cancelled.set()
             concurrent.futures.wait([future])  # the thread is free again before the caller moves on
         raise
+
+
+def compute_bound(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorator for torch work done outside a generation (loading a LoRA, swapping a UNet, adding tokens): it runs
+    on the compute thread too, so the calling thread never grows an OpenMP team of its own."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return on_compute_thread(lambda _cancelled: fn(*args, **kwargs))
+
+    return wrapper

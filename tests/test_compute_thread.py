@@ -68,3 +68,25 @@ def test_errors_of_the_work_reach_the_caller():
 
     with pytest.raises(ValueError, match="bad input"):
         on_compute_thread(work)
+
+
+def test_adapter_work_runs_on_the_compute_thread_too(pipes, tmp_path, monkeypatch):
+    from sdxl.adapters import Adapters
+    from tests.weights_helpers import lora_state, write_lora
+
+    adapters = Adapters(pipes)
+    seen = []
+    original = adapters.pipe.load_lora_weights
+
+    def recording(*args, **kwargs):
+        seen.append(threading.get_ident())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(adapters.pipe, "load_lora_weights", recording)
+    path = write_lora(tmp_path, lora_state(pipes.text2img.unet, seed=2))
+    try:
+        adapters._ensure_lora("thread_check", path, "loras[0]")
+    finally:
+        adapters._remove_adapter("thread_check")
+    compute_thread = on_compute_thread(lambda _: threading.get_ident())
+    assert seen == [compute_thread] and compute_thread != threading.get_ident()
