@@ -34,7 +34,7 @@ from sdxl.architectures import ARCHITECTURES  # noqa: E402
 from sdxl.compute import on_compute_thread  # noqa: E402
 from sdxl.generation import generate  # noqa: E402
 from sdxl.loading import load_pipelines  # noqa: E402
-from sdxl.request import GenerationRequest  # noqa: E402
+from sdxl.request import REFINE_MODES, GenerationRequest  # noqa: E402
 from sdxl.tiny_weights import write_random_weights  # noqa: E402
 
 log = logging.getLogger("benchmark")
@@ -200,9 +200,6 @@ def measure_http(root: Path, runner, request: GenerationRequest, repeats: int) -
             server.stop()
     result["added_ms"] = (result["ours_s"] - result["baseline_s"]) * 1000
     return result
-
-
-REFINE_MODES = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
 
 
 def expected_unet_calls(request: GenerationRequest) -> dict:
