@@ -15,7 +15,8 @@ How it is applied (Adapters.applied, a context manager; everything is undone on 
    (<s0> becomes <s0-1a2b3c4d5e6f>, so two trained models never collide); unload_textual_inversion on exit;
 4. LoRAs: load_lora_weights(adapter_name=...) into named peft adapters that stay resident (least recently used
    ones are deleted beyond `max_resident`), so switching back to one does not read the disk; set_adapters with each
-   LoRA's weight activates them for the request and the adapter layers are disabled on exit;
+   LoRA's weight activates them for the request and the adapter layers are disabled on exit. With a compiled UNet
+   (SDXL_COMPILE=1) the UNet part goes into fixed-shape slots instead (sdxl/lora_slots.py), so no switch recompiles;
 5. the prompt rewriter replaces each trained word as a whole word (TOK, not inside "TOKyo") and literal <sN> tokens.
 
 The model's own weights (Cog's COG_WEIGHTS / setup(weights)): load_own_weights applies a trained tar for good: its
@@ -49,6 +50,7 @@ from sdxl import weights_cache as wc
 from sdxl.compute import compute_bound
 from sdxl.errors import InputError
 from sdxl.loading import Pipelines
+from sdxl.lora_slots import SlotLora
 from sdxl.request import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -222,6 +224,8 @@ class Adapters:
         self._request_tokens: list[str] = []
         self._own_rewrites: dict[str, str] = {}
         self._own_lora: Path | None = None  # a private copy: no cache eviction can remove it
+        self.slots = pipes.lora_slots  # the compiled UNet's LoRA slots, or None: LoRAs are peft adapters everywhere
+        self._slot_loras: dict[str, SlotLora] = {}  # resident LoRAs' UNet parts, when there are slots
 
     @property
     def _modules(self):
@@ -239,7 +243,7 @@ class Adapters:
         with self._lock, contextlib.ExitStack() as stack:
             self._reset()
             rewrites = dict(self._own_rewrites)
-            active: list[tuple[str, float]] = []
+            active: list[tuple[str, float, str]] = []  # (adapter, scale, input field)
             if request.replicate_weights:
                 url = request.replicate_weights
                 folder = stack.enter_context(self.cache.open("trained", url, TRAINED_FIELD))
@@ -248,22 +252,24 @@ class Adapters:
                     rewrites.update(self._apply_trained(stack, trained))
                     if trained.file(wc.LORA_FILE):
                         adapter = self._ensure_lora(trained.adapter_name, trained.file(wc.LORA_FILE), TRAINED_FIELD)
-                        active.append((adapter, request.lora_scale))
+                        active.append((adapter, request.lora_scale, TRAINED_FIELD))
             elif self._own_lora is not None:
                 adapter = self._ensure_lora(f"trained_{OWN_TAG}", self._own_lora, OWN_FIELD)
-                active.append((adapter, request.lora_scale))
+                active.append((adapter, request.lora_scale, OWN_FIELD))
             for i, lora in enumerate(request.loras):
                 name = f"{LORAS_FIELD}[{i}]"
                 folder = stack.enter_context(self.cache.open("lora", lora.url, name))
                 with self._discard_on_input_error("lora", lora.url):
                     adapter = self._ensure_lora(f"lora_{wc.url_key(lora.url)[:12]}", folder / wc.LORA_FILE, name)
-                active.append((adapter, lora.scale))
+                active.append((adapter, lora.scale, name))
             self._activate(stack, active)
             yield Applied(rewrites)
 
     def _reset(self) -> None:
         """Whatever an interrupted request may have left: adapters off, request tokens out, base UNet back."""
         self._set_lora_layers(enabled=False)
+        if self.slots is not None and self.slots.active:
+            self._clear_slots()
         if self._request_tokens:
             self._unload_tokens(self._request_tokens)
         if self._unet_dirty:
@@ -299,10 +305,11 @@ class Adapters:
 
     @compute_bound
     def _ensure_lora(self, name: str, path: Path, field: str) -> str:
-        """The peft adapter `name`, loaded from `path` unless already resident. Marked resident only when complete.
+        """The LoRA `name`, loaded from `path` unless already resident. Marked resident only when complete.
 
         diffusers reads the file itself (safetensors only, never a pickle): it converts kohya/A1111 names and alphas,
-        and reads the LoraConfig (rank, alpha) a peft-format file carries in its header.
+        and reads the LoraConfig (rank, alpha) a peft-format file carries in its header. Normally every part becomes a
+        named peft adapter; with the compiled UNet's LoRA slots the UNet part is kept ready to copy into the slots.
         """
         if name in self._resident:
             self._resident.move_to_end(name)
@@ -311,12 +318,21 @@ class Adapters:
             raise InputError(
                 field, "this server runs with fused attention projections (SDXL_FUSE_QKV=1), which cannot take LoRAs"
             )
+        if self.pipes.fastpath.compile and self.slots is None:
+            raise InputError(
+                field, "this server compiles its UNet without LoRA slots (SDXL_COMPILE=1, SDXL_LORA_SLOT_RANK=0)"
+            )
         started = time.perf_counter()
         complete = False
         try:
             expected = _lora_numel(_file_shapes(path, field))
             try:
-                self.pipe.load_lora_weights(str(path), adapter_name=name, use_safetensors=True)
+                if self.slots is None:
+                    self.pipe.load_lora_weights(str(path), adapter_name=name, use_safetensors=True)
+                else:
+                    self._load_for_slots(name, path, field)
+            except InputError:
+                raise
             except Exception as error:  # diffusers/peft raise ValueError, RuntimeError (size mismatch), KeyError, ...
                 raise InputError(field, f"the LoRA does not fit this SDXL model: {_first_line(error)}") from None
             landed = self._adapter_numel(name)
@@ -335,8 +351,27 @@ class Adapters:
         self._evict_adapters()
         return name
 
+    def _load_for_slots(self, name: str, path: Path, field: str) -> None:
+        """What load_lora_weights does, with the UNet part prepared for the slots instead of injected as an adapter."""
+        state, alphas, metadata = self.pipe.lora_state_dict(
+            str(path), unet_config=self.pipe.unet.config, use_safetensors=True, return_lora_metadata=True
+        )
+        self._slot_loras[name] = self.slots.prepare(name, state, alphas, metadata, field)
+        for encoder, prefix in ((self.pipe.text_encoder, "text_encoder"), (self.pipe.text_encoder_2, "text_encoder_2")):
+            self.pipe.load_lora_into_text_encoder(
+                state,
+                network_alphas=alphas,
+                text_encoder=encoder,
+                prefix=prefix,
+                lora_scale=self.pipe.lora_scale,
+                adapter_name=name,
+                metadata=metadata,
+                _pipeline=self.pipe,
+            )
+
     def _adapter_numel(self, name: str) -> int:
-        return sum(
+        in_slots = self._slot_loras[name].numel() if name in self._slot_loras else 0
+        return in_slots + sum(
             p.numel()
             for module in self._modules.values()
             for key, p in module.named_parameters()
@@ -355,8 +390,9 @@ class Adapters:
     def _remove_adapter(self, name: str) -> None:
         """Take a (possibly half-loaded) adapter out; if that fails, unload every adapter (all reload on demand)."""
         self._resident.pop(name, None)
+        self._slot_loras.pop(name, None)
         try:
-            if any(name in names for names in self.pipe.get_list_adapters().values()):
+            if self._has_peft_adapter(name):
                 self.pipe.delete_adapters(name)
             if self._has_layers(name):
                 raise RuntimeError(f"adapter {name} left layers behind")
@@ -368,6 +404,7 @@ class Adapters:
     @compute_bound
     def _unload_all_loras(self) -> None:
         self._resident.clear()
+        self._slot_loras.clear()
         self.pipe.unload_lora_weights()
 
     def _evict_adapters(self) -> None:
@@ -384,19 +421,30 @@ class Adapters:
             set_adapter_layers(module, enabled=enabled)
 
     @compute_bound
-    def _activate(self, stack: contextlib.ExitStack, active: list[tuple[str, float]]) -> None:
+    def _activate(self, stack: contextlib.ExitStack, active: list[tuple[str, float, str]]) -> None:
         if not active:
             return
         started = time.perf_counter()
         stack.callback(self._set_lora_layers, False)
-        self._set_lora_layers(enabled=True)
-        names, scales = [n for n, _ in active], [s for _, s in active]
-        self.pipe.set_adapters(names, scales)
+        peft_active = [(n, s) for n, s, _ in active if self._has_peft_adapter(n)]
+        if peft_active:
+            self._set_lora_layers(enabled=True)
+            self.pipe.set_adapters([n for n, _ in peft_active], [s for _, s in peft_active])
+        if self.slots is not None:
+            stack.callback(self._clear_slots)
+            self.slots.fill([(self._slot_loras[n], s, field) for n, s, field in active])
         log.info(
             "LoRA switch to %s in %.1f ms",
-            ", ".join(f"{n}@{s:g}" for n, s in active),
+            ", ".join(f"{n}@{s:g}" for n, s, _ in active),
             1000 * (time.perf_counter() - started),
         )
+
+    def _has_peft_adapter(self, name: str) -> bool:
+        return any(name in names for names in self.pipe.get_list_adapters().values())
+
+    @compute_bound
+    def _clear_slots(self) -> None:
+        self.slots.clear()
 
     # -- textual inversion ----------------------------------------------------------------------------------------------
 

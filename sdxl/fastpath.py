@@ -5,6 +5,8 @@ Set through the environment (read once at setup):
   SDXL_CHANNELS_LAST=1           UNet and VAE in channels_last memory format
   SDXL_FUSE_QKV=1                fused q/k/v projections (incompatible with per-request LoRA: refused together)
   SDXL_COMPILE=1                 regional torch.compile of the UNets' repeated transformer blocks, warmed up in setup
+  SDXL_LORA_SLOT_RANK=64         with SDXL_COMPILE=1: the rank of the base UNet's fixed LoRA slots (sdxl/lora_slots.py),
+                                 so switching LoRAs never recompiles; 0 = no slots (LoRAs are refused)
 The VAE runs in the pipeline's dtype without an fp32 upcast: the fp16-fix VAE's config says force_upcast false.
 """
 
@@ -17,6 +19,8 @@ from dataclasses import dataclass, fields
 log = logging.getLogger(__name__)
 
 ATTENTION_CHOICES = ("sdpa", "xformers")
+DEFAULT_LORA_SLOT_RANK = 64  # the trainer's default rank 32 twice over (a trained LoRA plus one more)
+MAX_LORA_SLOT_RANK = 1024
 
 
 def _flag(name: str) -> bool:
@@ -26,16 +30,37 @@ def _flag(name: str) -> bool:
     return value in ("1", "true")
 
 
+def _whole(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: use a whole number") from None
+
+
 @dataclass(frozen=True)
 class FastPath:
     attention: str = "sdpa"
     channels_last: bool = False
     fuse_qkv: bool = False
     compile: bool = False
+    lora_slot_rank: int = DEFAULT_LORA_SLOT_RANK
 
     def __post_init__(self):
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"SDXL_ATTENTION={self.attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
+        if isinstance(self.lora_slot_rank, bool) or not isinstance(self.lora_slot_rank, int):
+            raise ValueError(f"SDXL_LORA_SLOT_RANK={self.lora_slot_rank!r}: use a whole number")
+        if not 0 <= self.lora_slot_rank <= MAX_LORA_SLOT_RANK:
+            raise ValueError(f"SDXL_LORA_SLOT_RANK={self.lora_slot_rank}: allowed 0 to {MAX_LORA_SLOT_RANK}")
+
+    @property
+    def lora_slots(self) -> bool:
+        """Whether the base UNet gets LoRA slots: only when compiled (peft adapters cost nothing when off) and not
+        fused (fused projections take no LoRAs)."""
+        return self.compile and not self.fuse_qkv and self.lora_slot_rank > 0
 
     @classmethod
     def from_env(cls) -> FastPath:
@@ -44,6 +69,7 @@ class FastPath:
             channels_last=_flag("SDXL_CHANNELS_LAST"),
             fuse_qkv=_flag("SDXL_FUSE_QKV"),
             compile=_flag("SDXL_COMPILE"),
+            lora_slot_rank=_whole("SDXL_LORA_SLOT_RANK", DEFAULT_LORA_SLOT_RANK),
         )
 
     def describe(self) -> str:
@@ -66,6 +92,10 @@ def apply_fastpath(pipes, fastpath: FastPath) -> None:
     if fastpath.fuse_qkv:
         for pipe in (pipes.text2img, pipes.refiner):
             pipe.fuse_qkv_projections()
+    if fastpath.lora_slots:
+        from sdxl.lora_slots import LoraSlots
+
+        pipes.lora_slots = LoraSlots.install(pipes.text2img.unet, fastpath.lora_slot_rank)
     if fastpath.compile:
         for unet in unets:
             unet.compile_repeated_blocks(fullgraph=True, dynamic=True)
@@ -83,4 +113,10 @@ def _warm_up(pipes) -> None:
     with torch.inference_mode():
         latents = pipes.text2img("warm-up", num_inference_steps=2, output_type="latent").images
         pipes.refiner("warm-up", image=latents, num_inference_steps=2, denoising_start=0.5, output_type="latent")
+        if pipes.lora_slots is not None:  # the LoRA variant of the base's blocks too (zero slots: same image)
+            pipes.lora_slots.set_active(True)
+            try:
+                pipes.text2img("warm-up", num_inference_steps=2, output_type="latent")
+            finally:
+                pipes.lora_slots.clear()
     log.info("compiled and warmed up in %.1fs", time.perf_counter() - started)

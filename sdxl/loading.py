@@ -20,6 +20,7 @@ from sdxl import weights
 from sdxl.compute import on_compute_thread
 from sdxl.device import Placement, choose_placement
 from sdxl.fastpath import FastPath, apply_fastpath
+from sdxl.lora_slots import LoraSlots
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Pipelines:
     weights_dir: Path
     fastpath: FastPath
     random_weights: str | None  # "tiny"/"mid"/"full" for seeded random weights (they draw noise), None for real
+    lora_slots: LoraSlots | None = None  # the compiled base UNet's fixed-shape LoRA slots (SDXL_COMPILE=1)
 
     @property
     def base_views(self):
