@@ -226,42 +226,54 @@ def measure_unet_calls(pipes, size: int) -> list[dict]:
     return rows
 
 
-def measure_lora_switch(pipes, baseline_pipe, repeats: int) -> dict:
-    """Switching between two LoRAs the predictor already holds vs diffusers' plain load_lora_weights from local disk
-    (plus unloading it again, so every baseline round starts from the same state)."""
+@contextlib.contextmanager
+def two_cached_loras(pipes, rank: int = 16):
+    """Two rank-`rank` LoRAs served on loopback, fetched and loaded once, so what follows are switches between
+    cached LoRAs: yields (adapters, [request for A, request for B], [file A, file B])."""
     from sdxl.adapters import AdapterRequest, Adapters, LoraInput
+    from sdxl.weights_cache import WeightsCache
     from tests.weights_helpers import WeightsServer, lora_state, write_lora
 
     os.environ["SDXL_ALLOW_LOOPBACK_HTTP"] = "1"
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ["SDXL_WEIGHTS_CACHE_DIR"] = str(Path(tmp) / "cache")
         server = WeightsServer()
         try:
             files = []
             for seed in (1, 2):
                 folder = Path(tmp) / f"lora{seed}"
                 folder.mkdir()
-                files.append(write_lora(folder, lora_state(pipes.text2img.unet, seed=seed, rank=16)))
+                files.append(write_lora(folder, lora_state(pipes.text2img.unet, seed=seed, rank=rank)))
             urls = [server.serve(f"/lora{i}.safetensors", path.read_bytes()) for i, path in enumerate(files)]
-            adapters = Adapters(pipes)
+            adapters = Adapters(pipes, WeightsCache(Path(tmp) / "cache"))
             requests = [AdapterRequest(loras=(LoraInput(url, 1.0),)) for url in urls]
-            for request in requests:  # fetch and load both once: what follows are switches between cached LoRAs
+            for request in requests:
                 with adapters.applied(request):
                     pass
-            turn = iter(range(10**9))
-
-            def switch():
-                with adapters.applied(requests[next(turn) % 2]):
-                    pass
-
-            def plain_load():
-                baseline_pipe.load_lora_weights(str(files[1]), adapter_name="plain")
-                baseline_pipe.delete_adapters("plain")
-
-            result = side_by_side(switch, plain_load, repeats * 4)
+            yield adapters, requests, files
         finally:
             server.close()
-    return result
+
+
+def lora_switcher(adapters, requests):
+    turn = iter(range(10**9))
+
+    def switch():
+        with adapters.applied(requests[next(turn) % 2]):
+            pass
+
+    return switch
+
+
+def measure_lora_switch(pipes, baseline_pipe, repeats: int) -> dict:
+    """Switching between two LoRAs the predictor already holds vs diffusers' plain load_lora_weights from local disk
+    (plus unloading it again, so every baseline round starts from the same state)."""
+    with two_cached_loras(pipes) as (adapters, requests, files):
+
+        def plain_load():
+            baseline_pipe.load_lora_weights(str(files[1]), adapter_name="plain")
+            baseline_pipe.delete_adapters("plain")
+
+        return side_by_side(lora_switcher(adapters, requests), plain_load, repeats * 4)
 
 
 def peak_rss_mb(root: Path, what: str) -> float:
@@ -366,10 +378,12 @@ def unet_tflop_per_call(pipes, size: int, outputs: int) -> float:
 
 FASTPATH_VARIANTS = {
     "default": {},
+    "direct_load": {"SDXL_DIRECT_LOAD": "1"},
     "channels_last": {"SDXL_CHANNELS_LAST": "1"},
     "fused_qkv": {"SDXL_FUSE_QKV": "1"},
     "xformers": {"SDXL_ATTENTION": "xformers"},
-    "compile": {"SDXL_COMPILE": "1"},
+    "compile": {"SDXL_COMPILE": "1"},  # with LoRA slots of the default rank
+    "compile_without_lora_slots": {"SDXL_COMPILE": "1", "SDXL_LORA_SLOT_RANK": "0"},
 }
 
 
@@ -420,34 +434,52 @@ def full_size_mode(args) -> dict:
                             "base_unet_tflops": report["unet_tflop_per_call"] * outputs * calls / seconds,
                         }
                     )
-        report["fastpath_variants"] = measure_fastpath_variants(root, size, steps_list[0], args) if cuda else {}
+        report["lora_switch"] = measure_lora_switch(pipes, pipes.text2img, args.repeats)
+        pipes = None
+        report["fastpath_variants"] = measure_fastpath_variants(root, size, steps_list[0], args)
     return report
 
 
 def measure_fastpath_variants(root: Path, size: int, steps: int, args) -> dict:
-    """Each fast-path setting alone, in a fresh load, against the defaults: seconds per image and the largest pixel
-    difference to the default image (fp noise only is acceptable)."""
+    """Each fast-path setting alone, in a fresh load, against the defaults: load time (compile warm-up included),
+    seconds per image and the largest pixel difference to the default image (fp noise only is acceptable); where
+    the setting takes LoRAs, also the switch between two cached LoRAs and seconds per image with one active."""
     import numpy as np
+    import torch._dynamo
 
     request = GenerationRequest(width=size, height=size, num_inference_steps=steps, seed=0, apply_watermark=False)
     results, reference = {}, None
     for name, env in FASTPATH_VARIANTS.items():
         saved = {key: os.environ.get(key) for key in env}
         os.environ.update(env)
+        pipes = None
         try:
+            torch._dynamo.reset()  # each variant compiles from scratch, as in a fresh server
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            started = time.perf_counter()
             pipes = load_pipelines(root)
+            sync()
+            result = {"load_s": time.perf_counter() - started}
             image = np.asarray(generate(pipes, request).images[0]).astype(int)
-            seconds = statistics.median(timed(lambda p=pipes: generate(p, request), args.repeats))
+            result["s_per_image"] = statistics.median(timed(lambda p=pipes: generate(p, request), args.repeats))
             reference = image if reference is None else reference
-            results[name] = {"s_per_image": seconds, "max_pixel_diff": int(np.abs(image - reference).max())}
+            result["max_pixel_diff"] = int(np.abs(image - reference).max())
+            takes_loras = not pipes.fastpath.fuse_qkv and (pipes.lora_slots is not None or not pipes.fastpath.compile)
+            if takes_loras:
+                with two_cached_loras(pipes) as (adapters, requests, _):
+                    switches = timed(lora_switcher(adapters, requests), args.repeats * 4)
+                    result["lora_switch_ms"] = 1000 * statistics.median(switches)
+                    with adapters.applied(requests[0]):
+                        with_lora = timed(lambda p=pipes: generate(p, request), args.repeats)
+                    result["s_per_image_with_lora"] = statistics.median(with_lora)
+            results[name] = result
         except Exception as error:  # e.g. xformers not installed: reported, not fatal
             results[name] = {"error": f"{type(error).__name__}: {error}"[:200]}
         finally:
             for key, value in saved.items():
                 os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
             pipes = None
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
     return results
 
 
@@ -504,13 +536,28 @@ def markdown(report: dict) -> str:
                 f"| {r['steps']} | {r['outputs']} | {r['refine']} | {r['s_per_image']:.3f} | {r['steps_per_s']:.2f}"
                 f" | {r['base_unet_tflops']:.0f} | {r['peak_gib']:.2f} |"
             )
+        lo = report["lora_switch"]
+        lines += [
+            "",
+            f"LoRA switch between two cached rank-16 LoRAs: {lo['ours_s'] * 1000:.1f} ms"
+            f" (plain load_lora_weights + delete: {lo['baseline_s'] * 1000:.1f} ms)",
+        ]
         if report["fastpath_variants"]:
-            lines += ["", "| fast-path setting | s/image | max pixel diff vs default |", "|---|---|---|"]
+            lines += [
+                "",
+                "| fast-path setting | load s | s/image | max pixel diff vs default | LoRA switch ms | s/image, LoRA on |",
+                "|---|---|---|---|---|---|",
+            ]
             for name, v in report["fastpath_variants"].items():
                 if "error" in v:
-                    lines.append(f"| {name} | {v['error']} | |")
-                else:
-                    lines.append(f"| {name} | {v['s_per_image']:.3f} | {v['max_pixel_diff']} |")
+                    lines.append(f"| {name} | {v['error']} | | | | |")
+                    continue
+                switch = f"{v['lora_switch_ms']:.1f}" if "lora_switch_ms" in v else "no LoRAs"
+                with_lora = f"{v['s_per_image_with_lora']:.3f}" if "s_per_image_with_lora" in v else ""
+                lines.append(
+                    f"| {name} | {v['load_s']:.2f} | {v['s_per_image']:.3f} | {v['max_pixel_diff']} | {switch}"
+                    f" | {with_lora} |"
+                )
     return "\n".join(lines)
 
 

@@ -5,6 +5,8 @@ Set through the environment (read once at setup):
   SDXL_CHANNELS_LAST=1           UNet and VAE in channels_last memory format
   SDXL_FUSE_QKV=1                fused q/k/v projections (incompatible with per-request LoRA: refused together)
   SDXL_COMPILE=1                 regional torch.compile of the UNets' repeated transformer blocks, warmed up in setup
+  SDXL_DIRECT_LOAD=1             weights read from disk straight onto the device (diffusers/transformers device_map),
+                                 instead of into CPU memory and then moved
   SDXL_LORA_SLOT_RANK=64         with SDXL_COMPILE=1: the rank of the base UNet's fixed LoRA slots (sdxl/lora_slots.py),
                                  so switching LoRAs never recompiles; 0 = no slots (LoRAs are refused)
 The VAE runs in the pipeline's dtype without an fp32 upcast: the fp16-fix VAE's config says force_upcast false.
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 ATTENTION_CHOICES = ("sdpa", "xformers")
 DEFAULT_LORA_SLOT_RANK = 64  # the trainer's default rank 32 twice over (a trained LoRA plus one more)
 MAX_LORA_SLOT_RANK = 1024
+COMPILED_VARIANTS_LIMIT = 64
 
 
 def _flag(name: str) -> bool:
@@ -46,6 +49,7 @@ class FastPath:
     channels_last: bool = False
     fuse_qkv: bool = False
     compile: bool = False
+    direct_load: bool = False
     lora_slot_rank: int = DEFAULT_LORA_SLOT_RANK
 
     def __post_init__(self):
@@ -69,6 +73,7 @@ class FastPath:
             channels_last=_flag("SDXL_CHANNELS_LAST"),
             fuse_qkv=_flag("SDXL_FUSE_QKV"),
             compile=_flag("SDXL_COMPILE"),
+            direct_load=_flag("SDXL_DIRECT_LOAD"),
             lora_slot_rank=_whole("SDXL_LORA_SLOT_RANK", DEFAULT_LORA_SLOT_RANK),
         )
 
@@ -97,6 +102,11 @@ def apply_fastpath(pipes, fastpath: FastPath) -> None:
 
         pipes.lora_slots = LoraSlots.install(pipes.text2img.unet, fastpath.lora_slot_rank)
     if fastpath.compile:
+        import torch._dynamo
+
+        # One compiled block code serves base and refiner, with and without LoRA, maybe a new size: more than
+        # dynamo's default 8 variants, after which it would silently run the blocks eagerly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS_LIMIT)
         for unet in unets:
             unet.compile_repeated_blocks(fullgraph=True, dynamic=True)
         _warm_up(pipes)

@@ -88,6 +88,8 @@ def _load_pipelines(root: Path | None, placement: Placement | None, fastpath: Fa
     started = time.perf_counter()
     dtype = placement.dtype
     common = dict(dtype=dtype, use_safetensors=True, local_files_only=True)
+    if fastpath.direct_load:  # each tensor goes from the file to the device; nothing is staged in CPU memory
+        common["device_map"] = placement.device.type
 
     # 1. The fp16-safe VAE, shared by base and refiner.
     vae = AutoencoderKL.from_pretrained(root / weights.VAE.folder, **common)

@@ -28,6 +28,12 @@ def test_setting_keeps_the_image(pipes, tiny_weights_dir, fastpath):
     assert difference.max() <= 2  # uint8 levels: rounding of reordered float sums, nothing more
 
 
+def test_direct_load_gives_the_same_model(pipes, tiny_weights_dir):
+    direct = load_pipelines(tiny_weights_dir, fastpath=FastPath(direct_load=True))
+    assert direct.text2img.unet.device == pipes.placement.device
+    assert np.array_equal(image(direct), image(pipes))  # the same numbers, only read another way
+
+
 def test_xformers_is_refused_without_cuda(tiny_weights_dir):
     with pytest.raises(ValueError, match="xformers needs a CUDA device"):
         load_pipelines(tiny_weights_dir, fastpath=FastPath(attention="xformers"))

@@ -181,6 +181,7 @@ def test_compiled_lora_switches_never_recompile(tiny_weights_dir, server, tmp_pa
 
     The requests use the warm-up's size (the model's default, 128 px here): a new size may compile once whatever
     the LoRAs (on the tiny model the token count 64 equals a channel count, so dynamo pins it)."""
+    torch._dynamo.reset()  # compiled code from other tests must not count, nor fill dynamo's variant limit
     compiled = load_pipelines(tiny_weights_dir, fastpath=FastPath(compile=True, lora_slot_rank=SLOT_RANK))
     eager, eager_adapters = slotted
     adapters = Adapters(compiled, wc.WeightsCache(tmp_path / "cache"))
@@ -204,6 +205,7 @@ def test_compiled_lora_switches_never_recompile(tiny_weights_dir, server, tmp_pa
     assert np.array_equal(got[-1], got[0])
 
     # The same counter sees the recompile a peft adapter causes in a compiled UNet without slots.
+    torch._dynamo.reset()
     plain = load_pipelines(tiny_weights_dir, fastpath=FastPath(compile=True, lora_slot_rank=0))
     with pytest.raises(InputError, match=r"loras\[0\]: .*without LoRA slots"):
         with Adapters(plain, wc.WeightsCache(tmp_path / "cache2")).applied(
