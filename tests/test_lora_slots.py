@@ -217,3 +217,29 @@ def test_compiled_lora_switches_never_recompile(tiny_weights_dir, server, tmp_pa
     plain.text2img.load_lora_weights(state, adapter_name="direct")
     image(plain, size)
     assert unique_graphs() > graphs
+
+
+def test_full_finetune_and_lora_together_through_slots(slotted, server, tmp_path, tiny_weights_dir, base_image):
+    """A full fine-tune tar plus a LoRA in `loras`: the slot-wrapped layers take the fine-tune's weights under their
+    usual names, the LoRA goes into the slots, and afterwards the base UNet is back bit for bit."""
+    pipes, adapters = slotted
+    fresh = load_pipelines(tiny_weights_dir)
+    base_state = {k: v.clone() for k, v in fresh.text2img.unet.state_dict().items()}
+    generator = torch.Generator().manual_seed(3)
+    tuned = {k: v + 0.02 * torch.randn(v.shape, generator=generator) for k, v in base_state.items()}
+    lora = wh.lora_state(fresh.text2img.unet, seed=9)
+    url = server.serve("/full.tar", wh.trained_tar(tmp_path, unet=tuned))
+    lora_url = serve_lora(server, tmp_path, "with_full", lora)
+
+    with adapters.applied(AdapterRequest(url, loras=(LoraInput(lora_url, 0.5),))):
+        got = image(pipes)
+    fresh.text2img.unet.load_state_dict(tuned)
+    fresh.text2img.load_lora_weights(dict(lora), adapter_name="ref")
+    fresh.text2img.set_adapters(["ref"], [0.5])
+    assert np.abs(got - image(fresh)).max() <= 1
+    assert np.abs(got - base_image).max() > 5
+    unet_state = {k.replace(".base_layer.", "."): v for k, v in pipes.text2img.unet.state_dict().items()}
+    assert unet_state.keys() == base_state.keys()
+    assert all(torch.equal(unet_state[k], base_state[k]) for k in base_state)
+    assert np.array_equal(image(pipes), base_image)
+    assert_slots_empty(pipes)
