@@ -388,56 +388,82 @@ FASTPATH_VARIANTS = {
 
 
 def full_size_mode(args) -> dict:
-    """Full-size SDXL shapes with random weights on CUDA (or, with --smoke, the tiny shapes on CPU in seconds)."""
+    """Full-size SDXL shapes with random weights on CUDA (or, with --smoke, the tiny shapes on CPU in seconds).
+
+    --parts picks what to measure, so a run can be split into commands that each fit a time limit; with
+    --weights-dir the written weights are kept and reused by the next command."""
     smoke = args.smoke
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("--mode gpu needs a CUDA device (use --smoke to try the code path on CPU)")
     cuda = torch.cuda.is_available()
     arch = ARCHITECTURES["tiny" if smoke else "full"]
     size = 128 if smoke else 1024
-    steps_list, outputs_list = ((4,), (1, 2)) if smoke else ((30, 50), (1, 4))
+    steps_list = (4,) if smoke else tuple(args.steps)
+    outputs_list = (1, 2) if smoke else tuple(args.outputs)
     report = {"mode": "gpu", "device": torch.cuda.get_device_name() if cuda else "cpu (smoke)", "runs": []}
-    with tempfile.TemporaryDirectory(dir=args.scratch) as tmp:
-        started = time.perf_counter()
-        root = write_random_weights(Path(tmp), arch, dtype=torch.float16 if cuda else torch.float32)
-        report["write_weights_s"] = time.perf_counter() - started
-        load_pipelines(root)  # the files are in the page cache from here on
-        if cuda:
-            torch.cuda.empty_cache()
-        report["cold_start_s"] = timed(lambda: load_pipelines(root), 1)[0]
-        pipes = load_pipelines(root)
-        report["fastpath"] = pipes.fastpath.describe()
-        report["unet_tflop_per_call"] = unet_tflop_per_call(pipes, size, 1)
-
-        def peak_gib():
-            return torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-
-        for steps in steps_list:
-            for outputs in outputs_list:
-                for refine in REFINE_MODES:
-                    request = GenerationRequest(
-                        width=size, height=size, num_inference_steps=steps, num_outputs=outputs, refine=refine, seed=0
-                    )
-                    generate(pipes, request)  # warm-up
-                    if cuda:
-                        torch.cuda.reset_peak_memory_stats()
-                    seconds = statistics.median(timed(lambda r=request: generate(pipes, r), args.repeats))
-                    calls = expected_unet_calls(request)["base"]
-                    report["runs"].append(
-                        {
-                            "steps": steps,
-                            "outputs": outputs,
-                            "refine": refine,
-                            "s_per_image": seconds / outputs,
-                            "steps_per_s": steps / seconds,
-                            "peak_gib": peak_gib(),
-                            "base_unet_tflops": report["unet_tflop_per_call"] * outputs * calls / seconds,
-                        }
-                    )
-        report["lora_switch"] = measure_lora_switch(pipes, pipes.text2img, args.repeats)
-        pipes = None
-        report["fastpath_variants"] = measure_fastpath_variants(root, size, steps_list[0], args)
+    with contextlib.ExitStack() as stack:
+        root = random_weights_folder(stack, args, arch, torch.float16 if cuda else torch.float32, report)
+        if "runs" in args.parts:
+            measure_runs(root, size, steps_list, outputs_list, args, report)
+        if "variants" in args.parts:
+            report["fastpath_variants"] = measure_fastpath_variants(root, size, steps_list[0], args)
     return report
+
+
+def random_weights_folder(stack: contextlib.ExitStack, args, arch, dtype, report: dict) -> Path:
+    """The full-size random weights: reused from --weights-dir when already written there for `arch`."""
+    if args.weights_dir:
+        folder = Path(args.weights_dir)
+        marker = folder / weights.RANDOM_MARKER
+        if marker.is_file() and json.loads(marker.read_text()).get("architecture") == arch.name:
+            report["write_weights_s"] = None
+            return folder
+        folder.mkdir(parents=True, exist_ok=True)
+    else:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.scratch)))
+    started = time.perf_counter()
+    root = write_random_weights(folder, arch, dtype=dtype)
+    report["write_weights_s"] = time.perf_counter() - started
+    return root
+
+
+def measure_runs(root: Path, size: int, steps_list, outputs_list, args, report: dict) -> None:
+    """Cold start, one UNet call's FLOPs, every (steps, outputs, refine) run, and the LoRA switch, at the defaults."""
+    cuda = torch.cuda.is_available()
+    load_pipelines(root)  # the files are in the page cache from here on
+    if cuda:
+        torch.cuda.empty_cache()
+    report["cold_start_s"] = timed(lambda: load_pipelines(root), 1)[0]
+    pipes = load_pipelines(root)
+    report["fastpath"] = pipes.fastpath.describe()
+    report["unet_tflop_per_call"] = unet_tflop_per_call(pipes, size, 1)
+
+    def peak_gib():
+        return torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+
+    for steps in steps_list:
+        for outputs in outputs_list:
+            for refine in REFINE_MODES:
+                request = GenerationRequest(
+                    width=size, height=size, num_inference_steps=steps, num_outputs=outputs, refine=refine, seed=0
+                )
+                generate(pipes, request)  # warm-up
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                seconds = statistics.median(timed(lambda r=request: generate(pipes, r), args.repeats))
+                calls = expected_unet_calls(request)["base"]
+                report["runs"].append(
+                    {
+                        "steps": steps,
+                        "outputs": outputs,
+                        "refine": refine,
+                        "s_per_image": seconds / outputs,
+                        "steps_per_s": steps / seconds,
+                        "peak_gib": peak_gib(),
+                        "base_unet_tflops": report["unet_tflop_per_call"] * outputs * calls / seconds,
+                    }
+                )
+    report["lora_switch"] = measure_lora_switch(pipes, pipes.text2img, args.repeats)
 
 
 def measure_fastpath_variants(root: Path, size: int, steps: int, args) -> dict:
@@ -450,6 +476,8 @@ def measure_fastpath_variants(root: Path, size: int, steps: int, args) -> dict:
     request = GenerationRequest(width=size, height=size, num_inference_steps=steps, seed=0, apply_watermark=False)
     results, reference = {}, None
     for name, env in FASTPATH_VARIANTS.items():
+        if args.variants and name not in args.variants and name != "default":
+            continue  # the default always runs: it is the reference image and timing
         saved = {key: os.environ.get(key) for key in env}
         os.environ.update(env)
         pipes = None
@@ -504,7 +532,7 @@ def markdown(report: dict) -> str:
             h = r["http"]
             lines.append(
                 f"| {name} | HTTP POST vs in-process run() | {h['ours_s']:.3f} s | {h['baseline_s']:.3f} s"
-                f" | +{h['added_ms']:.0f} ms | <= +30 ms |"
+                f" | {h['added_ms']:+.0f} ms | <= +30 ms |"
             )
             lo = r["lora_switch"]
             lines.append(
@@ -524,25 +552,27 @@ def markdown(report: dict) -> str:
                     f" {row['expected']} | {ok} | equal |"
                 )
     else:
-        lines += [
-            f"device: {report['device']}; cold start from page cache {report['cold_start_s']:.2f} s;"
-            f" one base UNet call (CFG) {report['unet_tflop_per_call']:.2f} TFLOP; fast path: {report['fastpath']}",
-            "",
-            "| steps | outputs | refine | s/image | steps/s | base UNet TFLOP/s | peak GiB |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in report["runs"]:
-            lines.append(
-                f"| {r['steps']} | {r['outputs']} | {r['refine']} | {r['s_per_image']:.3f} | {r['steps_per_s']:.2f}"
-                f" | {r['base_unet_tflops']:.0f} | {r['peak_gib']:.2f} |"
-            )
-        lo = report["lora_switch"]
-        lines += [
-            "",
-            f"LoRA switch between two cached rank-16 LoRAs: {lo['ours_s'] * 1000:.1f} ms"
-            f" (plain load_lora_weights + delete: {lo['baseline_s'] * 1000:.1f} ms)",
-        ]
-        if report["fastpath_variants"]:
+        lines.append(f"device: {report['device']}")
+        if "cold_start_s" in report:
+            lines += [
+                f"cold start from page cache {report['cold_start_s']:.2f} s; one base UNet call (CFG)"
+                f" {report['unet_tflop_per_call']:.2f} TFLOP; fast path: {report['fastpath']}",
+                "",
+                "| steps | outputs | refine | s/image | steps/s | base UNet TFLOP/s | peak GiB |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for r in report["runs"]:
+                lines.append(
+                    f"| {r['steps']} | {r['outputs']} | {r['refine']} | {r['s_per_image']:.3f}"
+                    f" | {r['steps_per_s']:.2f} | {r['base_unet_tflops']:.0f} | {r['peak_gib']:.2f} |"
+                )
+            lo = report["lora_switch"]
+            lines += [
+                "",
+                f"LoRA switch between two cached rank-16 LoRAs: {lo['ours_s'] * 1000:.1f} ms"
+                f" (plain load_lora_weights + delete: {lo['baseline_s'] * 1000:.1f} ms)",
+            ]
+        if report.get("fastpath_variants"):
             lines += [
                 "",
                 "| fast-path setting | load s | s/image | max pixel diff vs default | LoRA switch ms | s/image, LoRA on |",
@@ -567,6 +597,11 @@ def main() -> None:
     parser.add_argument("--architectures", nargs="+", default=["tiny", "mid"], choices=("tiny", "mid"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--scratch", default=None, help="folder for the full-size weights (gpu mode; ~14 GB)")
+    parser.add_argument("--weights-dir", default=None, help="gpu mode: write the weights here once and reuse them")
+    parser.add_argument("--parts", nargs="+", default=["runs", "variants"], choices=("runs", "variants"))
+    parser.add_argument("--variants", nargs="+", default=None, choices=tuple(FASTPATH_VARIANTS), help="a subset")
+    parser.add_argument("--steps", nargs="+", type=int, default=[30, 50], help="gpu mode")
+    parser.add_argument("--outputs", nargs="+", type=int, default=[1, 4], help="gpu mode")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="gpu mode's code path on tiny shapes on CPU (a test)")
     args = parser.parse_args()

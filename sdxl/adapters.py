@@ -358,6 +358,8 @@ class Adapters:
         )
         self._slot_loras[name] = self.slots.prepare(name, state, alphas, metadata, field)
         for encoder, prefix in ((self.pipe.text_encoder, "text_encoder"), (self.pipe.text_encoder_2, "text_encoder_2")):
+            if not any(key.startswith(f"{prefix}.") for key in state):
+                continue
             self.pipe.load_lora_into_text_encoder(
                 state,
                 network_alphas=alphas,

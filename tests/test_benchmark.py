@@ -31,10 +31,16 @@ def test_cpu_mode_measures_every_part(tmp_path):
 
 
 def test_gpu_mode_code_path_runs_in_smoke_form(tmp_path):
-    report = run_benchmark(tmp_path, "--mode", "gpu", "--smoke")
+    """In two parts, as on a device with a time limit per command: the second reuses the first's weights."""
+    weights = tmp_path / "weights"
+    report = run_benchmark(tmp_path, "--mode", "gpu", "--smoke", "--parts", "runs", "--weights-dir", str(weights))
     assert {run["refine"] for run in report["runs"]} == {"no_refiner", "expert_ensemble_refiner", "base_image_refiner"}
     assert report["unet_tflop_per_call"] > 0
     assert report["lora_switch"]["ours_s"] > 0
+    assert report["write_weights_s"] > 0 and "fastpath_variants" not in report
+
+    report = run_benchmark(tmp_path, "--mode", "gpu", "--smoke", "--parts", "variants", "--weights-dir", str(weights))
+    assert report["write_weights_s"] is None  # reused
     variants = report["fastpath_variants"]
     assert "needs a CUDA device" in variants["xformers"]["error"]  # the one setting CPU cannot run
     for name in ("default", "direct_load", "channels_last", "compile", "compile_without_lora_slots", "fused_qkv"):
