@@ -396,8 +396,8 @@ def full_size_mode(args) -> dict:
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("--mode gpu needs a CUDA device (use --smoke to try the code path on CPU)")
     cuda = torch.cuda.is_available()
-    arch = ARCHITECTURES["tiny" if smoke else "full"]
-    size = 128 if smoke else 1024
+    arch = ARCHITECTURES[args.arch or ("tiny" if smoke else "full")]
+    size = {"tiny": 128, "mid": 256, "full": 1024}[arch.name]
     steps_list = (4,) if smoke else tuple(args.steps)
     outputs_list = (1, 2) if smoke else tuple(args.outputs)
     report = {"mode": "gpu", "device": torch.cuda.get_device_name() if cuda else "cpu (smoke)", "runs": []}
@@ -499,6 +499,7 @@ def measure_fastpath_variants(root: Path, size: int, steps: int, args) -> dict:
                     switches = timed(lora_switcher(adapters, requests), args.repeats * 4)
                     result["lora_switch_ms"] = 1000 * statistics.median(switches)
                     with adapters.applied(requests[0]):
+                        generate(pipes, request)  # warm-up, as for the default timing above
                         with_lora = timed(lambda p=pipes: generate(p, request), args.repeats)
                     result["s_per_image_with_lora"] = statistics.median(with_lora)
             results[name] = result
@@ -604,6 +605,7 @@ def main() -> None:
     parser.add_argument("--outputs", nargs="+", type=int, default=[1, 4], help="gpu mode")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="gpu mode's code path on tiny shapes on CPU (a test)")
+    parser.add_argument("--arch", choices=tuple(ARCHITECTURES), default=None, help="gpu mode: another shape set")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("sdxl").setLevel(logging.WARNING)
