@@ -379,6 +379,8 @@ def unet_tflop_per_call(pipes, size: int, outputs: int) -> float:
 FASTPATH_VARIANTS = {
     "default": {},
     "direct_load": {"SDXL_DIRECT_LOAD": "1"},
+    "bf16": {"SDXL_DTYPE": "bf16"},
+    "vae_upcast": {"SDXL_VAE_UPCAST": "1"},  # the fp32 VAE decode that the fp16-fix VAE makes unnecessary
     "channels_last": {"SDXL_CHANNELS_LAST": "1"},
     "fused_qkv": {"SDXL_FUSE_QKV": "1"},
     "xformers": {"SDXL_ATTENTION": "xformers"},

@@ -3,7 +3,7 @@
 # 10-minute command. Carry .whl/ (scripts/device_wheels.sh) along; the full-size random weights are written once
 # to $SDXL_BENCH_WEIGHTS (default /tmp/sdxl-full, ~14 GB) and reused by the next part while the machine is held.
 #   bash scripts/device_benchmark.sh runs                                # cold start, every run, LoRA switch
-#   bash scripts/device_benchmark.sh variants direct_load channels_last fused_qkv xformers
+#   bash scripts/device_benchmark.sh variants direct_load bf16 vae_upcast channels_last fused_qkv xformers
 #   bash scripts/device_benchmark.sh variants compile compile_without_lora_slots
 # Results: gpu-<part>.json and .md in $OUT (or the current folder).
 set -euo pipefail

@@ -9,7 +9,8 @@ Set through the environment (read once at setup):
                                  instead of into CPU memory and then moved
   SDXL_LORA_SLOT_RANK=64         with SDXL_COMPILE=1: the rank of the base UNet's fixed LoRA slots (sdxl/lora_slots.py),
                                  so switching LoRAs never recompiles; 0 = no slots (LoRAs are refused)
-The VAE runs in the pipeline's dtype without an fp32 upcast: the fp16-fix VAE's config says force_upcast false.
+  SDXL_VAE_UPCAST=1              decode (and encode) in fp32 as the stock SDXL VAE must; by default the VAE runs in
+                                 the pipeline's dtype, as the fp16-fix VAE's config (force_upcast false) allows
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class FastPath:
     fuse_qkv: bool = False
     compile: bool = False
     direct_load: bool = False
+    vae_upcast: bool = False
     lora_slot_rank: int = DEFAULT_LORA_SLOT_RANK
 
     def __post_init__(self):
@@ -74,6 +76,7 @@ class FastPath:
             fuse_qkv=_flag("SDXL_FUSE_QKV"),
             compile=_flag("SDXL_COMPILE"),
             direct_load=_flag("SDXL_DIRECT_LOAD"),
+            vae_upcast=_flag("SDXL_VAE_UPCAST"),
             lora_slot_rank=_whole("SDXL_LORA_SLOT_RANK", DEFAULT_LORA_SLOT_RANK),
         )
 
@@ -91,6 +94,8 @@ def apply_fastpath(pipes, fastpath: FastPath) -> None:
             raise ValueError("SDXL_ATTENTION=xformers needs a CUDA device: xformers has no CPU kernels")
         for pipe in (pipes.text2img, pipes.refiner):
             pipe.enable_xformers_memory_efficient_attention()
+    if fastpath.vae_upcast:  # the pipelines read this flag at every encode and decode (only half precision upcasts)
+        pipes.text2img.vae.register_to_config(force_upcast=True)
     if fastpath.channels_last:
         for module in (*unets, pipes.text2img.vae):
             module.to(memory_format=torch.channels_last)

@@ -34,6 +34,12 @@ def test_direct_load_gives_the_same_model(pipes, tiny_weights_dir):
     assert np.array_equal(image(direct), image(pipes))  # the same numbers, only read another way
 
 
+def test_vae_upcast_setting_reaches_the_shared_vae(tiny_weights_dir):
+    upcast = load_pipelines(tiny_weights_dir, fastpath=FastPath(vae_upcast=True))
+    assert all(view.vae.config.force_upcast for view in (*upcast.base_views, *upcast.refiner_views))
+    assert not load_pipelines(tiny_weights_dir).text2img.vae.config.force_upcast
+
+
 def test_xformers_is_refused_without_cuda(tiny_weights_dir):
     with pytest.raises(ValueError, match="xformers needs a CUDA device"):
         load_pipelines(tiny_weights_dir, fastpath=FastPath(attention="xformers"))
