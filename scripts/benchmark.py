@@ -438,6 +438,8 @@ def measure_runs(root: Path, size: int, steps_list, outputs_list, args, report: 
     report["cold_start_s"] = timed(lambda: load_pipelines(root), 1)[0]
     pipes = load_pipelines(root)
     report["fastpath"] = pipes.fastpath.describe()
+    # Everything loaded (base, refiner, text encoders, VAE, checker): each run's peak is this plus its activations.
+    report["loaded_gib"] = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")
     report["unet_tflop_per_call"] = unet_tflop_per_call(pipes, size, 1)
 
     def peak_gib():
@@ -559,7 +561,8 @@ def markdown(report: dict) -> str:
         if "cold_start_s" in report:
             lines += [
                 f"cold start from page cache {report['cold_start_s']:.2f} s; one base UNet call (CFG)"
-                f" {report['unet_tflop_per_call']:.2f} TFLOP; fast path: {report['fastpath']}",
+                f" {report['unet_tflop_per_call']:.2f} TFLOP; weights loaded {report['loaded_gib']:.2f} GiB;"
+                f" fast path: {report['fastpath']}",
                 "",
                 "| steps | outputs | refine | s/image | steps/s | base UNet TFLOP/s | peak GiB |",
                 "|---|---|---|---|---|---|---|",
