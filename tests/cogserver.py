@@ -76,8 +76,15 @@ class CogServer:
             time.sleep(0.1)
         raise TimeoutError(f"no {statuses} within {timeout}s (seen {self.statuses_seen}); log:\n{self.log()}")
 
-    def predict(self, input: dict, **kwargs) -> requests.Response:
-        return requests.post(f"{self.url}/predictions", json={"input": input, **kwargs}, timeout=300)
+    def predict(self, input: dict, busy_retry_s: float = 2.0, **kwargs) -> requests.Response:
+        """POST a prediction. coglet frees its slot a few ms after it answers, so a request sent at once can get 409;
+        like a client, retry that for up to `busy_retry_s` (0: take the first answer, to test the 409 itself)."""
+        deadline = time.monotonic() + busy_retry_s
+        while True:
+            response = requests.post(f"{self.url}/predictions", json={"input": input, **kwargs}, timeout=300)
+            if response.status_code != 409 or time.monotonic() >= deadline:
+                return response
+            time.sleep(0.02)
 
     def predict_async(self, input: dict, webhook: str, events=("start", "output", "logs", "completed"), **kwargs):
         body = {"input": input, "webhook": webhook, "webhook_events_filter": list(events), **kwargs}

@@ -120,7 +120,7 @@ def test_second_request_while_one_runs_gets_409_and_the_first_completes(server, 
     assert server.predict_async(first, webhook.url, id="first").status_code == 202
     webhook.wait_until(lambda p: "base: step 1/16" in (p.get("logs") or ""))
 
-    second = server.predict({**BASE, "seed": 12})
+    second = server.predict({**BASE, "seed": 12}, busy_retry_s=0)
     assert second.status_code == 409, second.text
     assert second.json()["status"] == "failed"
 
