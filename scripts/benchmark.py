@@ -232,26 +232,21 @@ def two_cached_loras(pipes, rank: int = 16):
     cached LoRAs: yields (adapters, [request for A, request for B], [file A, file B])."""
     from sdxl.adapters import AdapterRequest, Adapters, LoraInput
     from sdxl.weights_cache import WeightsCache
-    from tests.weights_helpers import WeightsServer, lora_state, write_lora
+    from tests.weights_helpers import loopback_weights_server, lora_state, write_lora
 
-    os.environ["SDXL_ALLOW_LOOPBACK_HTTP"] = "1"
-    with tempfile.TemporaryDirectory() as tmp:
-        server = WeightsServer()
-        try:
-            files = []
-            for seed in (1, 2):
-                folder = Path(tmp) / f"lora{seed}"
-                folder.mkdir()
-                files.append(write_lora(folder, lora_state(pipes.text2img.unet, seed=seed, rank=rank)))
-            urls = [server.serve(f"/lora{i}.safetensors", path.read_bytes()) for i, path in enumerate(files)]
-            adapters = Adapters(pipes, WeightsCache(Path(tmp) / "cache"))
-            requests = [AdapterRequest(loras=(LoraInput(url, 1.0),)) for url in urls]
-            for request in requests:
-                with adapters.applied(request):
-                    pass
-            yield adapters, requests, files
-        finally:
-            server.close()
+    with tempfile.TemporaryDirectory() as tmp, loopback_weights_server() as server:
+        files = []
+        for seed in (1, 2):
+            folder = Path(tmp) / f"lora{seed}"
+            folder.mkdir()
+            files.append(write_lora(folder, lora_state(pipes.text2img.unet, seed=seed, rank=rank)))
+        urls = [server.serve(f"/lora{i}.safetensors", path.read_bytes()) for i, path in enumerate(files)]
+        adapters = Adapters(pipes, WeightsCache(Path(tmp) / "cache"))
+        requests = [AdapterRequest(loras=(LoraInput(url, 1.0),)) for url in urls]
+        for request in requests:
+            with adapters.applied(request):
+                pass
+        yield adapters, requests, files
 
 
 def lora_switcher(adapters, requests):

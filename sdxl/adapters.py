@@ -394,7 +394,7 @@ class Adapters:
         self._resident.pop(name, None)
         self._slot_loras.pop(name, None)
         try:
-            if self._has_peft_adapter(name):
+            if name in self._peft_adapter_names():
                 self.pipe.delete_adapters(name)
             if self._has_layers(name):
                 raise RuntimeError(f"adapter {name} left layers behind")
@@ -428,7 +428,8 @@ class Adapters:
             return
         started = time.perf_counter()
         stack.callback(self._set_lora_layers, False)
-        peft_active = [(n, s) for n, s, _ in active if self._has_peft_adapter(n)]
+        present = self._peft_adapter_names()  # with slots, a UNet-only LoRA has no peft adapter at all
+        peft_active = [(n, s) for n, s, _ in active if n in present]
         if peft_active:
             self._set_lora_layers(enabled=True)
             self.pipe.set_adapters([n for n, _ in peft_active], [s for _, s in peft_active])
@@ -441,8 +442,8 @@ class Adapters:
             1000 * (time.perf_counter() - started),
         )
 
-    def _has_peft_adapter(self, name: str) -> bool:
-        return any(name in names for names in self.pipe.get_list_adapters().values())
+    def _peft_adapter_names(self) -> set[str]:
+        return {name for names in self.pipe.get_list_adapters().values() for name in names}
 
     @compute_bound
     def _clear_slots(self) -> None:

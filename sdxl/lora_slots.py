@@ -79,10 +79,6 @@ class SlotLora:
     name: str
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
-    @property
-    def rank(self) -> int:
-        return max((down.shape[0] for down, _ in self.factors.values()), default=0)
-
     def numel(self) -> int:
         return sum(down.numel() + up.numel() for down, up in self.factors.values())
 

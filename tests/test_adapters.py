@@ -1,7 +1,6 @@
 """Trained weights per request on the tiny model: images equal a direct diffusers load, and nothing stays behind."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -35,11 +34,8 @@ def image(pipes, generation: GenerationRequest) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server():
-    os.environ[remote.ALLOW_LOOPBACK_ENV] = "1"
-    server = wh.WeightsServer()
-    yield server
-    server.close()
-    del os.environ[remote.ALLOW_LOOPBACK_ENV]
+    with wh.loopback_weights_server() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,12 @@
 image back bit for bit afterwards, and no LoRA switch recompiles."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from sdxl import remote
 from sdxl import weights_cache as wc
 from sdxl.adapters import AdapterRequest, Adapters, LoraInput, parse_loras
 from sdxl.errors import InputError
@@ -35,11 +33,8 @@ def image(pipes, size: int = 64) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server():
-    os.environ[remote.ALLOW_LOOPBACK_ENV] = "1"
-    server = wh.WeightsServer()
-    yield server
-    server.close()
-    del os.environ[remote.ALLOW_LOOPBACK_ENV]
+    with wh.loopback_weights_server() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

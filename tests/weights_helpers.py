@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import ssl
 import tarfile
 import threading
@@ -96,6 +98,20 @@ class WeightsServer:
         self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+@contextlib.contextmanager
+def loopback_weights_server():
+    """A WeightsServer, with plain-http loopback URLs allowed (sdxl.remote refuses them outside tests) meanwhile."""
+    from sdxl import remote
+
+    os.environ[remote.ALLOW_LOOPBACK_ENV] = "1"
+    server = WeightsServer()
+    try:
+        yield server
+    finally:
+        server.close()
+        del os.environ[remote.ALLOW_LOOPBACK_ENV]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
