@@ -111,14 +111,14 @@ _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated ::a.b.c.d
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Address] | None:
     """The IPv4 address an IPv6 address reaches through a translator or tunnel, and the form that carries it."""
     if ip.sixtofour is not None:
-        return "6to4", ip.sixtofour
+        return "a 6to4 address", ip.sixtofour
     low = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if ip in _NAT64:
-        return "NAT64", low
+        return "a NAT64 address", low
     if ip in _IPV4_TRANSLATED:
-        return "IPv4-translated", low
+        return "an IPv4-translated address", low
     if ip in _IPV4_COMPATIBLE and int(ip) > 1:  # not :: or ::1
-        return "IPv4-compatible", low
+        return "an IPv4-compatible address", low
     return None
 
 
@@ -138,8 +138,8 @@ def refusal(address: str, allow_loopback: bool) -> str | None:
             form, inner = embedded
             reason = refusal(str(inner), allow_loopback=False)  # a translator must not reach our loopback either
             if reason:
-                return f"a {form} address embedding {inner}, {reason}"
-            if form == "NAT64":
+                return f"{form} embedding {inner}, {reason}"
+            if ip in _NAT64:
                 return None  # DNS64 answers this for a public IPv4-only host; the gateway connects to that host
     if ip.is_loopback:
         return None if allow_loopback else "a loopback address"
