@@ -375,8 +375,9 @@ def _open(url: str, clock: _Clock, headers: dict[str, str], resolver: Resolver):
             raise FetchError(
                 clock.field, f"{redact(target.url)} redirected (HTTP {response.status}) without a Location"
             )
-        log.info("%s redirects to %s", redact(target.url), redact(location))
-        target = check_url(urljoin(target.url, location), clock.field, resolver)
+        next_url = urljoin(target.url, location)
+        log.info("%s redirects to %s", redact(target.url), redact(next_url))
+        target = check_url(next_url, clock.field, resolver)
     raise FetchError(clock.field, f"more than {MAX_REDIRECTS} redirects")
 
 

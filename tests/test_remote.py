@@ -406,3 +406,69 @@ def test_every_address_failing_names_each(server, tmp_path, connections):
         if closed:
             closed.close()
     assert connections == ["::1", "127.0.0.1"] and list(tmp_path.iterdir()) == []
+
+
+# -- credentials in URLs stay out of logs and errors -------------------------------------------------------------------
+
+SECRET = "SECRETc0ffee"
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        (f"https://b.s3.amazonaws.com/w.tar?X-Amz-Signature={SECRET}", "https://b.s3.amazonaws.com/w.tar?..."),
+        (f"https://h/w.tar#{SECRET}", "https://h/w.tar?..."),
+        (f"https://user:{SECRET}@h/w.tar", "https://***@h/w.tar"),
+        (f"https://h:99999/w?sig={SECRET}", "https://h:99999/w?..."),
+        (f"https://[::1/w?sig={SECRET}", "https://[::1/w?..."),  # malformed: urlsplit would raise
+        (f"/relative?sig={SECRET}", "/relative?..."),
+        ("https://h/w.tar", "https://h/w.tar"),
+    ],
+)
+def test_redact(url, shown):
+    assert remote.redact(url) == shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"https://h:99999/w?X-Amz-Signature={SECRET}",  # invalid port
+        f"https://?X-Amz-Signature={SECRET}",  # no host
+        f"https://h/w?X-Amz-Signature={SECRET} x",  # a space
+        f"https://h/w?X-Amz-Signature={SECRET}\x01",  # a control character (http.client would quote it whole)
+        f"https://[::1/w?X-Amz-Signature={SECRET}",
+        f"ftp://h/w?X-Amz-Signature={SECRET}",
+        f"https://10.0.0.1/w?X-Amz-Signature={SECRET}",
+    ],
+)
+def test_refusals_never_quote_the_query(url, no_connect):
+    with pytest.raises(FetchError) as error:
+        remote.check_url(url, FIELD)  # each is refused before resolving, or is a literal address
+    assert SECRET not in str(error.value)
+
+
+@pytest.mark.parametrize("outcome", ["served", "missing"])
+def test_redirect_logs_and_errors_carry_no_query(server, tmp_path, caplog, outcome):
+    """A presigned URL redirects to another presigned URL (the secret in its Location too), then is served or
+    not found: neither the log lines (redirect hop, progress, result) nor the error hold the secret."""
+    server.redirects[f"/start?X-Amz-Signature={SECRET}1"] = f"/final?X-Amz-Signature={SECRET}2"
+    if outcome == "served":
+        server.serve(f"/final?X-Amz-Signature={SECRET}2", b"weights")
+    url = server.url(f"/start?X-Amz-Signature={SECRET}1")
+    with caplog.at_level(logging.DEBUG):
+        try:
+            remote.fetch_to_file(url, tmp_path, FIELD, FetchLimits(max_bytes=100))
+            error = ""
+        except FetchError as failure:
+            error = str(failure)
+    assert "redirects to http://127.0.0.1" in caplog.text and "?..." in caplog.text
+    assert ("HTTP 404" in error) == (outcome == "missing") and ("downloaded" in caplog.text) == (outcome == "served")
+    assert SECRET not in caplog.text and SECRET not in error
+
+
+def test_loras_errors_carry_no_query():
+    from sdxl.adapters import parse_loras
+
+    with pytest.raises(FetchError.__mro__[1]) as error:  # InputError
+        parse_loras(f'[{{"url": "https://h/l.safetensors?sig={SECRET}", "weight": 1}}]')
+    assert "https://h/l.safetensors?..." in str(error.value) and SECRET not in str(error.value)
