@@ -305,8 +305,9 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
                 self.sock = socket.create_connection((address, self._target.port), timeout)
                 break
             except OSError as error:  # e.g. an IPv6 address from an IPv4-only container: try the next one
-                failures.append(f"{address}: {_describe(error, self._clock)}")
-                log.info("cannot connect to %s (%s); %d addresses tried", address, failures[-1], len(failures))
+                reason = _describe(error, self._clock)
+                failures.append(f"{address}: {reason}")
+                log.info("cannot connect to %s (%s); trying the next address if there is one", address, reason)
         else:
             raise ConnectionError(f"no address of {self._target.host} answered ({'; '.join(failures)})")
         self._clock.watch(self.sock)
@@ -363,7 +364,33 @@ def open_url(
     return _open(url, _Clock(limits, field, deadline), headers or {}, resolver or system_resolver)
 
 
+def _bounded(resolver: Resolver, clock: _Clock) -> Resolver:
+    """The resolver, waited for at most min(connect timeout, time left): the URL's owner runs its DNS server too.
+    getaddrinfo cannot be interrupted; a lookup that runs late ends in its own daemon thread, its answer unused."""
+
+    def resolve(host: str, port: int) -> list[str]:
+        answer: dict[str, object] = {}
+
+        def lookup():
+            try:
+                answer["addresses"] = resolver(host, port)
+            except BaseException as error:  # handed to the caller's thread
+                answer["error"] = error
+
+        thread = threading.Thread(target=lookup, name="fetch-resolve", daemon=True)
+        thread.start()
+        thread.join(clock.timeout(clock.limits.connect_timeout))
+        if thread.is_alive():
+            raise TimeoutError(clock.expired_message() if clock.passed() else "the name server did not answer in time")
+        if "error" in answer:
+            raise answer["error"]
+        return answer["addresses"]
+
+    return resolve
+
+
 def _open(url: str, clock: _Clock, headers: dict[str, str], resolver: Resolver):
+    resolver = _bounded(resolver, clock)
     target = check_url(url, clock.field, resolver)
     for _ in range(MAX_REDIRECTS + 1):
         connection, response = _request(target, clock, headers)

@@ -160,3 +160,21 @@ def test_a_fast_server_is_untouched_by_a_short_deadline(tmp_path):
         assert path.read_bytes() == body
     finally:
         server.close()
+
+
+def test_a_slow_name_server_keeps_to_the_deadline(tmp_path, monkeypatch):
+    """The URL's owner runs its DNS server too: a lookup that takes 5 s is abandoned at the 1 s deadline (and nothing
+    is connected to)."""
+
+    def slow_resolver(host, port):
+        time.sleep(5)
+        return ["127.0.0.1"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("connected")
+
+    monkeypatch.setattr(remote.socket, "create_connection", refuse)
+    call = lambda: remote.fetch_to_file("http://weights.test/w.tar", tmp_path, FIELD, SLOW, slow_resolver)  # noqa: E731
+    elapsed, error = timed_failure(call)
+    assert f"cannot resolve 'weights.test': the download took longer than the {DEADLINE:g}s" in str(error), error
+    assert DEADLINE - 0.05 <= elapsed < DEADLINE + MARGIN, elapsed
