@@ -464,4 +464,3 @@ def test_redirect_logs_and_errors_carry_no_query(server, tmp_path, caplog, outco
     assert "redirects to http://127.0.0.1" in caplog.text and "?..." in caplog.text
     assert ("HTTP 404" in error) == (outcome == "missing") and ("downloaded" in caplog.text) == (outcome == "served")
     assert SECRET not in caplog.text and SECRET not in error
-
