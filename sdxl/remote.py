@@ -9,8 +9,9 @@ Every URL a request names (trained weights, LoRAs) is hostile input:
    addresses, tried in the resolver's order (TLS still verifies the host name), so a second DNS answer cannot swap
    in another address;
 3. redirects are followed by hand, each hop checked again, at most MAX_REDIRECTS;
-4. one deadline for the whole download (redirects and ranges included) that holds whatever the sender does: every
-   socket operation (connect, TLS handshake, send, each read) waits at most min(its timeout, the time left);
+4. one deadline for the whole download (redirects and ranges included) that holds whatever the sender does: the
+   name lookup and every socket operation (connect, TLS handshake, send, each read) wait at most
+   min(their timeout, the time left);
    a size cap checked on Content-Length and while streaming;
 5. a large body from a server that advertises `Accept-Ranges: bytes` is fetched in parallel ranges, each checked;
 6. the body lands in a temporary file that is removed on any failure;
@@ -63,7 +64,7 @@ class _DeadlinePassed(TimeoutError):
 @dataclass(frozen=True)
 class FetchLimits:
     max_bytes: int
-    connect_timeout: float = 10.0  # each address's connect, and the TLS handshake
+    connect_timeout: float = 10.0  # the name lookup, each address's connect, the TLS handshake
     read_timeout: float = 30.0  # the longest silence between two reads
     deadline: float = 1800.0  # the whole download, redirects and ranges included, whatever the sender does
     parallel_min_bytes: int = 64 << 20  # below this a single stream is as fast
