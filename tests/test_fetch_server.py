@@ -84,7 +84,7 @@ def test_a_trickling_server_fails_at_the_deadline_and_the_server_stays_ready(ser
     elapsed = time.monotonic() - started
     assert body["status"] == "failed", body
     assert re.search(f"replicate_weights: .*took longer than the {DEADLINE}s", body["error"]), body["error"]
-    # measured: 3.03-3.1 s for the whole request (deadline 3 s + request handling), on 2 shared cores
+    # measured: 3.05 s for the whole request (deadline 3 s + request handling), on 2 shared cores
     assert DEADLINE <= elapsed < DEADLINE + 1.5, elapsed
     assert server.wait_for("READY", "SETUP_FAILED", "DEFUNCT", timeout=10)["status"] == "READY"
     np.testing.assert_array_equal(image_of(server.predict(BASE)), before)
