@@ -46,6 +46,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from sdxl import remote
 from sdxl import weights_cache as wc
 from sdxl.compute import compute_bound
 from sdxl.errors import InputError
@@ -84,6 +85,15 @@ class LoraInput:
     scale: float = 1.0
 
 
+def _redacted(item: object) -> object:
+    """A `loras` item fit for an error message: no URL query in it (presigned URLs carry credentials there)."""
+    if isinstance(item, dict):
+        return {key: _redacted(value) for key, value in item.items()}
+    if isinstance(item, list):
+        return [_redacted(value) for value in item]
+    return remote.redact(item) if isinstance(item, str) else item
+
+
 def parse_loras(text: str | None, field: str = LORAS_FIELD) -> tuple[LoraInput, ...]:
     """The `loras` input: a JSON list of {"url": "https://...", "scale": 0.8} (scale defaults to 1)."""
     if text is None or not str(text).strip():
@@ -102,7 +112,7 @@ def parse_loras(text: str | None, field: str = LORAS_FIELD) -> tuple[LoraInput, 
     for i, item in enumerate(items):
         name = f"{field}[{i}]"
         if not isinstance(item, dict) or not isinstance(item.get("url"), str) or set(item) - {"url", "scale"}:
-            raise InputError(name, f'{item!r} must be an object {{"url": "https://...", "scale": 0.8}}')
+            raise InputError(name, f'{_redacted(item)!r} must be an object {{"url": "https://...", "scale": 0.8}}')
         loras.append(
             LoraInput(item["url"].strip(), _check_scale(f"{name}.scale", item.get("scale", 1.0), *EXTRA_SCALE_RANGE))
         )
@@ -555,7 +565,7 @@ class Adapters:
                 shutil.copyfile(trained.file(wc.LORA_FILE), self._own_lora)
                 self._ensure_lora(f"trained_{OWN_TAG}", self._own_lora, OWN_FIELD)
                 self._set_lora_layers(enabled=False)
-        log.info("own weights from %s loaded in %.1fs", source, time.perf_counter() - started)
+        log.info("own weights from %s loaded in %.1fs", remote.redact(source), time.perf_counter() - started)
 
     def _own_folder(self, stack: contextlib.ExitStack, source: str | Path) -> Path:
         path = Path(source)

@@ -37,6 +37,7 @@ CACHE_BUDGET_ENV = "SDXL_WEIGHTS_CACHE_BYTES"
 MAX_TRAINED_ENV = "SDXL_MAX_TRAINED_BYTES"  # the largest trained_model.tar accepted
 MAX_LORA_ENV = "SDXL_MAX_LORA_BYTES"  # the largest single LoRA file accepted
 READ_TIMEOUT_ENV = "SDXL_FETCH_READ_TIMEOUT"  # seconds of silence before a download is abandoned
+DEADLINE_ENV = "SDXL_FETCH_DEADLINE"  # seconds for a whole download (redirects, ranges), whatever the sender does
 DEFAULT_BUDGET = 40 << 30
 
 LORA_FILE = "lora.safetensors"
@@ -58,7 +59,8 @@ class CacheLimits:
     max_trained_bytes: int = 12 << 30  # a full fine-tune's fp32 UNet is ~10.3 GB
     max_lora_bytes: int = 2 << 30
     read_timeout: float = remote.FetchLimits.read_timeout
-    fetch: remote.FetchLimits | None = None  # None: FetchLimits(max_bytes=the kind's cap, read_timeout)
+    deadline: float = remote.FetchLimits.deadline
+    fetch: remote.FetchLimits | None = None  # None: FetchLimits(max_bytes=the kind's cap, read_timeout, deadline)
 
 
 def url_key(url: str) -> str:
@@ -90,6 +92,7 @@ class WeightsCache:
             max_trained_bytes=int(os.environ.get(MAX_TRAINED_ENV) or defaults.max_trained_bytes),
             max_lora_bytes=int(os.environ.get(MAX_LORA_ENV) or defaults.max_lora_bytes),
             read_timeout=float(os.environ.get(READ_TIMEOUT_ENV) or defaults.read_timeout),
+            deadline=float(os.environ.get(DEADLINE_ENV) or defaults.deadline),
         )
         return cls(root, limits)
 
@@ -126,7 +129,9 @@ class WeightsCache:
 
     def _insert(self, kind: str, url: str, field: str, folder: Path) -> Path:
         cap = self.limits.max_trained_bytes if kind == "trained" else self.limits.max_lora_bytes
-        fetch_limits = self.limits.fetch or remote.FetchLimits(max_bytes=cap, read_timeout=self.limits.read_timeout)
+        fetch_limits = self.limits.fetch or remote.FetchLimits(
+            max_bytes=cap, read_timeout=self.limits.read_timeout, deadline=self.limits.deadline
+        )
         remote.check_url(url, field, self.resolver or remote.system_resolver)  # refuse early, before any disk work
         work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
         try:
