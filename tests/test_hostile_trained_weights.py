@@ -405,7 +405,7 @@ def test_hostile_weights_over_http(http, bombs, pipes, tmp_path):
             started = time.perf_counter()
             answer = server.predict({**BASE, field: value}).json()
             seconds = time.perf_counter() - started
-            assert answer["status"] == "failed" and re.search(rf"^{field}(\[0\])?: .*{words}", answer["error"]), answer
+            assert answer["status"] == "failed" and re.search(rf"{field}(\[0\])?: .*{words}", answer["error"]), answer
             assert seconds < 10, (path, seconds)  # measured under 1 s each on the tiny model
             assert server.wait_for("READY", "SETUP_FAILED", "DEFUNCT", timeout=10)["status"] == "READY"
     grown = worker_hwm_mb(server) - hwm
