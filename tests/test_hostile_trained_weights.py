@@ -80,7 +80,7 @@ def test_training_archive_header_bombs_cost_nothing(bombs, tmp_path):
         error, peak, seconds = measured(run)
         assert isinstance(error, InputError) and error.field == "input_images", (name, error)
         assert re.search("extended header|in a row|sparse file", str(error)), (name, str(error))
-        # Measured: peak <= 9.1 MB (the xz decoder's own 8 MB dictionary), <= 0.05 s; unpatched: 967 MB, 3.2 s.
+        # Measured: peak <= 8.5 MB (the xz decoder's own dictionary), <= 0.015 s; unpatched: 967 MB, 3.2 s.
         assert peak < 20 and seconds < 2, (name, peak, seconds)
         assert list(scratch.iterdir()) == [], name
     assert len(bombs["pax.tar.xz"]) < 60_000  # the 45 KB upload that carries 300 MB
@@ -114,7 +114,7 @@ def test_trained_tar_header_bombs_and_compression(bombs, tmp_path):
         dest.mkdir()
         error, peak, seconds = measured(lambda p=path, d=dest: wc.extract_trained_tar(p, d, "replicate_weights", 10**9))
         assert isinstance(error, InputError) and words in str(error), (name, error)
-        # Measured: peak <= 0.1 MB, <= 0.01 s (the 1 MB header is never read; the xz never decompressed).
+        # Measured: peak <= 0.03 MB, <= 0.006 s (the 1 MB header is never read; the xz never decompressed).
         assert peak < 2 and seconds < 1, (name, peak, seconds)
         assert list(dest.iterdir()) == []
 
@@ -147,7 +147,7 @@ def test_json_size_is_checked_from_the_tar_header_before_reading(tmp_path, pipes
     (tmp_path / "out").mkdir()
     error, peak, _ = measured(lambda: wc.extract_trained_tar(path, tmp_path / "out", "replicate_weights", 10**9))
     assert "special_params.json is 60,000,000 bytes; at most 65,536" in str(error)  # not "truncated": never read
-    assert peak < 2  # measured 0.2 MB (the LoRA copied before it); unpatched the 60 MB JSON parse cost ~1.4 GB
+    assert peak < 2  # measured 0.02 MB with a tiny LoRA first; unpatched, parsing such a 60 MB JSON cost ~1.4 GB
 
 
 def test_json_size_is_checked_before_parsing_a_folder(tmp_path):
@@ -163,7 +163,7 @@ def test_json_size_is_checked_before_parsing_a_folder(tmp_path):
 def test_safetensors_header_is_capped_before_parsing(tmp_path):
     path = hb.write(tmp_path / "big.safetensors", hb.safetensors_header_only(20 << 20))
     error, peak, _ = measured(lambda: wc.check_safetensors(path, "loras[0]", "the LoRA file"))
-    assert "header of 20,971,520 bytes; at most 8,388,608" in str(error) and peak < 0.1  # measured 0.001 MB
+    assert "header of 20,971,520 bytes; at most 8,388,608" in str(error) and peak < 0.1  # measured 0.005 MB
 
 
 # --- 3. LoRA metadata ------------------------------------------------------------------------------------------------
@@ -249,7 +249,7 @@ def test_metadata_values_are_checked(backend, extra, words, tmp_path):
     started = time.perf_counter()
     with pytest.raises(InputError, match=rf"loras\[0\]: the LoRA file's adapter metadata sets .*{words}"):
         backend._ensure_lora("lora_bad_meta", path, "loras[0]")
-    assert time.perf_counter() - started < 5  # measured ~0.05 s
+    assert time.perf_counter() - started < 5  # a catastrophic regex here would run for minutes
     assert model_state(backend) == before
 
 
@@ -264,7 +264,7 @@ def test_token_rows_are_capped_from_the_header(tmp_path, pipes):
     started = time.perf_counter()
     with pytest.raises(InputError, match="embeddings.pti: text_encoders_0 holds 1,000 token rows; at most 16"):
         wc.extract_trained_tar(path, tmp_path / "out", "replicate_weights", 10**9)
-    assert time.perf_counter() - started < 1  # measured 0.01 s; unpatched, applying and undoing took minutes
+    assert time.perf_counter() - started < 1  # read from the header; 1,000 rows applied and undone took minutes before
 
 
 # --- 5. private scratch folders ------------------------------------------------------------------------------------
@@ -406,10 +406,12 @@ def test_hostile_weights_over_http(http, bombs, pipes, tmp_path):
             answer = server.predict({**BASE, field: value}).json()
             seconds = time.perf_counter() - started
             assert answer["status"] == "failed" and re.search(rf"{field}(\[0\])?: .*{words}", answer["error"]), answer
-            assert seconds < 10, (path, seconds)  # measured under 1 s each on the tiny model
+            print(f"{path}: refused in {seconds:.2f}s")
+            assert seconds < 10, (path, seconds)
             assert server.wait_for("READY", "SETUP_FAILED", "DEFUNCT", timeout=10)["status"] == "READY"
     grown = worker_hwm_mb(server) - hwm
-    assert grown < 50, grown  # measured: +0 MB peak over all the hostile requests
+    print(f"worker VmHWM {hwm:.0f} MB before, +{grown:.1f} MB after every hostile request")
+    assert grown < 50, grown
     again = server.predict(BASE).json()
     np.testing.assert_array_equal(decode_png(again["output"][0]), decode_png(first["output"][0]))
     leftovers = [p for p in cache.rglob("*") if p.is_file() or p.name.startswith(".tmp")]
