@@ -407,11 +407,11 @@ def test_hostile_weights_over_http(http, bombs, pipes, tmp_path):
             seconds = time.perf_counter() - started
             assert answer["status"] == "failed" and re.search(rf"{field}(\[0\])?: .*{words}", answer["error"]), answer
             print(f"{path}: refused in {seconds:.2f}s")
-            assert seconds < 10, (path, seconds)
+            assert seconds < 10, (path, seconds)  # measured 0.02-1.2 s (the LoRA ones load it first)
             assert server.wait_for("READY", "SETUP_FAILED", "DEFUNCT", timeout=10)["status"] == "READY"
     grown = worker_hwm_mb(server) - hwm
     print(f"worker VmHWM {hwm:.0f} MB before, +{grown:.1f} MB after every hostile request")
-    assert grown < 50, grown
+    assert grown < 50, grown  # measured +6 MB over a 542 MB worker peak
     again = server.predict(BASE).json()
     np.testing.assert_array_equal(decode_png(again["output"][0]), decode_png(first["output"][0]))
     leftovers = [p for p in cache.rglob("*") if p.is_file() or p.name.startswith(".tmp")]
