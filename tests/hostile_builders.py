@@ -9,6 +9,7 @@ import json
 import lzma
 import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 BLOCK = 512
@@ -72,8 +73,6 @@ class _Plain:
 
 class _GzipCompressor:
     def __init__(self):
-        import zlib
-
         self._z = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: a gzip wrapper
 
     def compress(self, data):
@@ -81,6 +80,19 @@ class _GzipCompressor:
 
     def flush(self):
         return self._z.flush()
+
+
+def big_dictionary_xz(data: bytes, dict_byte: int = 37) -> bytes:
+    """`data` as .xz whose block header asks the decoder for a 1.5 GiB dictionary (LZMA2 property byte 37), its CRC
+    fixed. Compressed with a 1 MiB dictionary, it decodes the same with any larger one: 1.2 GB of zero bytes in such
+    a 183 KB .tar.xz cost 1.2 GB of resident memory through tarfile (measured)."""
+    compressor = lzma.LZMACompressor(format=lzma.FORMAT_XZ, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 1 << 20}])
+    out = bytearray(compressor.compress(data) + compressor.flush())
+    size = (out[12] + 1) * 4  # the block header follows the 12-byte stream header
+    assert out[14:16] == b"\x21\x01", "one LZMA2 filter with one property byte"
+    out[16] = dict_byte
+    out[12 + size - 4 : 12 + size] = struct.pack("<I", zlib.crc32(bytes(out[12 : 12 + size - 4])))
+    return bytes(out)
 
 
 def header_chain(count: int) -> bytes:

@@ -67,6 +67,7 @@ def test_training_archive_header_bombs_cost_nothing(bombs, tmp_path):
         "pax-1mb.tar": hb.compressed(hb.header_bomb_chunks(1 << 20), "plain"),
         "chain.tar": hb.header_chain(50),
         "sparse.tar": hb.sparse_member(),
+        "big-dictionary.tar.xz": hb.big_dictionary_xz(hb.header_chain(1)),
     }
     for name, body in cases.items():
         path = hb.write(tmp_path / name, body)
@@ -79,7 +80,7 @@ def test_training_archive_header_bombs_cost_nothing(bombs, tmp_path):
 
         error, peak, seconds = measured(run)
         assert isinstance(error, InputError) and error.field == "input_images", (name, error)
-        assert re.search("extended header|in a row|sparse file", str(error)), (name, str(error))
+        assert re.search("extended header|in a row|sparse file|more than 256 MiB", str(error)), (name, str(error))
         # Measured: peak <= 8.5 MB (the xz decoder's own dictionary), <= 0.015 s; unpatched: 967 MB, 3.2 s.
         assert peak < 20 and seconds < 2, (name, peak, seconds)
         assert list(scratch.iterdir()) == [], name
@@ -100,6 +101,15 @@ def test_ordinary_pax_and_gnu_tars_still_read(tmp_path):
         dest.mkdir()
         assert archive.extract(path, dest) == "tar"
         assert (dest / long_name).read_bytes() == b"data"
+    for compression in ("gz", "bz2", "xz"):  # xz at preset 9: a 64 MiB dictionary, under the decoder's limit
+        path = tmp_path / f"t.tar.{compression}"
+        with tarfile.open(path, f"w:{compression}", **({"preset": 9} if compression == "xz" else {})) as tar:
+            info = tarfile.TarInfo(long_name)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"data"))
+        dest = tmp_path / f"out-{compression}"
+        dest.mkdir()
+        assert archive.extract(path, dest) == "tar" and (dest / long_name).read_bytes() == b"data"
 
 
 def test_trained_tar_header_bombs_and_compression(bombs, tmp_path):
