@@ -16,7 +16,9 @@ How it is applied (Adapters.applied, a context manager; everything is undone on 
 4. LoRAs: load_lora_weights(adapter_name=...) into named peft adapters that stay resident (least recently used
    ones are deleted beyond `max_resident`), so switching back to one does not read the disk; set_adapters with each
    LoRA's weight activates them for the request and the adapter layers are disabled on exit. With a compiled UNet
-   (SDXL_COMPILE=1) the UNet part goes into fixed-shape slots instead (sdxl/lora_slots.py), so no switch recompiles;
+   (SDXL_COMPILE=1) the UNet part goes into fixed-shape slots instead (sdxl/lora_slots.py), so no switch recompiles.
+   A file's LoraConfig metadata is cut to the keys that describe its matrices (sdxl/lora_metadata.py), and a load
+   that fails leaves the module tree and parameter count exactly as it found them;
 5. the prompt rewriter replaces each trained word as a whole word (TOK, not inside "TOKyo") and literal <sN> tokens.
 
 The model's own weights (Cog's COG_WEIGHTS / setup(weights)): load_own_weights applies a trained tar for good: its
