@@ -18,6 +18,7 @@ from typing import Optional
 from cog import BaseModel, Input, Path
 
 from sdxl import weights
+from sdxl.private_dirs import private_dir
 from sdxl.training.config import FILETYPES, LR_SCHEDULERS, TrainingConfig
 from sdxl.training.export import TAR_NAME
 
@@ -50,11 +51,10 @@ def _num_processes() -> int:
 def _fresh_result_dir() -> LocalPath:
     """A private folder for this training's tar. Cog reads the returned file after train() returns, so it cannot be
     removed here; the previous training's folder is removed instead (trainings run one at a time)."""
-    parent = LocalPath(tempfile.gettempdir()) / RESULTS_DIR
-    if parent.exists():
-        for previous in parent.iterdir():
-            shutil.rmtree(previous, ignore_errors=True)
-    parent.mkdir(exist_ok=True)
+    # A fixed name under a shared folder: created 0700 and checked (ours, not a symlink) before it is cleaned.
+    parent = private_dir(LocalPath(tempfile.gettempdir()) / RESULTS_DIR, "TMPDIR")
+    for previous in parent.iterdir():
+        shutil.rmtree(previous, ignore_errors=True)
     return LocalPath(tempfile.mkdtemp(prefix="run-", dir=parent))
 
 

@@ -27,6 +27,7 @@ from typing import BinaryIO
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sdxl.errors import InputError
+from sdxl.safe_tar import TarHeaderRefused, is_tar, open_tar
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +85,11 @@ def _sniff(path: Path) -> str | None:
         return "tar"
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "zip"
-    if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")) and tarfile.is_tarfile(path):
+    if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")) and is_tar(path):
         return "tar"
     if zipfile.is_zipfile(path):
         return "zip"
-    if tarfile.is_tarfile(path):  # old v7 tars carry no magic
+    if is_tar(path):  # old v7 tars carry no magic
         return "tar"
     return None
 
@@ -105,7 +106,7 @@ def detect_filetype(path: Path | str, filetype: str = "infer") -> str:
         if sniffed is None:
             raise _reject("is neither a zip nor a tar archive; upload a .zip or .tar (optionally gzipped) of images")
         return sniffed
-    opens = zipfile.is_zipfile(path) if filetype == "zip" else tarfile.is_tarfile(path)
+    opens = zipfile.is_zipfile(path) if filetype == "zip" else is_tar(path)
     if not opens:
         looks = f"it looks like a {sniffed} archive" if sniffed else "it is not an archive"
         raise _reject(f"is not a {filetype} archive as {FILETYPE_FIELD}={filetype!r} says ({looks}); use 'infer'")
@@ -208,7 +209,7 @@ def _tar_kind(member: tarfile.TarInfo) -> str:
 
 
 def _extract_tar(path: Path, dest: Path, budget: _Budget) -> None:
-    with tarfile.open(path, "r:*") as archive:
+    with open_tar(path, "r:*") as archive:  # extension headers capped before tarfile reads them
         for member in archive:  # streamed: a million-entry tar stops at the limit, not after listing everything
             budget.entry()
             kind = _tar_kind(member)
@@ -222,10 +223,15 @@ def _extract_tar(path: Path, dest: Path, budget: _Budget) -> None:
 
 def extract(path: Path | str, dest: Path, *, filetype: str = "infer", limits: ArchiveLimits = DEFAULT_LIMITS) -> str:
     """Extract the archive's regular files into the existing folder `dest`; returns the type used."""
-    kind = detect_filetype(path, filetype)
+    try:
+        kind = detect_filetype(path, filetype)
+    except TarHeaderRefused as error:
+        raise _reject(str(error)) from None
     budget = _Budget(limits)
     try:
         (_extract_zip if kind == "zip" else _extract_tar)(Path(path), Path(dest), budget)
+    except TarHeaderRefused as error:
+        raise _reject(str(error)) from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as error:
         raise _reject(f"is a corrupt {kind} archive ({error})") from None
     except (NotImplementedError, RuntimeError) as error:  # a compression method Python lacks; an encrypted zip
