@@ -35,6 +35,7 @@ DEFAULT_MAX_IMAGE_BYTES = 64 << 20  # a 16-megapixel PNG (the pixel cap of sdxl.
 DEFAULT_MAX_ARCHIVE_BYTES = 4 << 30  # the preprocessing's cap on the archive's uncompressed content
 IMAGE_FETCH_DEADLINE = 120.0  # seconds for a whole image download; archives get remote's overall deadline
 DECODE_CHUNK = 4 << 20  # base64 characters decoded at a time (a multiple of 4)
+MAX_DATA_HEADER = 1024  # characters of "data:<media type>;base64" before the comma
 WORK_PREFIX = "sdxl-inputs-"
 WHITESPACE = re.compile(r"\s")
 ALLOWED = "give an https:// URL or a data: URI"
@@ -71,39 +72,46 @@ def _read_timeout() -> float:
 
 
 def decode_data_uri(uri: str, field: str, directory: Path, max_bytes: int) -> Path:
-    """Write the bytes of a data: URI to a new file in `directory`; the size is checked before decoding."""
-    header, comma, payload = uri.partition(",")
-    if not comma:
-        raise InputError(field, f"the data: URI has no ',' before its data; {ALLOWED}")
-    is_base64 = header.lower().endswith(";base64")
-    encoded_cap = (max_bytes + 2) // 3 * 4 if is_base64 else max_bytes  # percent-encoding only shrinks
-    if is_base64 and len(payload) <= 2 * encoded_cap and WHITESPACE.search(payload):
-        payload = "".join(payload.split())  # line-wrapped base64: the decoder below reads whole quads only
-    if len(payload) > encoded_cap:
-        approx = len(payload) * 3 // 4 if is_base64 else len(payload)
+    """Write the bytes of a data: URI to a new file in `directory`; the size is checked before decoding.
+
+    The payload is read in place, slice by slice (a data: URI can be as large as the request body)."""
+    comma = uri.find(",", 0, MAX_DATA_HEADER)
+    if comma < 0:
+        raise InputError(field, f"the data: URI has no ',' after its media type; {ALLOWED}")
+    is_base64 = uri[:comma].lower().endswith(";base64")
+    payload, start = uri, comma + 1
+    if is_base64 and len(uri) - start <= 2 * (max_bytes // 3 + 1) * 4 and WHITESPACE.search(uri, start):
+        payload, start = "".join(uri[start:].split()), 0  # line-wrapped base64: decoded below in whole quads
+    size = _decoded_size(payload, start) if is_base64 else len(payload) - start  # percent-encoding only shrinks
+    if size > max_bytes:
         raise InputError(
             field,
-            f"the data: URI holds about {remote.human_size(approx)}, more than the "
-            f"{remote.human_size(max_bytes)} allowed",
+            f"the data: URI holds {'' if is_base64 else 'up to '}{size:,} bytes, more than the {max_bytes:,} allowed",
         )
     handle, name = tempfile.mkstemp(prefix="data-", dir=directory)
     try:
         with os.fdopen(handle, "wb") as file:
             if is_base64:
-                _write_base64(payload, file, field)
+                _write_base64(payload, start, file, field)
             else:
-                file.write(unquote_to_bytes(payload))
+                file.write(unquote_to_bytes(payload[start:]))
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
     return Path(name)
 
 
-def _write_base64(payload: str, file, field: str) -> None:
-    """Decode in slices, so the decoded copy in memory stays one slice long."""
-    for start in range(0, len(payload), DECODE_CHUNK):
+def _decoded_size(payload: str, start: int) -> int:
+    """The bytes base64 text decodes to, from its length and padding alone."""
+    padding = 2 if payload.endswith("==") else 1 if payload.endswith("=") else 0
+    return (len(payload) - start) // 4 * 3 - padding
+
+
+def _write_base64(payload: str, start: int, file, field: str) -> None:
+    """Decode payload[start:] in slices, so no more than one slice is copied at a time."""
+    for offset in range(start, len(payload), DECODE_CHUNK):
         try:
-            file.write(binascii.a2b_base64(payload[start : start + DECODE_CHUNK], strict_mode=True))
+            file.write(binascii.a2b_base64(payload[offset : offset + DECODE_CHUNK], strict_mode=True))
         except (binascii.Error, ValueError) as error:
             raise InputError(field, f"the data: URI is not valid base64 ({error})") from None
 
@@ -121,9 +129,9 @@ def fetch_file_input(
     if not isinstance(value, str):
         raise InputError(field, f"expected a URL string, got {type(value).__name__}; {ALLOWED}")
     text = value.strip()
-    scheme = urlsplit(text).scheme.lower() if "://" in text or text.lower().startswith("data:") else ""
-    if scheme == "data":
+    if text[:5].lower() == "data:":  # before urlsplit, which would copy a payload of up to the whole request body
         return decode_data_uri(text, field, directory, limits.max_bytes)
+    scheme = urlsplit(text).scheme.lower() if "://" in text else ""
     if scheme in ("https", "http"):
         return remote.fetch_to_file(text, directory, field, limits.fetch, resolver)
     if scheme:
