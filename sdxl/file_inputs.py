@@ -8,8 +8,9 @@ reads local paths nor downloads URLs itself). Only two kinds of string are accep
 2. a data: URI, whose encoded length is checked against the same size cap before anything is decoded.
 Anything else (a path on the server, file:, ftp:, ...) is refused with an error naming the field.
 
-A `pathlib.Path` value is a file the operator named on the command line (the shell entry, tests calling run()
-directly): JSON cannot produce one, so it is used as given.
+A plain `pathlib.Path` value is a file the operator named on the command line (the shell entry, tests calling run()
+directly): JSON cannot produce one, so it is used as given. Path subclasses (Cog's own Path and URLPath, made from
+client strings) are refused like any other server path, so a Cog that converted these inputs again fails closed.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ IMAGE_FETCH_DEADLINE = 120.0  # seconds for a whole image download; archives get
 DECODE_CHUNK = 4 << 20  # base64 characters decoded at a time (a multiple of 4)
 MAX_DATA_HEADER = 1024  # characters of "data:<media type>;base64" before the comma
 WORK_PREFIX = "sdxl-inputs-"
+LOCAL_PATH_TYPE = type(Path())  # PosixPath: what the shell entry makes of `-i image=@photo.png`
 WHITESPACE = re.compile(r"\s")
 ALLOWED = "give an https:// URL or a data: URI"
 
@@ -125,7 +127,9 @@ def fetch_file_input(
 ) -> Path:
     """One client value -> a local file (in `directory` unless the operator named a local file)."""
     if isinstance(value, PurePath):
-        return Path(value)
+        if type(value) is not LOCAL_PATH_TYPE:
+            raise InputError(field, f"a file path on the server is not accepted; {ALLOWED}")
+        return value
     if not isinstance(value, str):
         raise InputError(field, f"expected a URL string, got {type(value).__name__}; {ALLOWED}")
     text = value.strip()

@@ -4,6 +4,7 @@ and the audit-hook guard (in a subprocess: audit hooks cannot be removed). Traff
 from __future__ import annotations
 
 import base64
+import importlib.util
 import os
 import socket
 import subprocess
@@ -105,6 +106,17 @@ def test_a_server_path_is_refused_without_reading_it(tmp_path):
 def test_a_pathlib_path_is_the_operators_own_file(tmp_path):
     photo = tmp_path / "photo.png"
     assert fetch(photo, tmp_path / "work") == photo  # the shell entry's `-i image=@photo.png`
+
+
+def test_cogs_own_paths_are_refused(tmp_path):
+    # Cog makes these from client strings; were it ever to convert our inputs again, they must not pass as trusted.
+    from cog.types import Path as CogPath
+    from cog.types import URLPath
+
+    url_path = URLPath(source="https://example.com/x.png", filename="x.png", fileobj=None)
+    for value in (CogPath("/etc/hostname"), url_path):
+        with pytest.raises(InputError, match="^image: a file path on the server is not accepted"):
+            fetch(value, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -294,3 +306,15 @@ def test_the_guard_lets_loopback_through_with_the_setting(listener):
     assert outcome["socket"] == "connected"
     assert listener.was_connected()
     assert "a private address" in outcome["private"]  # the setting is for loopback only
+
+
+def test_the_shell_entry_hands_run_a_local_file_or_the_raw_url(tmp_path):
+    spec = importlib.util.spec_from_file_location("cog_predict_script", ROOT / "scripts" / "cog_predict.py")
+    shell = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shell)
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(b"png")
+    kwargs = shell.resolve_inputs([f"image=@{photo}", "mask=https://example.com/mask.png", "seed=3"])
+    assert kwargs["image"] == photo and isinstance(kwargs["image"], Path)  # the operator's own file, used as is
+    assert kwargs["mask"] == "https://example.com/mask.png"  # not downloaded by cog: run() fetches it under the policy
+    assert kwargs["seed"] == 3 and kwargs["num_inference_steps"] == 50  # the rest checked and defaulted by cog
