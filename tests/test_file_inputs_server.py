@@ -10,6 +10,7 @@ import base64
 import io
 import os
 import re
+import tarfile
 import textwrap
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tests.file_input_servers import (
     reset_peak_memory,
     status_kib,
 )
+from tests.test_train_cog import TINY_INPUTS, _zip_of_images
 
 IMAGE_CAP = 1_000_000  # SDXL_MAX_IMAGE_BYTES / SDXL_MAX_ARCHIVE_BYTES of the servers under test
 LOOPBACK_CAP = 3_000_000  # the loopback server's: a few of remote's 1 MiB read chunks, to watch a download grow
@@ -80,6 +82,19 @@ def trainer(tiny_weights_dir, tmp_path_factory):
     """The training server (train mode), no loopback setting, the archive capped at IMAGE_CAP bytes."""
     env = {"COG_TRAIN_TYPE_STUB": "train.py:train", "SDXL_MAX_ARCHIVE_BYTES": str(IMAGE_CAP)}
     cog = _start(tiny_weights_dir, tmp_path_factory.mktemp("trainer"), "--x-mode", "train", **env)
+    yield cog
+    cog.stop()
+
+
+@pytest.fixture(scope="module")
+def trainer_loopback(tiny_weights_dir, tmp_path_factory):
+    """The training server with SDXL_ALLOW_LOOPBACK_HTTP=1 and the archive capped at LOOPBACK_CAP bytes."""
+    env = {
+        "COG_TRAIN_TYPE_STUB": "train.py:train",
+        "SDXL_MAX_ARCHIVE_BYTES": str(LOOPBACK_CAP),
+        remote.ALLOW_LOOPBACK_ENV: "1",
+    }
+    cog = _start(tiny_weights_dir, tmp_path_factory.mktemp("trainer-loopback"), "--x-mode", "train", **env)
     yield cog
     cog.stop()
 
@@ -247,6 +262,35 @@ def test_training_caps_data_uris_and_passes_them_on(trainer):
     not_an_archive = "data:application/zip;base64," + base64.b64encode(b"hello").decode()
     error = _failed(trainer, {"input_images": not_an_archive}, route="trainings")
     assert error.startswith("input_images: is neither a zip nor a tar archive"), error
+
+
+def _trained_files(cog: CogServer, archive: str) -> dict[str, bytes]:
+    response = requests.post(
+        f"{cog.url}/trainings", json={"input": {"input_images": archive, **TINY_INPUTS}}, timeout=600
+    )
+    result = response.json()
+    assert result["status"] == "succeeded", result.get("error") or result.get("logs", "")[-2000:]
+    tar = tarfile.open(fileobj=io.BytesIO(base64.b64decode(result["output"]["weights"].split(",", 1)[1])))
+    return {member.name: tar.extractfile(member).read() for member in tar.getmembers()}
+
+
+def test_training_from_a_url_equals_training_from_a_data_uri(trainer_loopback, files):
+    archive = _zip_of_images()
+    by_url = _trained_files(trainer_loopback, files.serve("/photos.zip", archive))
+    by_data = _trained_files(trainer_loopback, "data:application/zip;base64," + base64.b64encode(archive).decode())
+    for name in ("lora.safetensors", "embeddings.pti", "special_params.json"):
+        assert by_url[name] == by_data[name], name
+    assert files.requests == [("/photos.zip", remote.USER_AGENT)]  # fetched by sdxl.remote, not by Cog
+    _assert_ready_and_clean(trainer_loopback)
+
+
+def test_training_refuses_a_redirect_to_a_private_address_and_cuts_a_long_body(trainer_loopback, files):
+    files.redirects["/photos.zip"] = "https://[::ffff:10.0.0.1]/photos.zip"
+    error = _failed(trainer_loopback, {"input_images": files.url("/photos.zip")}, route="trainings")
+    assert error.startswith("input_images: refused: ") and "private address" in error, error
+    error = _failed(trainer_loopback, {"input_images": files.url("/endless")}, route="trainings")
+    assert error.startswith("input_images: the file is larger than the 3.0 MB allowed"), error
+    assert files.finished.wait(10) and files.sent["/endless"] < LOOPBACK_CAP + (16 << 20)
 
 
 # The second wall: Cog's own downloader in a worker with the egress guard ---------------------------------------------
