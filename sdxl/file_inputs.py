@@ -5,7 +5,7 @@ reads local paths nor downloads URLs itself). Only two kinds of string are accep
 1. an https:// URL, fetched by sdxl.remote exactly as trained weights are: public addresses only, checked before
    connecting and pinned for the connection, every redirect re-checked, size cap, connect/read timeouts, deadline
    (plain http only to loopback, only with SDXL_ALLOW_LOOPBACK_HTTP=1, for tests);
-2. a data: URI, whose encoded length is checked against the same size cap before anything is decoded.
+2. a data: URI, whose decoded size (known from its length) is checked against the same cap before decoding.
 Anything else (a path on the server, file:, ftp:, ...) is refused with an error naming the field.
 
 A plain `pathlib.Path` value is a file the operator named on the command line (the shell entry, tests calling run()
