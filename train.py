@@ -17,7 +17,9 @@ from typing import Optional
 
 from cog import BaseModel, Input, Path
 
-from sdxl import weights
+from cog_inputs import FileInput, guard_worker_egress
+from sdxl import file_inputs, weights
+from sdxl.errors import InputError
 from sdxl.private_dirs import private_dir
 from sdxl.training.config import FILETYPES, LR_SCHEDULERS, TrainingConfig
 from sdxl.training.export import TAR_NAME
@@ -99,7 +101,9 @@ def run_training(config: TrainingConfig, input_images: LocalPath, weights_root: 
 
 
 def train(
-    input_images: Path = Input(description="A .zip or .tar file of the training images (optionally a caption.csv)"),
+    input_images: FileInput = Input(
+        description="A .zip or .tar file of the training images (optionally a caption.csv)"
+    ),
     seed: Optional[int] = Input(
         description="Random seed for reproducible training; empty for a random one", default=None
     ),
@@ -135,6 +139,7 @@ def train(
     ),
 ) -> TrainingOutput:
     _log_to_stdout()
+    guard_worker_egress()
     # 1. Validate every input before any work (errors name the field, the value and what is allowed).
     config = TrainingConfig(
         seed=seed,
@@ -162,5 +167,9 @@ def train(
     # 2. The base weights must be there: a training never downloads them.
     weights_root = weights.weights_dir()
     weights.require(weights_root, (weights.BASE, weights.VAE))
-    # 3. Preprocess, train, return the tar.
-    return TrainingOutput(weights=Path(run_training(config, LocalPath(input_images), weights_root)))
+    # 3. Fetch the archive (https URL or data: URI, under the network policy), preprocess, train, return the tar.
+    archive_limits = file_inputs.FileInputLimits.for_archives()
+    with file_inputs.local_files({"input_images": input_images}, archive_limits) as files:
+        if files["input_images"] is None:
+            raise InputError("input_images", "is required: give an https:// URL or a data: URI of a .zip or .tar")
+        return TrainingOutput(weights=Path(run_training(config, files["input_images"], weights_root)))
