@@ -31,7 +31,6 @@ from sdxl.errors import InputError
 
 MAX_IMAGE_ENV = "SDXL_MAX_IMAGE_BYTES"  # image and mask: URL body or decoded data: URI
 MAX_ARCHIVE_ENV = "SDXL_MAX_ARCHIVE_BYTES"  # input_images (the training archive)
-READ_TIMEOUT_ENV = "SDXL_FETCH_READ_TIMEOUT"  # shared with the trained-weights downloads
 DEFAULT_MAX_IMAGE_BYTES = 64 << 20  # a 16-megapixel PNG (the pixel cap of sdxl.images) fits
 DEFAULT_MAX_ARCHIVE_BYTES = 4 << 30  # the preprocessing's cap on the archive's uncompressed content
 IMAGE_FETCH_DEADLINE = 120.0  # seconds for a whole image download; archives get remote's overall deadline
@@ -51,13 +50,15 @@ class FileInputLimits:
     @classmethod
     def for_images(cls) -> FileInputLimits:
         max_bytes = _env_int(MAX_IMAGE_ENV, DEFAULT_MAX_IMAGE_BYTES)
-        fetch = remote.FetchLimits(max_bytes=max_bytes, read_timeout=_read_timeout(), deadline=IMAGE_FETCH_DEADLINE)
+        timeouts = remote.timeouts_from_env()
+        timeouts["deadline"] = min(timeouts["deadline"], IMAGE_FETCH_DEADLINE)
+        fetch = remote.FetchLimits(max_bytes=max_bytes, **timeouts)
         return cls(max_bytes, fetch)
 
     @classmethod
     def for_archives(cls) -> FileInputLimits:
         max_bytes = _env_int(MAX_ARCHIVE_ENV, DEFAULT_MAX_ARCHIVE_BYTES)
-        return cls(max_bytes, remote.FetchLimits(max_bytes=max_bytes, read_timeout=_read_timeout()))
+        return cls(max_bytes, remote.FetchLimits(max_bytes=max_bytes, **remote.timeouts_from_env()))
 
 
 def _env_int(name: str, default: int) -> int:
@@ -67,10 +68,6 @@ def _env_int(name: str, default: int) -> int:
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"{name}={value!r} is not allowed; use a positive number of bytes")
     return int(value)
-
-
-def _read_timeout() -> float:
-    return float(os.environ.get(READ_TIMEOUT_ENV) or remote.FetchLimits.read_timeout)
 
 
 def decode_data_uri(uri: str, field: str, directory: Path, max_bytes: int) -> Path:

@@ -43,8 +43,6 @@ CACHE_DIR_ENV = "SDXL_WEIGHTS_CACHE_DIR"
 CACHE_BUDGET_ENV = "SDXL_WEIGHTS_CACHE_BYTES"
 MAX_TRAINED_ENV = "SDXL_MAX_TRAINED_BYTES"  # the largest trained_model.tar accepted
 MAX_LORA_ENV = "SDXL_MAX_LORA_BYTES"  # the largest single LoRA file accepted
-READ_TIMEOUT_ENV = "SDXL_FETCH_READ_TIMEOUT"  # seconds of silence before a download is abandoned
-DEADLINE_ENV = "SDXL_FETCH_DEADLINE"  # seconds for a whole download (redirects, ranges), whatever the sender does
 DEFAULT_BUDGET = 40 << 30
 
 LORA_FILE = "lora.safetensors"
@@ -110,8 +108,7 @@ class WeightsCache:
             budget_bytes=int(os.environ.get(CACHE_BUDGET_ENV) or defaults.budget_bytes),
             max_trained_bytes=int(os.environ.get(MAX_TRAINED_ENV) or defaults.max_trained_bytes),
             max_lora_bytes=int(os.environ.get(MAX_LORA_ENV) or defaults.max_lora_bytes),
-            read_timeout=float(os.environ.get(READ_TIMEOUT_ENV) or defaults.read_timeout),
-            deadline=float(os.environ.get(DEADLINE_ENV) or defaults.deadline),
+            **remote.timeouts_from_env(),
         )
         return cls(root, limits)
 

@@ -237,11 +237,14 @@ def test_local_files_removes_its_folder_in_every_case(tmp_path, monkeypatch):
 def test_limits_from_the_environment(monkeypatch):
     monkeypatch.setenv(file_inputs.MAX_IMAGE_ENV, "1000")
     monkeypatch.setenv(file_inputs.MAX_ARCHIVE_ENV, "2000")
-    monkeypatch.setenv(file_inputs.READ_TIMEOUT_ENV, "7")
+    monkeypatch.setenv(remote.READ_TIMEOUT_ENV, "7")
+    monkeypatch.setenv(remote.DEADLINE_ENV, "600")
     images, archives = file_inputs.FileInputLimits.for_images(), file_inputs.FileInputLimits.for_archives()
     assert (images.max_bytes, images.fetch.max_bytes, images.fetch.read_timeout) == (1000, 1000, 7.0)
-    assert images.fetch.deadline == file_inputs.IMAGE_FETCH_DEADLINE
-    assert (archives.max_bytes, archives.fetch.max_bytes) == (2000, 2000)
+    assert images.fetch.deadline == file_inputs.IMAGE_FETCH_DEADLINE  # an image never gets the archives' long deadline
+    assert (archives.max_bytes, archives.fetch.max_bytes, archives.fetch.deadline) == (2000, 2000, 600.0)
+    monkeypatch.setenv(remote.DEADLINE_ENV, "5")
+    assert file_inputs.FileInputLimits.for_images().fetch.deadline == 5.0  # nor one longer than the operator's
     monkeypatch.setenv(file_inputs.MAX_IMAGE_ENV, "lots")
     with pytest.raises(ValueError, match="SDXL_MAX_IMAGE_BYTES='lots' is not allowed"):
         file_inputs.FileInputLimits.for_images()
