@@ -79,7 +79,11 @@ DEFAULT_LIMITS = ArchiveLimits()
 def limits_from_env() -> ArchiveLimits:
     """The default limits with the image cap from SDXL_MAX_TRAINING_IMAGES, if set."""
     value = os.environ.get(MAX_IMAGES_ENV, "").strip()
-    return replace(DEFAULT_LIMITS, max_images=int(value)) if value else DEFAULT_LIMITS
+    if not value:
+        return DEFAULT_LIMITS
+    if not value.isdigit():
+        raise ValueError(f"{MAX_IMAGES_ENV}: {value!r} is not allowed; use a positive integer")
+    return replace(DEFAULT_LIMITS, max_images=int(value))
 
 
 @dataclass(frozen=True)
