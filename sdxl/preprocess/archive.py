@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import logging
 import lzma
-import os
 import re
 import shutil
 import stat
@@ -28,6 +27,7 @@ from PIL import Image
 
 from sdxl.errors import InputError
 from sdxl.images import ACCEPTED, ImageTooLarge, decode, flatten, open_checked, sniff_format
+from sdxl.training.budget import DEFAULT_MAX_IMAGES, MAX_IMAGES_ENV, max_training_images
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,6 @@ CAPTION_FILE = "caption.csv"
 IMAGE_COLUMNS = ("image_file", "image", "file_name", "filename", "file")
 CAPTION_COLUMNS = ("caption", "text")
 CHUNK = 1 << 20
-MAX_IMAGES_ENV = "SDXL_MAX_TRAINING_IMAGES"
-DEFAULT_MAX_IMAGES = 500
 
 
 @dataclass(frozen=True)
@@ -78,12 +76,7 @@ DEFAULT_LIMITS = ArchiveLimits()
 
 def limits_from_env() -> ArchiveLimits:
     """The default limits with the image cap from SDXL_MAX_TRAINING_IMAGES, if set."""
-    value = os.environ.get(MAX_IMAGES_ENV, "").strip()
-    if not value:
-        return DEFAULT_LIMITS
-    if not value.isdigit():
-        raise ValueError(f"{MAX_IMAGES_ENV}: {value!r} is not allowed; use a positive integer")
-    return replace(DEFAULT_LIMITS, max_images=int(value))
+    return replace(DEFAULT_LIMITS, max_images=max_training_images())
 
 
 @dataclass(frozen=True)
