@@ -4,16 +4,26 @@ measured), then over HTTP against the real Cog training server, which stays READ
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
+import os
+import signal
 import struct
+import subprocess
+import sys
+import tarfile
 import tempfile
+import threading
+import time
 import tracemalloc
 import zipfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
 from sdxl.errors import InputError
@@ -23,9 +33,11 @@ from sdxl.training import budget
 from sdxl.training.config import TrainingConfig
 from sdxl.training.dataset import DatasetError, read_examples
 from tests.archives import encode, make_zip, png_header_only
-from tests.memory_probe import MB, growth_during
+from tests.cogserver import HOST, ROOT, free_port
+from tests.memory_probe import MB, cog_worker, files_and_bytes, growth_during, peak, reset_peak
 from tests.training_support import make_dataset
 
+TINY_INPUTS = dict(resolution=64, max_train_steps=1, lora_rank=2, train_batch_size=1, seed=1)
 STRIP = (64, 1 << 20)  # 64 x 1,048,576 px: inside the 67 MP pixel cap, never shrunk (its short side is small)
 
 
@@ -241,3 +253,228 @@ def test_pixel_bombs_in_the_archive_are_refused_naming_the_file(tmp_path, work, 
     assert message in str(result)
     assert growth < 16 * MB  # measured: +0.0 MB for both; the zlib bomb decodes to 67 MB
     assert list(work.iterdir()) == []
+
+
+# --- 5. checkpoints: only where a later run can resume them -------------------------------------------------------
+
+
+def _checkpoint_paths(folder: Path) -> list[str]:
+    return [name for name in files_and_bytes(folder)[0] if "checkpoint" in name or "trainable" in name]
+
+
+@pytest.mark.parametrize("write_checkpoints, seen", [(True, [1, 1, 1, 1]), (False, [0, 0, 0, 0])])
+def test_checkpoints_are_written_only_when_asked(tiny_weights_dir, tmp_path, write_checkpoints, seen):
+    """The library side of the HTTP test below, and the control that shows checkpoints are seen where written."""
+    from sdxl.training.loop import train
+
+    dataset = make_dataset(tmp_path / "data", n=2)
+    counts = []
+    config = TrainingConfig(**{**TINY_INPUTS, "max_train_steps": 4, "checkpointing_steps": 1})
+    train(
+        config,
+        dataset,
+        tiny_weights_dir,
+        tmp_path / "out",
+        write_checkpoints=write_checkpoints,
+        on_step=lambda info: counts.append(len(list((tmp_path / "out").glob("checkpoints/checkpoint-*")))),
+    )
+    assert counts == seen  # at most one checkpoint at a time (the newest), removed once the tar is written
+    assert _checkpoint_paths(tmp_path / "out") == []
+
+
+# --- over HTTP: the real Cog training server --------------------------------------------------------------------------
+
+MAX_IMAGES = 3
+
+
+class TrainServer:
+    """`python -m cog.server.http --x-mode train` serving train.py, its own TMPDIR, in its own process group."""
+
+    def __init__(self, weights_dir: Path, tmpdir: Path, log_path: Path, env: dict[str, str]):
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.tmpdir, self.log_path = tmpdir, log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cog.server.http", "--host", HOST, "--x-mode", "train"],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                **env,
+                "PORT": str(self.port),
+                "COG_TRAIN_TYPE_STUB": "train.py:train",
+                "SDXL_WEIGHTS_DIR": str(weights_dir),
+                "TMPDIR": str(tmpdir),
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            },
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def status(self) -> str:
+        return requests.get(f"{self.url}/health-check", timeout=5).json()["status"]
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log_path.read_text(errors="replace")[-3000:]
+            try:
+                if self.status() == "READY":
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(self.log_path.read_text(errors="replace")[-3000:])
+
+    def train(self, archive_bytes: bytes, **inputs) -> dict:
+        uri = "data:application/zip;base64," + base64.b64encode(archive_bytes).decode()
+        body = {"input": {"input_images": uri, **TINY_INPUTS, **inputs}}
+        deadline = time.monotonic() + 5
+        while True:  # coglet frees its slot a few ms after answering: retry its 409 briefly, as a client does
+            response = requests.post(f"{self.url}/trainings", json=body, timeout=900)
+            if response.status_code != 409 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=5)
+        self._log.close()
+
+
+def _lora_bytes(result: dict) -> bytes:
+    tar_bytes = base64.b64decode(result["output"]["weights"].split(",", 1)[1])
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        return tar.extractfile("lora.safetensors").read()
+
+
+def _memory_budget(weights_dir: Path) -> int:
+    """Between what the normal tiny training and a 512 px full fine-tune of 3 images are estimated to need."""
+    sizes = budget.ModelSizes.read(weights_dir)
+    normal = budget.estimate(TrainingConfig(**TINY_INPUTS), 2, sizes).total
+    too_big = budget.estimate(TrainingConfig(**{**TINY_INPUTS, "resolution": 512, "is_lora": False}), 3, sizes).total
+    assert normal * 1.2 < too_big  # measured on the tiny weights: 72 MB and 106 MB
+    return (normal + too_big) // 2
+
+
+@pytest.fixture(scope="module")
+def train_server(tiny_weights_dir, tmp_path_factory):
+    tmpdir = tmp_path_factory.mktemp("train-tmp")
+    env = {budget.MAX_IMAGES_ENV: str(MAX_IMAGES), budget.MEMORY_ENV: str(_memory_budget(tiny_weights_dir))}
+    server = TrainServer(tiny_weights_dir, tmpdir, tmp_path_factory.mktemp("train-log") / "server.log", env)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def baseline(train_server) -> dict:
+    result = train_server.train(NORMAL_ZIP)
+    assert result["status"] == "succeeded", result.get("error") or result.get("logs", "")[-2000:]
+    return result
+
+
+NORMAL_ZIP = zip_bytes({"photos/0.png": photo(seed=0), "photos/1.png": photo(seed=1)})
+GIF = io.BytesIO()
+Image.new("RGB", (64, 64)).save(GIF, format="GIF")
+HTTP_CASES = [
+    # (case, archive, extra inputs, error text, bound on the worker's peak RSS rise in MB)
+    ("strip", zip_bytes({"ok.png": photo(), "strip.png": gray_png(*STRIP)}), {}, "image 'strip.png' is 64x1048576", 24),
+    (
+        "caption.csv 40 MB",
+        zip_bytes({"a.png": photo(), "caption.csv": big_caption_csv(40 * MB)}),
+        {},
+        "input_images: caption.csv is 41,943,0",
+        24,
+    ),
+    (
+        "too many images",
+        zip_bytes({f"{i}.png": photo(seed=i) for i in range(MAX_IMAGES + 1)}),
+        {},
+        f"input_images: holds more than {MAX_IMAGES} images",
+        24,
+    ),
+    ("only a GIF", zip_bytes({"a.png": GIF.getvalue()}), {}, "input_images: holds no usable image", 24),
+    (
+        "header bomb",
+        zip_bytes({"ok.png": photo(), "x/bomb.png": png_header_only(30_000, 30_000)}),
+        {},
+        "input_images: image 'x/bomb.png': is too large",
+        24,
+    ),
+    (
+        "too large for memory",
+        zip_bytes({f"{i}.png": photo(seed=i) for i in range(MAX_IMAGES)}),
+        dict(resolution=512, is_lora=False),
+        "input_images: 3 images at resolution 512 for a full UNet fine-tune (is_lora=false) need at least",
+        1024,  # it is refused after preprocessing, which loads and runs the tiny models at 512 px
+    ),
+]
+
+
+def test_hostile_uploads_over_http_are_refused_naming_the_input(train_server, baseline):
+    # Measured (worker peak RSS rise, wall time): strip +0.3 MB 0.1 s; caption.csv +4.8 MB 0.2 s; too many images
+    # +0.0 MB; GIF +0.1 MB; header bomb +0.0 MB; too large for memory +129 MB 2.7 s (preprocessing at 512 px ran).
+    worker = cog_worker(train_server.process.pid)
+    for case, archive_bytes, inputs, message, bound_mb in HTTP_CASES:
+        reset_peak(worker)
+        resident = peak(worker)
+        started = time.monotonic()
+        result = train_server.train(archive_bytes, **inputs)
+        seconds, growth = time.monotonic() - started, peak(worker) - resident
+        print(f"{case}: {len(archive_bytes):,} bytes uploaded, worker peak +{growth / MB:.1f} MB, {seconds:.1f}s")
+        assert result["status"] == "failed", (case, result["status"])
+        assert message in result["error"], (case, result["error"])
+        assert "step 1/" not in (result.get("logs") or ""), case  # refused before any training step
+        assert growth < bound_mb * MB, f"{case}: worker peak +{growth / MB:.1f} MB"
+        names = files_and_bytes(train_server.tmpdir)[0]
+        assert all(name.startswith("sdxl-trained-models/") for name in names), (case, names)  # no scratch left
+        train_server.wait_ready(timeout=10)  # coglet reports READY a few ms after it answers
+
+
+def test_served_training_writes_no_checkpoints(train_server, baseline):
+    seen: set[str] = set()
+    most_bytes, done = 0, threading.Event()
+
+    def watch():
+        nonlocal most_bytes
+        while not done.is_set():
+            names, total = files_and_bytes(train_server.tmpdir)
+            seen.update(name for name in names if "checkpoint" in name or "trainable" in name)
+            most_bytes = max(most_bytes, total)
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = train_server.train(NORMAL_ZIP, max_train_steps=6, checkpointing_steps=1)
+    finally:
+        done.set()
+        watcher.join()
+    assert result["status"] == "succeeded", result.get("error")
+    assert "step 6/6" in result["logs"] and "no checkpoints are written" in result["logs"]
+    # Measured: no checkpoint file ever seen; at most 0.3 MB under TMPDIR during the run (the upload, the training
+    # set, the tar). Before, a full fine-tune with checkpointing_steps=1 wrote a UNet-sized checkpoint (~10 GB for
+    # SDXL) every step into a folder removed at the end.
+    assert seen == set()
+    print(f"most bytes under TMPDIR during the run: {most_bytes / MB:.2f} MB")
+    assert most_bytes < 16 * MB
+    names = files_and_bytes(train_server.tmpdir)[0]
+    assert len(names) == 1 and names[0].endswith("/trained_model.tar"), names
+
+
+def test_after_hostile_uploads_the_server_trains_exactly_as_before(train_server, baseline):
+    again = train_server.train(NORMAL_ZIP)
+    assert again["status"] == "succeeded", again.get("error")
+    assert _lora_bytes(again) == _lora_bytes(baseline)
+    train_server.wait_ready(timeout=10)
