@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import time
 from collections.abc import Callable
@@ -35,8 +37,17 @@ def reset_peak(pid: int | str = "self") -> None:
         pytest.skip(f"cannot reset the peak RSS of {pid} here ({error})")
 
 
+def _release_free_heap() -> None:
+    """Give freed heap pages back to the system, so memory that `work` allocates shows up as new RSS rather than
+    reusing pages that are already resident (glibc keeps them after free)."""
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
+        ctypes.CDLL(libc).malloc_trim(0)
+
+
 def growth_during(work: Callable[[], object], pid: int | str = "self") -> tuple[int, object]:
-    """(bytes the peak RSS rose above the RSS before `work`, what work returned or raised)."""
+    """(bytes the peak RSS rose above the RSS before `work`, what work returned or raised). In this process."""
+    _release_free_heap()
     reset_peak(pid)
     before = rss(pid)
     try:
