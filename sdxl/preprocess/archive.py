@@ -291,7 +291,7 @@ def _check_shape(image: Image.Image, name: str, limits: ArchiveLimits) -> None:
     if ratio > limits.max_aspect_ratio:
         image.close()
         raise _reject(
-            f"image {name!r} is {width}x{height}, {ratio:,.0f} times longer than it is wide; at most"
+            f"image {name!r} is {width}x{height}: its long side is {ratio:,.0f} times its short side; at most"
             f" {limits.max_aspect_ratio}:1 is accepted (crop it to the part to train on)"
         )
 
