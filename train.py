@@ -3,7 +3,9 @@ trained_model.tar. Served by `COG_TRAIN_TYPE_STUB=train.py:train python -m cog.s
 
 It only translates: inputs -> TrainingConfig (validated before any work), then sdxl.preprocess (archive -> training
 folder) and sdxl.training (folder -> tar). Scratch files live in a private temporary folder removed in every case;
-the tar is returned from its own folder and only once it is complete.
+the tar is returned from its own folder and only once it is complete. No checkpoints are written here: the scratch
+folder does not outlive the training, so nothing could resume from them (`python -m sdxl.training` with a lasting
+--output-dir writes them every checkpointing_steps).
 """
 
 from __future__ import annotations
@@ -86,11 +88,13 @@ def run_training(config: TrainingConfig, input_images: LocalPath, weights_root: 
         if _num_processes() > 1:
             from sdxl.training.launch import run_processes
 
-            run_processes(config, dataset, weights_root, work / "run", _num_processes(), tar_path)
+            run_processes(
+                config, dataset, weights_root, work / "run", _num_processes(), tar_path, write_checkpoints=False
+            )
         else:
             from sdxl.training.loop import train as train_loop
 
-            train_loop(config, dataset, weights_root, work / "run", tar_path=tar_path)
+            train_loop(config, dataset, weights_root, work / "run", tar_path=tar_path, write_checkpoints=False)
         log.info("trained_model.tar ready: %s", tar_path)
         return tar_path
     except BaseException:
