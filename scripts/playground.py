@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import json
+import dataclasses
+import itertools
 import mimetypes
 import os
 import re
@@ -119,18 +120,28 @@ def fields_of(openapi: dict, schema_name: str) -> list[Field]:
     return fields
 
 
-def component_for(field: Field, images: bool) -> gr.components.Component:
+def component_for(field: Field, images: bool, id_prefix: str) -> gr.components.Component:
     """The Gradio input for one field. Bounds are shown, not enforced: the server is the judge (its 422 is shown)."""
-    common = dict(label=field.name, info=field.hint(), elem_id=f"input-{field.name}")
+    common = dict(label=field.name, info=field.hint(), elem_id=f"{id_prefix}{field.name}")
     if field.kind == "choice":
         return gr.Dropdown(choices=list(field.choices), value=field.default, **common)
     if field.kind == "boolean":
         return gr.Checkbox(value=bool(field.default), label=field.name, info=field.hint(), elem_id=common["elem_id"])
+    if field.kind in ("integer", "number") and field.default is None:
+        # An empty gr.Number is sent as 0; an optional number must be able to stay empty ("server's choice").
+        return gr.Textbox(value="", placeholder="empty: left to the server", **common)
     if field.kind in ("integer", "number"):
         return gr.Number(value=field.default, precision=0 if field.kind == "integer" else None, **common)
     if field.kind == "file" and images:
         # image_mode=None and type=filepath: the uploaded file is passed on byte for byte, never re-encoded.
-        return gr.Image(type="filepath", image_mode=None, format="png", height=240, sources=["upload", "clipboard"], **_no_info(common))
+        return gr.Image(
+            type="filepath",
+            image_mode=None,
+            format="png",
+            height=240,
+            sources=["upload", "clipboard"],
+            **_no_info(common),
+        )
     if field.kind == "file":
         return gr.File(type="filepath", **_no_info(common))
     return gr.Textbox(value=field.default or "", lines=1, max_lines=8, **common)
@@ -150,10 +161,23 @@ def request_inputs(fields: list[Field], values: list) -> dict:
             continue
         if field.kind == "file":
             value = data_uri(Path(value))
-        elif field.kind == "integer":
-            value = int(value)
+        elif field.kind in ("integer", "number"):
+            value = _as_number(value, field.kind)
+            if value == "":
+                continue
         inputs[field.name] = value
     return inputs
+
+
+def _as_number(value, kind: str):
+    """A number typed as text (or given by gr.Number); text that is not a number goes as it is, for the server's 422."""
+    if isinstance(value, str):
+        value = value.strip()
+        try:
+            return int(value) if kind == "integer" else float(value)
+        except ValueError:
+            return value
+    return int(value) if kind == "integer" else value
 
 
 def data_uri(path: Path) -> str:
@@ -246,7 +270,8 @@ class Servers:
                 return (yield from self._answer(url, response))
             elapsed = time.monotonic() - started
             if not waiting or elapsed > self.busy_wait_s:
-                yield Answer(server=", ".join(self.urls), problem="\n".join(problems + waiting))
+                gave_up = [f"still waiting after {elapsed:.0f} s (--busy-wait): try again later"] if waiting else []
+                yield Answer(server=", ".join(self.urls), problem="\n".join(problems + waiting + gave_up))
                 return
             yield f"{'; '.join(waiting)}: waiting and retrying ({elapsed:.0f} s of {self.busy_wait_s:.0f} s)"
             time.sleep(1)
@@ -364,6 +389,7 @@ class Playground:
     openapi: dict
     outputs: Path
     trained: TrainedFiles | None
+    requests_sent: Iterator[int] = dataclasses.field(default_factory=lambda: itertools.count(1))
 
     def build(self) -> gr.Blocks:
         with gr.Blocks(title="SDXL playground", analytics_enabled=False) as page:
@@ -383,7 +409,7 @@ class Playground:
         fields = fields_of(self.openapi, "Input")
         with gr.Row():
             with gr.Column():
-                components = {field.name: component_for(field, images=True) for field in fields}
+                components = {field.name: component_for(field, images=True, id_prefix="input-") for field in fields}
             with gr.Column():
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
                 status = gr.Markdown(elem_id="status")
@@ -411,23 +437,24 @@ class Playground:
         return components
 
     def _generate(self, fields: list[Field], values: list) -> Iterator[tuple]:
-        keep = gr.skip()
+        keep, tag = gr.skip(), f"**#{next(self.requests_sent)}** · "  # tells one request's status from the last
         try:
             inputs = request_inputs(fields, values)
         except OSError as error:
-            yield (f"**Could not read an uploaded file:** {error}", keep, keep, keep, "", keep, keep)
+            yield (f"{tag}**Could not read an uploaded file:** {error}", keep, keep, keep, "", keep, keep)
             return
-        yield ("Sending to the server…", keep, keep, shown_inputs(inputs), "", keep, keep)
+        yield (f"{tag}Sending to the server…", keep, keep, shown_inputs(inputs), "", keep, keep)
         for event in self.predict.post("/predictions", inputs):
             if isinstance(event, str):
-                yield (f"⏳ {event}", keep, keep, keep, keep, keep, keep)
+                yield (f"{tag}⏳ {event}", keep, keep, keep, keep, keep, keep)
                 continue
             body = event.body if isinstance(event.body, dict) else {}
             refusal = explain_refusal(event)
             if refusal:
-                yield (refusal, [], None, shown_inputs(inputs), body.get("logs", ""), [], 0)
+                yield (tag + refusal, [], None, shown_inputs(inputs), body.get("logs", ""), [], 0)
                 return
-            yield self._show_images(event, inputs, body)
+            status, *shown = self._show_images(event, inputs, body)
+            yield (tag + status, *shown)
 
     def _show_images(self, answer: Answer, inputs: dict, body: dict) -> tuple:
         seed = seed_of(body.get("logs", ""))
@@ -448,7 +475,7 @@ class Playground:
         fields = fields_of(self.openapi, "TrainingInput")
         with gr.Row():
             with gr.Column():
-                components = [component_for(field, images=False) for field in fields]
+                components = [component_for(field, images=False, id_prefix="train-input-") for field in fields]
             with gr.Column():
                 run = gr.Button("Train", variant="primary", elem_id="train")
                 status = gr.Markdown(elem_id="train-status")
@@ -466,21 +493,24 @@ class Playground:
             use.click(lambda value: value, url, predict_inputs["replicate_weights"])
 
     def _train(self, fields: list[Field], values: list) -> Iterator[tuple]:
-        keep = gr.skip()
-        inputs = request_inputs(fields, values)
-        yield ("Training… (the logs appear when it ends)", keep, keep, "")
+        keep, tag = gr.skip(), f"**#{next(self.requests_sent)}** · "
+        try:
+            inputs = request_inputs(fields, values)
+        except OSError as error:
+            yield (f"{tag}**Could not read an uploaded file:** {error}", keep, keep, "")
+            return
+        yield (f"{tag}Training… (the logs appear when it ends)", keep, keep, "")
         for event in self.train.post("/trainings", inputs):
             if isinstance(event, str):
-                yield (f"⏳ {event}", keep, keep, keep)
+                yield (f"{tag}⏳ {event}", keep, keep, keep)
                 continue
             body = event.body if isinstance(event.body, dict) else {}
             refusal = explain_refusal(event)
             if refusal:
-                yield (refusal, None, "", body.get("logs", ""))
+                yield (tag + refusal, None, "", body.get("logs", ""))
                 return
-            weights = (body.get("output") or {}).get("weights", "")
-            path, url = self.trained.keep(weights)
-            yield (f"**Done** on `{event.server}`: trained_model.tar", path, url, body.get("logs", ""))
+            path, url = self.trained.keep((body.get("output") or {}).get("weights", ""))
+            yield (f"{tag}**Done** on `{event.server}`: trained_model.tar", path, url, body.get("logs", ""))
 
 
 def _selected_index(evt: gr.SelectData) -> int:
@@ -488,7 +518,7 @@ def _selected_index(evt: gr.SelectData) -> int:
 
 
 def _seed_at(results: list, index: int):
-    return results[index]["seed"] if 0 <= index < len(results) else gr.skip()
+    return str(results[index]["seed"]) if 0 <= index < len(results) and results[index]["seed"] is not None else gr.skip()
 
 
 def _path_at(results: list, index: int):

@@ -40,7 +40,9 @@ def missing() -> str | None:
     """Why a browser test cannot run here, or None."""
     absent = [path for path in (CHROMIUM, CHROMEDRIVER) if not Path(path).exists()]
     if absent:
-        return f"{' and '.join(absent)} missing: `apt-get install chromium chromium-driver` (scripts/setup_playground.sh)"
+        return (
+            f"{' and '.join(absent)} missing: `apt-get install chromium chromium-driver` (scripts/setup_playground.sh)"
+        )
     return None
 
 

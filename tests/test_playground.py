@@ -1,0 +1,245 @@
+"""The playground (scripts/playground.py) in a real browser: Debian's headless Chromium, driven over WebDriver, on the
+Gradio page, which talks to the real Cog server on tiny weights, all on loopback.
+
+The playground runs in its own environment (.venv-playground, requirements-playground.txt), apart from the model's.
+Screenshots of the page are saved under a folder this module prints.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from tests import webdriver
+from tests.cogserver import ROOT, CogServer, decode_png, free_port
+
+PLAYGROUND_PYTHON = ROOT / ".venv-playground" / "bin" / "python"
+TINY = {"prompt": "a red bicycle", "width": 64, "height": 64, "num_inference_steps": 2}
+
+
+def _why_not_runnable() -> str | None:
+    if not PLAYGROUND_PYTHON.exists():
+        return f"{PLAYGROUND_PYTHON} missing: run `bash scripts/setup_playground.sh`"
+    return webdriver.missing()
+
+
+_REASON = _why_not_runnable()
+if _REASON and os.environ.get("CI") == "true":
+    raise RuntimeError(f"CI installs the playground and its browser (scripts/setup_env.sh), yet: {_REASON}")
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"browser test: {_REASON}")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_weights_dir, tmp_path_factory):
+    cog = CogServer(tiny_weights_dir, tmp_path_factory.mktemp("cog") / "server.log")
+    try:
+        cog.wait_for("READY")
+        yield cog
+    finally:
+        cog.stop()
+
+
+@pytest.fixture(scope="module")
+def playground(server, tmp_path_factory):
+    """scripts/playground.py in its own environment, on a free loopback port; its files in a temporary folder."""
+    folder = tmp_path_factory.mktemp("playground")
+    port = free_port()
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(folder / "gradio")}
+    command = [PLAYGROUND_PYTHON, "scripts/playground.py", "--server", server.url, "--port", str(port)]
+    log = open(folder / "playground.log", "wb")  # noqa: SIM115 (closed below)
+    process = subprocess.Popen(
+        [*command, "--output-dir", str(folder / "out"), "--busy-wait", "300"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_until_served(url, process, folder / "playground.log")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+        log.close()
+
+
+def _wait_until_served(url: str, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the playground exited:\n{log.read_text()[-3000:]}"
+        try:
+            if requests.get(url, timeout=2).ok:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"the playground did not serve {url}:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("playground-screenshots")
+    print(f"\nplayground screenshots: {folder}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def browser(playground, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chromium")
+    chromium = webdriver.Browser(folder / "profile", folder / "chromedriver.log")
+    yield chromium
+    chromium.close()
+
+
+@pytest.fixture
+def page(browser, playground):
+    """The page, freshly loaded: every input at its schema default."""
+    browser.open(playground)
+    browser.find("#generate")
+    return browser
+
+
+def _field(name: str) -> str:
+    return f"#input-{name} textarea, #input-{name} input"
+
+
+def _status_number(browser) -> str | None:
+    text = browser.text("#status")
+    return text.split(" ", 1)[0] if text.startswith("#") else None
+
+
+def generate(browser, timeout: float = 90, **values) -> str:
+    """Type `values` into the form, press Generate, and return the request's final status text."""
+    for name, value in values.items():
+        browser.type(_field(name), str(value))
+    before = _status_number(browser)
+    browser.click("#generate")
+
+    def finished():
+        text = browser.text("#status")
+        number = text.split(" ", 1)[0] if text.startswith("#") else None
+        return text if number not in (None, before) and "⏳" not in text and "Sending" not in text else None
+
+    return browser.wait(finished, timeout, "a final status")
+
+
+def gallery_images(browser, playground: str) -> list[np.ndarray]:
+    """The gallery's images, fetched from the playground as the browser shows them (thumbnails, one per image)."""
+    sources = browser.attribute_all("#gallery .thumbnail-item img, #gallery .grid-wrap img", "src")
+    unique = list(dict.fromkeys(sources))
+    assert unique, "the gallery shows no image"
+    return [np.asarray(Image.open(io.BytesIO(requests.get(src, timeout=10).content)).convert("RGB")) for src in unique]
+
+
+def direct(server, **inputs) -> list[np.ndarray]:
+    """The same request over HTTP straight to the server, as curl would send it."""
+    response = server.predict(inputs)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "succeeded", body
+    return [decode_png(uri) for uri in body["output"]]
+
+
+def _plain(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else str(number)
+
+
+def test_form_shows_every_input_of_the_schema(server, page):
+    schema = requests.get(f"{server.url}/openapi.json", timeout=10).json()["components"]["schemas"]
+    properties = schema["Input"]["properties"]
+    shown = page.script("return [...document.querySelectorAll('[id^=input-]')].map(e => e.id)")
+    assert shown == [f"input-{name}" for name in sorted(properties, key=lambda n: properties[n]["x-order"])]
+    for name, prop in properties.items():
+        text = page.text(f"#input-{name}")
+        assert name in text and prop["description"].rstrip(".") in text, (name, text)
+        if "minimum" in prop and "maximum" in prop:
+            assert f"{_plain(prop['minimum'])} to {_plain(prop['maximum'])}" in text, (name, text)
+        if prop.get("type") == "boolean":
+            assert page.script(f"return document.querySelector('#input-{name} input').checked") is prop["default"]
+        elif prop.get("type") in ("integer", "number") and "default" in prop:
+            assert page.value(_field(name)) == _plain(prop["default"]), name
+        elif "default" in prop:  # strings and choices
+            assert page.value(_field(name)) == prop["default"], name
+    # Choices come from the enum behind allOf/$ref: open the scheduler's list and read it.
+    page.click(_field("scheduler"))
+    options = page.wait(lambda: page.attribute_all("ul[role=listbox] li", "innerText"), 10, "scheduler choices")
+    assert [option.replace("✓", "").strip() for option in options] == schema["scheduler"]["enum"]  # ✓ marks the value
+    assert page.value(_field("scheduler")) == "K_EULER"
+
+
+def test_text_to_image_equals_the_same_request_over_http(server, playground, page, screenshots):
+    status = generate(page, **TINY, seed=42)
+    assert "Done" in status and "seed 42" in status, status
+    (shown,) = gallery_images(page, playground)
+    np.testing.assert_array_equal(shown, direct(server, **TINY, seed=42)[0])
+    assert "Using seed: 42" in page.value("#logs textarea")
+    assert "seed 42" in page.text("#gallery")
+    assert '"seed": 42' in page.text("#params").replace("\n", "").replace(" ", "").replace('"seed":42', '"seed": 42')
+    page.screenshot(screenshots / "after-text-to-image.png")
+
+
+def test_result_buttons_reuse_the_seed_and_feed_the_init_image(server, playground, page):
+    status = generate(page, **TINY)  # no seed: the server draws one and logs it
+    seed = int(re.search(r"seed (\d+)", status).group(1))
+    page.click("#reuse-seed")
+    page.wait(lambda: page.value(_field("seed")) == str(seed), 10, f"seed {seed} in the form")
+    (first,) = gallery_images(page, playground)
+
+    page.click("#use-init")
+    page.find("#input-image img", timeout=10)
+    status = generate(page, prompt_strength=0.5)
+    assert "Done" in status, status
+    (second,) = gallery_images(page, playground)
+    init = io.BytesIO()
+    Image.fromarray(first).save(init, format="PNG")
+    init_uri = "data:image/png;base64," + base64.b64encode(init.getvalue()).decode()
+    expected = direct(server, **TINY, seed=seed, prompt_strength=0.5, image=init_uri)
+    np.testing.assert_array_equal(second, expected[0])
+
+
+def test_img2img_upload_equals_the_same_request_over_http(server, playground, page, tmp_path):
+    rng = np.random.default_rng(7)
+    upload = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(upload)
+    page.upload("#input-image input[type=file]", upload)
+    page.find("#input-image img", timeout=20)
+    status = generate(page, **TINY, seed=7, prompt_strength=0.6)
+    assert "Done" in status, status
+    (shown,) = gallery_images(page, playground)
+    uri = "data:image/png;base64," + base64.b64encode(upload.read_bytes()).decode()
+    np.testing.assert_array_equal(shown, direct(server, **TINY, seed=7, prompt_strength=0.6, image=uri)[0])
+
+
+def test_a_bad_value_shows_the_422_naming_the_field(server, page):
+    status = generate(page, **{**TINY, "width": 5000})
+    assert "refused the input (422)" in status, status
+    assert "width: 5000 is greater than the maximum of 2048" in status, status
+    assert server.health()["status"] == "READY"
+
+
+def test_a_busy_server_is_waited_out_and_said_so(server, playground, page):
+    long = threading.Thread(target=lambda: direct(server, **{**TINY, "num_inference_steps": 25, "seed": 1}))
+    long.start()
+    try:
+        server.wait_for("BUSY", timeout=10)
+        for name, value in {**TINY, "seed": 3}.items():
+            page.type(_field(name), str(value))
+        page.click("#generate")
+        busy = page.wait(lambda: "busy" in page.text("#status") and page.text("#status"), 30, "the busy message")
+        assert "(409): waiting and retrying" in busy, busy
+        status = page.wait(lambda: "⏳" not in page.text("#status") and page.text("#status"), 90, "the result")  # ~3 s idle
+        assert "Done" in status and "seed 3" in status, status
+    finally:
+        long.join(timeout=60)
