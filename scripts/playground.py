@@ -518,7 +518,9 @@ def _selected_index(evt: gr.SelectData) -> int:
 
 
 def _seed_at(results: list, index: int):
-    return str(results[index]["seed"]) if 0 <= index < len(results) and results[index]["seed"] is not None else gr.skip()
+    return (
+        str(results[index]["seed"]) if 0 <= index < len(results) and results[index]["seed"] is not None else gr.skip()
+    )
 
 
 def _path_at(results: list, index: int):

@@ -12,8 +12,10 @@ import io
 import os
 import re
 import subprocess
+import tarfile
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -41,22 +43,38 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"browser test: {_RE
 
 
 @pytest.fixture(scope="module")
-def server(tiny_weights_dir, tmp_path_factory):
-    cog = CogServer(tiny_weights_dir, tmp_path_factory.mktemp("cog") / "server.log")
+def servers(tiny_weights_dir, tmp_path_factory):
+    """A predictions server and a trainings server (--x-mode train), started side by side. The predictions server
+    may fetch plain http from loopback, where the playground serves trained tars (as scripts/playground.sh runs it)."""
+    folder = tmp_path_factory.mktemp("cog")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SDXL_ALLOW_LOOPBACK_HTTP", "1")
+        env.setenv("TMPDIR", str(folder))  # the trainer's scratch files and tar stay in this test's folder
+        predict = CogServer(tiny_weights_dir, folder / "predict.log")
+        trainer = {"COG_TRAIN_TYPE_STUB": "train.py:train"}
+        train = CogServer(tiny_weights_dir, folder / "train.log", env=trainer, args=("--x-mode", "train"))
     try:
-        cog.wait_for("READY")
-        yield cog
+        predict.wait_for("READY")
+        train.wait_for("READY")
+        yield predict, train
     finally:
-        cog.stop()
+        predict.stop()
+        train.stop()
 
 
 @pytest.fixture(scope="module")
-def playground(server, tmp_path_factory):
+def server(servers):
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def playground(servers, tmp_path_factory):
     """scripts/playground.py in its own environment, on a free loopback port; its files in a temporary folder."""
     folder = tmp_path_factory.mktemp("playground")
     port = free_port()
     env = {**os.environ, "GRADIO_TEMP_DIR": str(folder / "gradio")}
-    command = [PLAYGROUND_PYTHON, "scripts/playground.py", "--server", server.url, "--port", str(port)]
+    command = [PLAYGROUND_PYTHON, "scripts/playground.py", "--port", str(port)]
+    command += ["--server", servers[0].url, "--train-server", servers[1].url]
     log = open(folder / "playground.log", "wb")  # noqa: SIM115 (closed below)
     process = subprocess.Popen(
         [*command, "--output-dir", str(folder / "out"), "--busy-wait", "300"],
@@ -239,7 +257,65 @@ def test_a_busy_server_is_waited_out_and_said_so(server, playground, page):
         page.click("#generate")
         busy = page.wait(lambda: "busy" in page.text("#status") and page.text("#status"), 30, "the busy message")
         assert "(409): waiting and retrying" in busy, busy
-        status = page.wait(lambda: "⏳" not in page.text("#status") and page.text("#status"), 90, "the result")  # ~3 s idle
+        status = page.wait(lambda: "⏳" not in page.text("#status") and page.text("#status"), 90, "the result")
         assert "Done" in status and "seed 3" in status, status
     finally:
         long.join(timeout=60)
+
+
+TINY_TRAINING = {"resolution": 64, "max_train_steps": 1, "lora_rank": 2, "train_batch_size": 1, "seed": 1}
+TRAINED_FILES = ["lora.safetensors", "embeddings.pti", "special_params.json", "training_params.json"]
+
+
+def _photos_zip(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(2):
+            png = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(png, format="PNG")
+            archive.writestr(f"photos/{i}.png", png.getvalue())
+    return path
+
+
+def _open_tab(page, name: str) -> None:
+    page.script(
+        "[...document.querySelectorAll('button[role=tab]')].find(e => e.innerText.trim() == arguments[0]).click()", name
+    )
+
+
+def test_training_tab_trains_and_its_tar_feeds_the_next_prediction(server, playground, page, tmp_path):
+    _open_tab(page, "Train")
+    for name, value in TINY_TRAINING.items():
+        page.type(f"#train-input-{name} input, #train-input-{name} textarea", str(value))
+    page.upload("#train-input-input_images input[type=file]", _photos_zip(tmp_path / "photos.zip"))
+    page.find("#train-input-input_images [aria-label='photos.zip']", timeout=30)  # uploaded and listed
+    page.click("#train")
+    final = page.wait(
+        lambda: (
+            (text := page.text("#train-status")).startswith("#")
+            and "⏳" not in text
+            and "Training" not in text
+            and text
+        ),
+        240,
+        "the training's end",
+    )
+    assert "Done" in final, final
+    assert "step 1/1" in page.value("#train-logs textarea")
+    url = page.value("#trained-url textarea, #trained-url input")
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/trained_model.tar"), url
+    tar_bytes = requests.get(url, timeout=10).content
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        assert tar.getnames() == TRAINED_FILES
+    (download,) = page.attribute_all("#trained-tar a", "href")
+    assert requests.get(download, timeout=10).content == tar_bytes  # the download button gives the same tar
+
+    page.click("#use-trained")
+    _open_tab(page, "Predict")
+    page.wait(lambda: page.value(_field("replicate_weights")) == url, 10, "the tar's URL in replicate_weights")
+    trained = {**TINY, "prompt": "a photo of TOK", "seed": 5}
+    status = generate(page, **trained)
+    assert "Done" in status, status
+    assert "loaded" in page.value("#logs textarea") and "trained tokens" in page.value("#logs textarea")
+    (shown,) = gallery_images(page, playground)
+    np.testing.assert_array_equal(shown, direct(server, **trained, replicate_weights=url)[0])
