@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import contextlib
 import dataclasses
 import itertools
 import mimetypes
@@ -145,6 +146,16 @@ def component_for(field: Field, images: bool, id_prefix: str) -> gr.components.C
     if field.kind == "file":
         return gr.File(type="filepath", **_no_info(common))
     return gr.Textbox(value=field.default or "", lines=1, max_lines=8, **common)
+
+
+def _inputs_in_rows(fields: list[Field], images: bool, id_prefix: str) -> dict[str, gr.components.Component]:
+    """The inputs in schema order; neighbouring file uploads (image and mask) share a row."""
+    components = {}
+    for is_file, group in itertools.groupby(fields, key=lambda field: field.kind == "file"):
+        group = list(group)
+        with gr.Row() if is_file and len(group) > 1 else contextlib.nullcontext():
+            components.update({field.name: component_for(field, images, id_prefix) for field in group})
+    return components
 
 
 def _no_info(common: dict) -> dict:
@@ -409,7 +420,7 @@ class Playground:
         fields = fields_of(self.openapi, "Input")
         with gr.Row():
             with gr.Column():
-                components = {field.name: component_for(field, images=True, id_prefix="input-") for field in fields}
+                components = _inputs_in_rows(fields, images=True, id_prefix="input-")
             with gr.Column():
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
                 status = gr.Markdown(elem_id="status")
@@ -475,7 +486,7 @@ class Playground:
         fields = fields_of(self.openapi, "TrainingInput")
         with gr.Row():
             with gr.Column():
-                components = [component_for(field, images=False, id_prefix="train-input-") for field in fields]
+                components = list(_inputs_in_rows(fields, images=False, id_prefix="train-input-").values())
             with gr.Column():
                 run = gr.Button("Train", variant="primary", elem_id="train")
                 status = gr.Markdown(elem_id="train-status")

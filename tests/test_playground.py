@@ -108,7 +108,9 @@ def _wait_until_served(url: str, process: subprocess.Popen, log: Path, timeout: 
 
 @pytest.fixture(scope="module")
 def screenshots(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("playground-screenshots")
+    chosen = os.environ.get("PLAYGROUND_SCREENSHOTS")  # pytest keeps only its last few temporary folders
+    folder = Path(chosen) if chosen else tmp_path_factory.mktemp("playground-screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
     print(f"\nplayground screenshots: {folder}")
     return folder
 
@@ -205,6 +207,7 @@ def test_text_to_image_equals_the_same_request_over_http(server, playground, pag
     assert "Using seed: 42" in page.value("#logs textarea")
     assert "seed 42" in page.text("#gallery")
     assert '"seed": 42' in page.text("#params").replace("\n", "").replace(" ", "").replace('"seed":42', '"seed": 42')
+    page.script("window.scrollTo(0, 0)")
     page.screenshot(screenshots / "after-text-to-image.png")
 
 

@@ -30,7 +30,7 @@ FLAGS = [
     "--disable-component-update",
     "--disable-sync",
     "--disable-dev-shm-usage",
-    "--window-size=1280,1400",
+    "--window-size=1280,1800",
     "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",  # loopback only
 ]
 SELECT_ALL = "\ue009a\ue000"  # Ctrl+A, then release Ctrl: typed text replaces the field's value
