@@ -219,6 +219,7 @@ class Answer:
     status_code: int | None = None
     body: Any = None
     problem: str | None = None  # no answer: unreachable, not READY, still busy
+    skipped: list[str] = dataclasses.field(default_factory=list)  # servers passed over on the way to this one
 
 
 class Servers:
@@ -230,9 +231,11 @@ class Servers:
         self.request_timeout_s = request_timeout_s
 
     def openapi(self, wait_s: float) -> dict:
-        """The schema of the first server that answers, waiting up to `wait_s` for one to come up."""
-        deadline = time.monotonic() + wait_s
+        """The schema of the first server that has one, waiting up to `wait_s` while servers start. Coglet serves it
+        (503 until then) once setup succeeded: when every server's setup failed there is no form to build."""
+        deadline, said = time.monotonic() + wait_s, set()
         while True:
+            states = []
             for url in self.urls:
                 try:
                     response = requests.get(f"{url}/openapi.json", timeout=HEALTH_TIMEOUT_S)
@@ -240,8 +243,15 @@ class Servers:
                         return response.json()
                 except requests.RequestException:
                     pass
+                states.append(self.health(url))
+            for _, why in states:
+                if why and why not in said:
+                    print(f"playground: {why}", file=sys.stderr)
+                    said.add(why)
+            if all(status in ("SETUP_FAILED", "DEFUNCT") for status, _ in states):
+                raise SystemExit("playground: no server can run predictions; fix the server and start again")
             if time.monotonic() >= deadline:
-                raise SystemExit(f"no server answered /openapi.json within {wait_s:.0f} s: {', '.join(self.urls)}")
+                raise SystemExit(f"playground: no server served /openapi.json within {wait_s:.0f} s")
             time.sleep(1)
 
     def health(self, url: str) -> tuple[str, str]:
@@ -278,7 +288,7 @@ class Servers:
                 if response.status_code == 409:
                     waiting.append(f"{url} is busy with another request (409)")
                     continue
-                return (yield from self._answer(url, response))
+                return (yield from self._answer(url, response, skipped=problems + waiting))
             elapsed = time.monotonic() - started
             if not waiting or elapsed > self.busy_wait_s:
                 gave_up = [f"still waiting after {elapsed:.0f} s (--busy-wait): try again later"] if waiting else []
@@ -288,12 +298,12 @@ class Servers:
             time.sleep(1)
 
     @staticmethod
-    def _answer(url: str, response: requests.Response) -> Iterator[Answer]:
+    def _answer(url: str, response: requests.Response, skipped: list[str]) -> Iterator[Answer]:
         try:
             body = response.json()
         except ValueError:
             body = response.text
-        yield Answer(server=url, status_code=response.status_code, body=body)
+        yield Answer(server=url, status_code=response.status_code, body=body, skipped=skipped)
 
 
 def explain_refusal(answer: Answer) -> str | None:
@@ -479,6 +489,8 @@ class Playground:
         status = f"**Done** on `{answer.server}`: {len(paths)} image(s), seed {seed}" + (
             f", {took:.1f} s" if took else ""
         )
+        if answer.skipped:
+            status += "\n\nPassed over:\n```\n" + "\n".join(answer.skipped) + "\n```"
         local = [path for path in paths if not path.startswith(("http://", "https://"))]
         return status, gallery, local or None, {**shown_inputs(inputs), "seed": seed}, body.get("logs", ""), results, 0
 

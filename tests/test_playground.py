@@ -8,6 +8,7 @@ Screenshots of the page are saved under a folder this module prints.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import re
@@ -69,28 +70,28 @@ def server(servers):
 
 @pytest.fixture(scope="module")
 def playground(servers, tmp_path_factory):
-    """scripts/playground.py in its own environment, on a free loopback port; its files in a temporary folder."""
-    folder = tmp_path_factory.mktemp("playground")
-    port = free_port()
-    env = {**os.environ, "GRADIO_TEMP_DIR": str(folder / "gradio")}
-    command = [PLAYGROUND_PYTHON, "scripts/playground.py", "--port", str(port)]
-    command += ["--server", servers[0].url, "--train-server", servers[1].url]
-    log = open(folder / "playground.log", "wb")  # noqa: SIM115 (closed below)
-    process = subprocess.Popen(
-        [*command, "--output-dir", str(folder / "out"), "--busy-wait", "300"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        _wait_until_served(url, process, folder / "playground.log")
+    with running_playground(tmp_path_factory.mktemp("playground"), [servers[0].url], servers[1].url) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
-        log.close()
+
+
+@contextlib.contextmanager
+def running_playground(folder: Path, server_urls: list[str], train_url: str | None = None):
+    """scripts/playground.py in its own environment on a free loopback port, its files in `folder`; yields its URL."""
+    port = free_port()
+    command = [PLAYGROUND_PYTHON, "scripts/playground.py", "--port", str(port)]
+    command += [arg for url in server_urls for arg in ("--server", url)]
+    command += ["--train-server", train_url] if train_url else []
+    command += ["--output-dir", str(folder / "out"), "--busy-wait", "300", "--schema-wait", "60"]
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(folder / "gradio")}
+    with open(folder / "playground.log", "wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}/"
+            _wait_until_served(url, process, folder / "playground.log")
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=15)
 
 
 def _wait_until_served(url: str, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
@@ -322,3 +323,25 @@ def test_training_tab_trains_and_its_tar_feeds_the_next_prediction(server, playg
     assert "loaded" in page.value("#logs textarea") and "trained tokens" in page.value("#logs textarea")
     (shown,) = gallery_images(page, playground)
     np.testing.assert_array_equal(shown, direct(server, **trained, replicate_weights=url)[0])
+
+
+def test_a_server_that_is_not_ready_is_explained(server, browser, tmp_path):
+    missing = tmp_path / "no-weights-here"
+    failed = CogServer(missing, tmp_path / "server.log")
+    try:
+        failed.wait_for("SETUP_FAILED")
+        # Alone, it has no schema to build a form from (coglet answers 503): the playground says why and stops.
+        command = [PLAYGROUND_PYTHON, "scripts/playground.py", "--server", failed.url, "--port", str(free_port())]
+        alone = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert alone.returncode != 0
+        assert f"{failed.url} is SETUP_FAILED, not READY" in alone.stderr, alone.stderr
+        assert f"the weight folder {missing} is incomplete" in alone.stderr  # the end of its setup logs
+        # Beside a READY server, requests pass it over and the page says so.
+        (tmp_path / "pg").mkdir()
+        with running_playground(tmp_path / "pg", [failed.url, server.url]) as url:
+            browser.open(url)
+            status = generate(browser, **TINY, seed=9)
+    finally:
+        failed.stop()
+    assert f"Done on {server.url}" in status.replace("\n", " ").replace("  ", " "), status
+    assert f"{failed.url} is SETUP_FAILED, not READY" in status, status
