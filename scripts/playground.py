@@ -71,6 +71,8 @@ class Field:
             parts.append(f"default {self.default}")
         elif self.optional:
             parts.append("optional")
+        elif self.default is None:
+            parts.append("required")
         return " · ".join(parts)
 
 
@@ -127,7 +129,7 @@ def component_for(field: Field, images: bool, id_prefix: str) -> gr.components.C
     if field.kind == "choice":
         return gr.Dropdown(choices=list(field.choices), value=field.default, **common)
     if field.kind == "boolean":
-        return gr.Checkbox(value=bool(field.default), label=field.name, info=field.hint(), elem_id=common["elem_id"])
+        return gr.Checkbox(value=bool(field.default), **common)
     if field.kind in ("integer", "number") and field.default is None:
         # An empty gr.Number is sent as 0; an optional number must be able to stay empty ("server's choice").
         return gr.Textbox(value="", placeholder="empty: left to the server", **common)
@@ -139,7 +141,7 @@ def component_for(field: Field, images: bool, id_prefix: str) -> gr.components.C
             type="filepath",
             image_mode=None,
             format="png",
-            height=240,
+            height=200,
             sources=["upload", "clipboard"],
             **_no_info(common),
         )
@@ -288,7 +290,8 @@ class Servers:
                 if response.status_code == 409:
                     waiting.append(f"{url} is busy with another request (409)")
                     continue
-                return (yield from self._answer(url, response, skipped=problems + waiting))
+                yield _answer(url, response, skipped=problems + waiting)
+                return
             elapsed = time.monotonic() - started
             if not waiting or elapsed > self.busy_wait_s:
                 gave_up = [f"still waiting after {elapsed:.0f} s (--busy-wait): try again later"] if waiting else []
@@ -297,13 +300,13 @@ class Servers:
             yield f"{'; '.join(waiting)}: waiting and retrying ({elapsed:.0f} s of {self.busy_wait_s:.0f} s)"
             time.sleep(1)
 
-    @staticmethod
-    def _answer(url: str, response: requests.Response, skipped: list[str]) -> Iterator[Answer]:
-        try:
-            body = response.json()
-        except ValueError:
-            body = response.text
-        yield Answer(server=url, status_code=response.status_code, body=body, skipped=skipped)
+
+def _answer(url: str, response: requests.Response, skipped: list[str]) -> Answer:
+    try:
+        body = response.json()
+    except ValueError:
+        body = response.text
+    return Answer(server=url, status_code=response.status_code, body=body, skipped=skipped)
 
 
 def explain_refusal(answer: Answer) -> str | None:
@@ -532,7 +535,11 @@ class Playground:
             if refusal:
                 yield (tag + refusal, None, "", body.get("logs", ""))
                 return
-            path, url = self.trained.keep((body.get("output") or {}).get("weights", ""))
+            weights = (body.get("output") or {}).get("weights") if isinstance(body.get("output"), dict) else None
+            if not weights:
+                yield (f"{tag}**The training returned no weights.**", None, "", body.get("logs", ""))
+                return
+            path, url = self.trained.keep(weights)
             yield (f"{tag}**Done** on `{event.server}`: trained_model.tar", path, url, body.get("logs", ""))
 
 
@@ -541,9 +548,8 @@ def _selected_index(evt: gr.SelectData) -> int:
 
 
 def _seed_at(results: list, index: int):
-    return (
-        str(results[index]["seed"]) if 0 <= index < len(results) and results[index]["seed"] is not None else gr.skip()
-    )
+    seed = results[index]["seed"] if 0 <= index < len(results) else None
+    return gr.skip() if seed is None else str(seed)
 
 
 def _path_at(results: list, index: int):
