@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -40,9 +39,7 @@ def missing() -> str | None:
     """Why a browser test cannot run here, or None."""
     absent = [path for path in (CHROMIUM, CHROMEDRIVER) if not Path(path).exists()]
     if absent:
-        return (
-            f"{' and '.join(absent)} missing: `apt-get install chromium chromium-driver` (scripts/setup_playground.sh)"
-        )
+        return f"{' and '.join(absent)} missing: `bash scripts/setup_playground.sh --browser` (as root) installs them"
     return None
 
 
@@ -155,7 +152,3 @@ class Browser:
             except subprocess.TimeoutExpired:
                 os.killpg(self.driver.pid, signal.SIGKILL)
         self._log.close()
-
-
-def chromium_available() -> bool:
-    return shutil.which(CHROMIUM) is not None
