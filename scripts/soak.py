@@ -345,6 +345,8 @@ def sample(server: CogServer, index: int, started: float, tmp: Path, cache: Path
         "worker_fds": worker.fds,
         "server_rss_mb": parent.rss_mb,
         "server_fds": parent.fds,
+        "worker_cpu_s": worker.cpu_s,
+        "server_cpu_s": parent.cpu_s,
         "temp_entries": len(temp_entries(tmp)),
         "cache_mb": round(folder_bytes(cache) / 1e6, 2),
         "coglet_entries": sum(1 + len(list(p.rglob("*"))) for p in COGLET_PREDICTIONS.glob(f"{id_prefix}-*")),
@@ -420,7 +422,7 @@ def print_table(report: dict) -> None:
         print(f"{kind:<16}{row['n']:>4}{numbers}  {row['outcomes']}")
     rss, hwm = report["worker_rss_mb"], report["worker_hwm_mb"]
     print(f"\n{report['requests']} requests in {report['duration_s']} s (setup {report['setup_s']} s, "
-          f"stopped by {report['stopped_by']}, network: {report['network']})")  # fmt: skip
+          f"stopped by {report['stopped_by']}, network: {report['network']}); CPU s: {report['cpu_s']}")  # fmt: skip
     print(f"worker RSS MB: {rss['after_warmup']} after warm-up -> {rss['end']} at the end (max growth "
           f"{rss['max_growth']}); VmHWM {hwm['after_warmup']} -> {hwm['end']}")  # fmt: skip
     for key in ("worker_fds", "server_fds", "temp_entries", "cache_mb"):
@@ -456,6 +458,8 @@ def drive(server, hook, steps: list[Case], warmup: int, args, paths: SimpleNames
             outcome.ok, outcome.why = False, f"{outcome.why} the server is {health} afterwards".strip()
         outcomes.append(outcome)
         samples.append(sample(server, index, started, paths.tmp, paths.cache, id_prefix))
+        print(f"[{index + 1}/{len(steps)}] {case.kind} {outcome.status} {outcome.latency_s:.2f}s "
+              f"worker {samples[-1]['worker_rss_mb']} MB {'' if outcome.ok else outcome.why}", file=sys.stderr)  # fmt: skip
         if index == warmup - 1:
             snapshots["after_warmup"] = temp_entries(paths.tmp)
     snapshots["end"] = temp_entries(paths.tmp)
@@ -463,6 +467,16 @@ def drive(server, hook, steps: list[Case], warmup: int, args, paths: SimpleNames
     for folder in COGLET_PREDICTIONS.glob(f"{id_prefix}-*"):  # ours, by id: leave nothing behind
         shutil.rmtree(folder, ignore_errors=True)
     return outcomes, samples, snapshots, stopped_by
+
+
+def cpu_used(samples: list[dict]) -> dict:
+    """CPU seconds spent, a measure of cost that does not depend on what else the machine is running."""
+    driver = os.times()
+    return {
+        "worker": samples[-1]["worker_cpu_s"] if samples else None,
+        "server": samples[-1]["server_cpu_s"] if samples else None,
+        "this_script": round(driver.user + driver.system, 2),
+    }
 
 
 def soak(args) -> dict:
@@ -492,6 +506,7 @@ def soak(args) -> dict:
             outcomes, samples, snapshots, stopped_by = drive(server, hook, steps, warmup, args, paths)
             meta = {
                 "duration_s": round(time.monotonic() - run_started, 1),
+                "cpu_s": cpu_used(samples),
                 "setup_s": setup_s,
                 "stopped_by": stopped_by,
                 "network": "private namespace, loopback only" if os.environ.get("SOAK_NETNS") else "host",

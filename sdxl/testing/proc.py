@@ -12,6 +12,7 @@ class ProcessReading:
     rss_mb: float  # VmRSS: resident now
     hwm_mb: float  # VmHWM: the peak resident size since the process started
     fds: int  # open file descriptors
+    cpu_s: float  # user + system CPU time used so far
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -29,11 +30,18 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime from /proc/PID/stat (fields 14 and 15, after the parenthesised command name)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def read_process(pid: int) -> ProcessReading:
     return ProcessReading(
         rss_mb=round(status_kb(pid, "VmRSS") / 1024, 1),
         hwm_mb=round(status_kb(pid, "VmHWM") / 1024, 1),
         fds=open_fds(pid),
+        cpu_s=round(cpu_seconds(pid), 2),
     )
 
 

@@ -1,0 +1,81 @@
+"""A CI-sized soak of the real Cog server (scripts/soak.py on the tiny weights): every kind of request, hostile ones
+and cancels among them, answered as expected; identical requests give the same image wherever they fall; after the
+warm-up the worker's memory, the descriptors, the temporary folder and the weights cache do not grow.
+
+It runs in a network namespace with only loopback when the machine allows one (unshare), so even a broken URL check
+could not send anything beyond 127.0.0.1; the report says which.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sdxl.testing.cog_server import ROOT
+
+REQUESTS = 34  # the warm-up's 11, one round of every kind (16), probes between them
+
+# Bounds on growth after the warm-up, measured here and given headroom (see each number's comment).
+RSS_GROWTH_MB = 80  # worker RSS, end minus after warm-up: measured +35 MB (34 requests); +77 MB over 149 (scripts/soak.py --requests 150)
+HWM_GROWTH_MB = 80  # worker VmHWM, the same way: measured +32 MB (34); +72 MB over 149
+
+
+def private_network() -> bool:
+    probe = ["unshare", "--net", "--map-root-user", "sh", "-c", "ip link set lo up"]
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def report(tiny_weights_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("soak") / "report.json"
+    command = [sys.executable, "scripts/soak.py", "--requests", str(REQUESTS), "--steps", "2"]
+    command += ["--weights-dir", str(tiny_weights_dir), "--json", str(out), "--max-seconds", "600"]
+    command += ["--request-timeout", "60", "--setup-timeout", "300"]
+    if private_network():
+        command.append("--private-network")
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.exists(), done.stdout[-3000:] + done.stderr[-5000:]
+    return json.loads(out.read_text())
+
+
+def test_every_kind_of_request_is_answered_as_expected(report):
+    assert report["checks_failed"] == [], report.get("server_log_tail")
+    assert report["stopped_by"] == "count" and report["requests"] == REQUESTS
+    kinds = {"probe_base", "probe_lora", "txt2img", "img2img", "inpaint", "refiner_expert", "refiner_base"}
+    kinds |= {"trained_lora", "trained_full", "lora", "bad_value_422", "bad_value", "bad_image", "refused_url"}
+    kinds |= {"bad_archive", "cancel"}
+    assert set(report["kinds"]) == kinds
+    assert report["kinds"]["cancel"]["outcomes"] == {"canceled": report["kinds"]["cancel"]["n"]}
+    if private_network():
+        assert report["network"].startswith("private")
+
+
+def test_identical_requests_give_the_same_image_wherever_they_fall(report):
+    assert all(probe["distinct_images"] == 1 for probe in report["probes"].values()), report["probes"]
+    assert report["probes"]["probe_base"]["count"] >= 4 and report["probes"]["probe_lora"]["count"] >= 2
+    # Probes came straight after trained weights, LoRAs, failures and cancels, not only after plain requests.
+    outcomes = report["outcomes"]
+    followed = {
+        "trained" if a["kind"].startswith("trained") else a["kind"] if a["kind"] in ("lora", "cancel") else a["status"]
+        for a, b in zip(outcomes, outcomes[1:])
+        if b["kind"].startswith("probe") and not a["kind"].startswith("probe")
+    }
+    assert {"cancel", "failed"} <= followed and {"trained", "lora"} & followed, followed
+
+
+def test_nothing_grows_after_the_warmup(report):
+    rss, hwm = report["worker_rss_mb"], report["worker_hwm_mb"]
+    assert rss["growth"] <= RSS_GROWTH_MB, rss
+    assert hwm["growth"] <= HWM_GROWTH_MB, hwm
+    for fds in (report["worker_fds"], report["server_fds"]):
+        assert fds["end"] <= fds["after_warmup"] and fds["max_after_warmup"] <= fds["after_warmup"] + 2, fds
+    temp = report["temp_entries"]
+    assert temp["leftover"] == [] and temp["end"] == temp["after_warmup"], temp
+    assert temp["max_after_warmup"] <= temp["after_warmup"] + 1, temp  # the last answer's images, no more
+    assert report["cache_mb"]["growth"] == 0, report["cache_mb"]  # every URL was fetched in the warm-up
