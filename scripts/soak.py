@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -267,9 +268,9 @@ def error_text(status: str, body: dict) -> str:
     return json.dumps(body.get("detail")) if status == "422" else body.get("error") or ""
 
 
-def send(server: CogServer, case: Case, prediction_id: str) -> tuple[str, dict, float]:
+def send(server: CogServer, case: Case, prediction_id: str, timeout: float) -> tuple[str, dict, float]:
     started = time.monotonic()
-    response = server.predict(case.input, id=prediction_id)
+    response = server.predict(case.input, timeout=timeout, id=prediction_id)
     body = response.json()
     status = "422" if response.status_code == 422 else body.get("status", str(response.status_code))
     return status, body, time.monotonic() - started
@@ -304,7 +305,7 @@ def run_case(server, hook, case: Case, index: int, id_prefix: str, timeout: floa
         if case.kind == "cancel":
             status, body, latency = send_and_cancel(server, hook, case, prediction_id, timeout)
         else:
-            status, body, latency = send(server, case, prediction_id)
+            status, body, latency = send(server, case, prediction_id, timeout)
     except (requests.RequestException, TimeoutError, ValueError) as error:
         return Outcome(index, case.kind, "error", 0.0, False, f"{type(error).__name__}: {error}")
     ok, why = judge(case, status, body)
@@ -555,6 +556,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the servers
     if args.private_network:
         reexec_in_private_network()
     report = soak(args)

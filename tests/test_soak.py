@@ -39,8 +39,13 @@ def report(tiny_weights_dir, tmp_path_factory):
     command += ["--request-timeout", "60", "--setup-timeout", "300"]
     if private_network():
         command.append("--private-network")
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert out.exists(), done.stdout[-3000:] + done.stderr[-5000:]
+    soak = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = soak.communicate(timeout=900)  # it stops itself after --max-seconds; this is a backstop
+    except subprocess.TimeoutExpired:
+        soak.terminate()  # SIGTERM: the soak stops its servers on the way out
+        stdout, stderr = soak.communicate(timeout=60)
+    assert out.exists(), stdout[-3000:] + stderr[-5000:]
     return json.loads(out.read_text())
 
 

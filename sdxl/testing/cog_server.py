@@ -80,12 +80,12 @@ class CogServer:
             time.sleep(0.1)
         raise TimeoutError(f"no {statuses} within {timeout}s (seen {self.statuses_seen}); log:\n{self.log()}")
 
-    def predict(self, input: dict, busy_retry_s: float = 2.0, **kwargs) -> requests.Response:
+    def predict(self, input: dict, busy_retry_s: float = 2.0, timeout: float = 300, **kwargs) -> requests.Response:
         """POST a prediction. coglet frees its slot a few ms after it answers, so a request sent at once can get 409;
         like a client, retry that for up to `busy_retry_s` (0: take the first answer, to test the 409 itself)."""
         deadline = time.monotonic() + busy_retry_s
         while True:
-            response = requests.post(f"{self.url}/predictions", json={"input": input, **kwargs}, timeout=300)
+            response = requests.post(f"{self.url}/predictions", json={"input": input, **kwargs}, timeout=timeout)
             if response.status_code != 409 or time.monotonic() >= deadline:
                 return response
             time.sleep(0.02)
