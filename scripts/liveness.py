@@ -1,7 +1,8 @@
-"""Liveness probe for the Cog server: exit 0 while /health-check says STARTING, READY or BUSY, else 1.
+"""Liveness (and readiness) probe for the Cog server, from the body of its /health-check.
 
-    python scripts/liveness.py                           # http://127.0.0.1:$PORT (default 5000)
-    python scripts/liveness.py --url http://127.0.0.1:5000 --timeout 5
+    python scripts/liveness.py            # alive: exit 0 while the status is STARTING, READY or BUSY, else 1
+    python scripts/liveness.py --ready    # ready for a request: exit 0 only while the status is READY
+    python scripts/liveness.py --url http://127.0.0.1:5000 --timeout 15   # default: 127.0.0.1:$PORT (5000)
 
 coglet answers /health-check with HTTP 200 in every state. When its worker process dies (killed, out of memory) the
 server stays up, says UNHEALTHY and refuses all work with 409 until it is restarted: only the body tells, so a probe
@@ -28,7 +29,8 @@ def health_status(url: str, timeout: float) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=f"http://127.0.0.1:{os.environ.get('PORT', '5000')}")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+    parser.add_argument("--timeout", type=float, default=15.0, help="seconds to wait (coglet gives its worker 10)")
+    parser.add_argument("--ready", action="store_true", help="succeed only when READY (for a readiness probe)")
     args = parser.parse_args(argv)
     try:
         status = health_status(args.url, args.timeout)
@@ -36,7 +38,7 @@ def main(argv=None) -> int:
         print(f"no answer from {args.url}: {error}")
         return 1
     print(status)
-    return 0 if status in ALIVE else 1
+    return 0 if status in (("READY",) if args.ready else ALIVE) else 1
 
 
 if __name__ == "__main__":

@@ -17,12 +17,14 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,14 +33,15 @@ from PIL import Image
 
 from sdxl.testing.cog_server import ROOT, CogServer, WebhookReceiver
 
+COGLET_PREDICTIONS = Path("/tmp/coglet/predictions")
 ANSWER_WITHIN_S = 10  # from the kill to the failed answer: measured 0.04-0.15 s here, even on a loaded machine
 LONG_PREDICTION = {"prompt": "x", "width": 128, "height": 128, "num_inference_steps": 500, "seed": 1}
 LONG_TRAINING = dict(resolution=64, max_train_steps=100_000, lora_rank=2, train_batch_size=1, seed=1)
 LONG_TRAINING |= dict(checkpointing_steps=100_000)
 
 
-def liveness(server: CogServer) -> int:
-    probe = [sys.executable, str(ROOT / "scripts" / "liveness.py"), "--url", server.url]
+def liveness(server: CogServer, *flags: str) -> int:
+    probe = [sys.executable, str(ROOT / "scripts" / "liveness.py"), "--url", server.url, *flags]
     return subprocess.run(probe, capture_output=True, timeout=30).returncode
 
 
@@ -60,7 +63,7 @@ def assert_dead_to_an_orchestrator(server: CogServer, path: str, input: dict) ->
         time.sleep(0.5)
     refused = requests.post(f"{server.url}{path}", json={"input": input}, timeout=15)
     assert refused.status_code == 409, refused.text  # at once, not a hang
-    assert liveness(server) == 1
+    assert liveness(server) == 1 and liveness(server, "--ready") == 1
     assert server.process.poll() is None  # the server does not exit by itself: someone must restart it
     started = time.monotonic()
     server.process.send_signal(signal.SIGTERM)  # what a container stop sends
@@ -83,17 +86,21 @@ def servers(tmp_path):
     yield start
     for server in started:
         server.stop()
+    for name in ("fault-prediction", "fault-training"):  # coglet's own folder for each, which it never removes
+        shutil.rmtree(COGLET_PREDICTIONS / name, ignore_errors=True)
 
 
 def test_worker_killed_mid_prediction_fails_it_and_leaves_the_server_unhealthy(servers, tiny_weights_dir):
     server = servers(tiny_weights_dir)
-    assert liveness(server) == 0
+    assert liveness(server) == 0 and liveness(server, "--ready") == 0
     answer = {}
 
     def predict():
         try:
             answer["response"] = requests.post(
-                f"{server.url}/predictions", json={"input": LONG_PREDICTION}, timeout=ANSWER_WITHIN_S + 120
+                f"{server.url}/predictions",
+                json={"id": "fault-prediction", "input": LONG_PREDICTION},
+                timeout=ANSWER_WITHIN_S + 120,
             )
         finally:
             answer["at"] = time.monotonic()
@@ -101,7 +108,7 @@ def test_worker_killed_mid_prediction_fails_it_and_leaves_the_server_unhealthy(s
     client = threading.Thread(target=predict, daemon=True)
     client.start()
     wait_for_log(server, "base: step 1/500")
-    assert server.health()["status"] == "BUSY" and liveness(server) == 0
+    assert server.health()["status"] == "BUSY" and liveness(server) == 0 and liveness(server, "--ready") == 1
     worker = server.worker_pid()
     killed_at = time.monotonic()
     os.kill(worker, signal.SIGKILL)
