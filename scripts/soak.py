@@ -384,6 +384,14 @@ def probe_report(outcomes: list[Outcome]) -> tuple[dict, list[str]]:
     return report, problems
 
 
+def growth_by_kind(outcomes: list[Outcome], samples: list[dict], warmup: int) -> dict:
+    """Worker RSS change summed over the requests of each kind after the warm-up: where growth comes from."""
+    growth = Counter()
+    for before, after, outcome in zip(samples[warmup - 1 :], samples[warmup:], outcomes[warmup:]):
+        growth[outcome.kind] += after["worker_rss_mb"] - before["worker_rss_mb"]
+    return {kind: round(mb, 1) for kind, mb in growth.most_common()}
+
+
 def summarize(outcomes: list[Outcome], samples: list[dict], warmup: int, snapshots: dict, meta: dict) -> dict:
     kinds = {}
     for kind in dict.fromkeys(o.kind for o in outcomes):
@@ -402,6 +410,7 @@ def summarize(outcomes: list[Outcome], samples: list[dict], warmup: int, snapsho
         "probes": probes,
         "worker_rss_mb": trend(samples, "worker_rss_mb", warmup),
         "worker_hwm_mb": trend(samples, "worker_hwm_mb", warmup),
+        "worker_rss_growth_by_kind_mb": growth_by_kind(outcomes, samples, warmup),
         "worker_fds": trend(samples, "worker_fds", warmup),
         "server_fds": trend(samples, "server_fds", warmup),
         "server_rss_mb": trend(samples, "server_rss_mb", warmup),
@@ -426,6 +435,7 @@ def print_table(report: dict) -> None:
           f"stopped by {report['stopped_by']}, network: {report['network']}); CPU s: {report['cpu_s']}")  # fmt: skip
     print(f"worker RSS MB: {rss['after_warmup']} after warm-up -> {rss['end']} at the end (max growth "
           f"{rss['max_growth']}); VmHWM {hwm['after_warmup']} -> {hwm['end']}")  # fmt: skip
+    print(f"worker RSS growth after warm-up by kind (MB): {report['worker_rss_growth_by_kind_mb']}")
     for key in ("worker_fds", "server_fds", "temp_entries", "cache_mb"):
         row = report[key]
         print(f"{key}: {row['after_warmup']} after warm-up -> {row['end']} at the end (max {row['max_after_warmup']})")
