@@ -16,7 +16,7 @@ import pytest
 
 from sdxl.testing.cog_server import ROOT
 
-REQUESTS = 34  # the warm-up's 11, one round of every kind (16), probes between them
+REQUESTS = 34  # the warm-up's 11, one round of every kind (14), probes between them
 
 # Bounds on growth after the warm-up, measured here and given headroom (see each number's comment).
 RSS_GROWTH_MB = 80  # worker RSS, end minus after warm-up: measured +35 MB (34 requests); +77 MB over 149 (scripts/soak.py --requests 150)
@@ -31,17 +31,15 @@ def private_network() -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def report(tiny_weights_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("soak") / "report.json"
-    command = [sys.executable, "scripts/soak.py", "--requests", str(REQUESTS), "--steps", "2"]
-    command += ["--weights-dir", str(tiny_weights_dir), "--json", str(out), "--max-seconds", "600"]
+def run_soak(weights, out, requests: int, max_seconds: float) -> dict:
+    command = [sys.executable, "scripts/soak.py", "--requests", str(requests), "--steps", "2"]
+    command += ["--weights-dir", str(weights), "--json", str(out), "--max-seconds", str(max_seconds)]
     command += ["--request-timeout", "60", "--setup-timeout", "300"]
     if private_network():
         command.append("--private-network")
     soak = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        stdout, stderr = soak.communicate(timeout=900)  # it stops itself after --max-seconds; this is a backstop
+        stdout, stderr = soak.communicate(timeout=max_seconds + 300)  # it stops itself; this is a backstop
     except subprocess.TimeoutExpired:
         soak.terminate()  # SIGTERM: the soak stops its servers on the way out
         stdout, stderr = soak.communicate(timeout=60)
@@ -49,9 +47,19 @@ def report(tiny_weights_dir, tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.fixture(scope="module")
+def report(tiny_weights_dir, tmp_path_factory):
+    return run_soak(tiny_weights_dir, tmp_path_factory.mktemp("soak") / "report.json", REQUESTS, 600)
+
+
 def test_every_kind_of_request_is_answered_as_expected(report):
+    assert report["requests"] == REQUESTS
+    check_answers(report)
+
+
+def check_answers(report):
     assert report["checks_failed"] == [], report.get("server_log_tail")
-    assert report["stopped_by"] == "count" and report["requests"] == REQUESTS
+    assert report["stopped_by"] == "count"
     kinds = {"probe_base", "probe_lora", "txt2img", "img2img", "inpaint", "refiner_expert", "refiner_base"}
     kinds |= {"trained_lora", "trained_full", "lora", "bad_value_422", "bad_value", "bad_image", "refused_url"}
     kinds |= {"bad_archive", "cancel"}
@@ -62,6 +70,10 @@ def test_every_kind_of_request_is_answered_as_expected(report):
 
 
 def test_identical_requests_give_the_same_image_wherever_they_fall(report):
+    check_probes(report)
+
+
+def check_probes(report):
     assert all(probe["distinct_images"] == 1 for probe in report["probes"].values()), report["probes"]
     assert report["probes"]["probe_base"]["count"] >= 4 and report["probes"]["probe_lora"]["count"] >= 2
     # Probes came straight after trained weights, LoRAs, failures and cancels, not only after plain requests.
@@ -75,12 +87,27 @@ def test_identical_requests_give_the_same_image_wherever_they_fall(report):
 
 
 def test_nothing_grows_after_the_warmup(report):
+    check_growth(report, RSS_GROWTH_MB, HWM_GROWTH_MB)
+
+
+def check_growth(report, rss_bound: float, hwm_bound: float):
     rss, hwm = report["worker_rss_mb"], report["worker_hwm_mb"]
-    assert rss["growth"] <= RSS_GROWTH_MB, rss
-    assert hwm["growth"] <= HWM_GROWTH_MB, hwm
-    for fds in (report["worker_fds"], report["server_fds"]):
-        assert fds["end"] <= fds["after_warmup"] and fds["max_after_warmup"] <= fds["after_warmup"] + 2, fds
+    assert rss["growth"] <= rss_bound, (rss, report["worker_rss_growth_by_kind_mb"])
+    assert hwm["growth"] <= hwm_bound, hwm
+    for fds in (report["worker_fds"], report["server_fds"]):  # measured: worker 18 flat; server 14-15 (a connection)
+        assert fds["max_after_warmup"] <= fds["after_warmup"] + 2, fds
     temp = report["temp_entries"]
     assert temp["leftover"] == [] and temp["end"] == temp["after_warmup"], temp
     assert temp["max_after_warmup"] <= temp["after_warmup"] + 1, temp  # the last answer's images, no more
     assert report["cache_mb"]["growth"] == 0, report["cache_mb"]  # every URL was fetched in the warm-up
+
+
+@pytest.mark.slow
+def test_a_long_soak_answers_alike_and_stays_bounded(tiny_weights_dir, tmp_path):
+    """150 requests (about 15 minutes on two busy cores). The worker's RSS still creeps after the warm-up, in steps
+    that follow full-UNet and LoRA requests and slow down: +45 MB by request 42, +58 by 96, +77 by 149 (the same with
+    MALLOC_ARENA_MAX=2). The bounds below hold it to that, with headroom."""
+    report = run_soak(tiny_weights_dir, tmp_path / "report.json", 150, 2400)
+    check_answers(report)
+    check_probes(report)
+    check_growth(report, rss_bound=150, hwm_bound=150)
