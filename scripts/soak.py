@@ -1,6 +1,6 @@
 """Soak the real Cog server: many mixed requests, hostile ones and cancels among them, while watching its processes.
 
-    python scripts/soak.py --requests 200 --max-seconds 900          # tiny random weights, written on the fly
+    python scripts/soak.py --requests 150 --max-seconds 1800         # tiny random weights, written on the fly
     python scripts/soak.py --weights-dir weights --size 1024 --steps 30 --requests 100   # production weights (GPU)
     python scripts/soak.py --private-network ...                      # in a network namespace with only loopback
 
@@ -50,7 +50,6 @@ PROBES = ("probe_base", "probe_lora")
 SUCCESS_KINDS = ("txt2img", "img2img", "inpaint", "refiner_expert", "refiner_base", "trained_lora", "trained_full")
 SUCCESS_KINDS += ("lora",)
 HOSTILE_KINDS = ("bad_value_422", "bad_value", "bad_image", "refused_url", "bad_archive")
-MIX_KINDS = (*SUCCESS_KINDS, *HOSTILE_KINDS, "cancel")
 
 
 @dataclass(frozen=True)
@@ -207,6 +206,9 @@ def catalogue(fx: Fixtures, size: int, steps: int) -> dict[str, list[Case]]:
             fails("refused_url", "replicate_weights.*scheme file", replicate_weights="file:///etc/passwd"),
             fails("refused_url", "replicate_weights.*scheme ftp", replicate_weights="ftp://127.0.0.1/t.tar"),
             fails("refused_url", "replicate_weights.*refused: 10.1.2.3", replicate_weights="https://10.1.2.3/t.tar"),
+            fails(
+                "refused_url", "replicate_weights.*refused: 192.168.0.1", replicate_weights="http://192.168.0.1/t.tar"
+            ),
             fails("refused_url", "refused: 169.254.169.254", replicate_weights="https://169.254.169.254/latest"),
             fails("refused_url", "refused: ::ffff:192.168.1.1", replicate_weights="https://[::ffff:192.168.1.1]/t"),
             fails("refused_url", "refused: 10.9.8.7", replicate_weights=fx.urls["/redirect.tar"]),
@@ -230,8 +232,9 @@ def catalogue(fx: Fixtures, size: int, steps: int) -> dict[str, list[Case]]:
 
 
 def plan(cases: dict[str, list[Case]], count: int, seed: int) -> tuple[list[Case], int]:
-    """A warm-up round (every success kind and the probes once), then rounds holding every kind once in a seeded
-    order; a probe follows every cancel and every third request; the last request is a probe, as was the warm-up's.
+    """A warm-up (every success kind and the probes once), then rounds in a seeded order, each holding every success
+    kind once and every hostile and cancel variant once. A probe follows every cancel, every request with trained
+    weights or LoRAs and every fourth hostile one; the last request is a probe, as was the warm-up's.
     Returns (cases, warm-up length)."""
     rng = random.Random(seed)
     turns = Counter()
@@ -242,12 +245,16 @@ def plan(cases: dict[str, list[Case]], count: int, seed: int) -> tuple[list[Case
         return variants[(turns[kind] - 1) % len(variants)]
 
     steps = [take(kind) for kind in ("probe_base", "probe_lora", *SUCCESS_KINDS, "probe_base")]
-    warmup, round_ = len(steps), []
+    warmup, round_, hostile = len(steps), [], 0
     while len(steps) < count - 2:
         if not round_:
-            round_ = rng.sample(MIX_KINDS, len(MIX_KINDS))
-        steps.append(take(round_.pop()))
-        if steps[-1].kind == "cancel" or len(steps) % 3 == 0:
+            round_ = [*SUCCESS_KINDS, *(c for kind in (*HOSTILE_KINDS, "cancel") for c in cases[kind])]
+            rng.shuffle(round_)
+        item = round_.pop()
+        steps.append(take(item) if isinstance(item, str) else item)
+        hostile += steps[-1].kind in HOSTILE_KINDS
+        adapters = steps[-1].kind in ("trained_lora", "trained_full", "lora")
+        if steps[-1].kind == "cancel" or adapters or (steps[-1].kind in HOSTILE_KINDS and hostile % 4 == 0):
             steps.append(take(PROBES[len(steps) % 2]))
     steps.append(take("probe_base"))
     return steps, warmup
@@ -502,7 +509,8 @@ def soak(args) -> dict:
 
             weights_dir = write_tiny_weights(root / "weights")
         fixtures = make_fixtures(weights_dir, paths.fixtures, args.size)
-        steps, warmup = plan(catalogue(fixtures, args.size, args.steps), args.requests, args.seed)
+        cases = catalogue(fixtures, args.size, args.steps)
+        steps, warmup = plan(cases, args.requests, args.seed)
         env = {
             "TMPDIR": str(paths.tmp),
             "SDXL_WEIGHTS_CACHE_DIR": str(paths.cache),
@@ -520,6 +528,7 @@ def soak(args) -> dict:
                 "cpu_s": cpu_used(samples),
                 "setup_s": setup_s,
                 "stopped_by": stopped_by,
+                "variants": {kind: len(variants) for kind, variants in cases.items()},
                 "network": "private namespace, loopback only" if os.environ.get("SOAK_NETNS") else "host",
                 "settings": {k: str(v) for k, v in vars(args).items()},
             }
@@ -550,7 +559,9 @@ def reexec_in_private_network() -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=60, help="requests to send (at least the warm-up's 11)")
+    parser.add_argument(
+        "--requests", type=int, default=62, help="requests to send (the warm-up is 11; 62 cover every variant once)"
+    )
     parser.add_argument("--max-seconds", type=float, default=600, help="stop sending after this long")
     parser.add_argument("--weights-dir", type=Path, help="model weights (default: tiny random ones, written now)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
