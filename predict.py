@@ -14,6 +14,7 @@ from typing import Optional
 from cog import BaseRunner, Input, Path
 
 from cog_inputs import FileInput, guard_worker_egress
+from cog_scratch import discard_finished_request_folders
 from sdxl import file_inputs
 from sdxl.adapters import AdapterRequest, Adapters, parse_loras
 from sdxl.generation import generate
@@ -62,6 +63,7 @@ class Runner(BaseRunner):
         for folder in {path.parent for path in self._outputs}:
             shutil.rmtree(folder, ignore_errors=True)
         self._outputs = []
+        discard_finished_request_folders()
 
     def setup(self, weights: Optional[str] = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -20,6 +20,7 @@ from typing import Optional
 from cog import BaseModel, Input, Path
 
 from cog_inputs import FileInput, guard_worker_egress
+from cog_scratch import discard_finished_request_folders
 from sdxl import file_inputs, weights
 from sdxl.errors import InputError
 from sdxl.private_dirs import private_dir
@@ -144,6 +145,7 @@ def train(
 ) -> TrainingOutput:
     _log_to_stdout()
     guard_worker_egress()
+    discard_finished_request_folders()
     # 1. Validate every input before any work (errors name the field, the value and what is allowed).
     config = TrainingConfig(
         seed=seed,

@@ -216,3 +216,23 @@ def test_shell_entry_makes_the_same_image_as_http(server, tiny_weights_dir, tmp_
     assert len(written) == 1
     assert "Using seed: 77" in shell.stderr
     np.testing.assert_array_equal(np.asarray(Image.open(written[0]).convert("RGB")), decode_png(body["output"][0]))
+
+
+def test_request_folders_coglet_leaves_behind_are_removed_by_a_later_request(server):
+    """coglet makes /tmp/coglet/predictions/<id>/{inputs,outputs} for every request and never removes it (nor the
+    spill files it writes there for oversized messages). A later request of this server removes every finished folder
+    of its own (here aged by hand past cog_scratch.STALE_AFTER_S instead of waiting)."""
+    from cog_scratch import COGLET_PREDICTIONS, STALE_AFTER_S
+
+    before = set(COGLET_PREDICTIONS.iterdir()) if COGLET_PREDICTIONS.exists() else set()
+    assert server.predict({**BASE, "seed": 1}).json()["status"] == "succeeded"
+    left = [folder for folder in COGLET_PREDICTIONS.iterdir() if folder not in before]
+    assert left, "coglet no longer leaves a folder per request: cog_scratch may be unneeded"
+    for folder in left:
+        for entry in (folder, *folder.rglob("*")):
+            aged = os.lstat(entry).st_mtime - STALE_AFTER_S - 5
+            os.utime(entry, (aged, aged), follow_symlinks=False)
+
+    assert server.predict({**BASE, "seed": 2}).json()["status"] == "succeeded"
+    assert not any(folder.exists() for folder in left)
+    assert server.health()["status"] == "READY"
