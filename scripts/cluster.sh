@@ -27,6 +27,18 @@ print(json.load(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health-c
 PY
 }
 
+ports_free() {  # $@: ports that must be free on 127.0.0.1
+    python - "$@" <<'PY'
+import socket, sys
+for port in sys.argv[1:]:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", int(port)))
+        except OSError:
+            sys.exit(f"cluster.sh: port {port} is in use")
+PY
+}
+
 gpu_ids() {
     if [ -n "${CLUSTER_GPUS:-}" ]; then echo "$CLUSTER_GPUS"
     elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
@@ -78,6 +90,7 @@ start() {
     local count=${1:?usage: cluster.sh start N} gpus addresses=() i
     command -v haproxy >/dev/null || die "haproxy is not installed (bash scripts/setup_env.sh installs it as root)"
     [ -e "$DIR/haproxy.pid" ] && die "a cluster already runs from $DIR (cluster.sh stop first)"
+    ports_free "$PORT" "$MONITOR_PORT" $(seq "$BACKEND_PORT" $((BACKEND_PORT + count - 1))) || exit 1
     mkdir -p "$DIR"
     trap 'echo "cluster.sh: start failed; stopping what was started" >&2; stop >&2' EXIT
     read -r -a gpus <<<"$(gpu_ids)"

@@ -6,11 +6,14 @@ queue, send each predictor one request at a time, and resend what a dead predict
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.cogserver import HOST, ROOT, free_port
+from tests.cogserver import HOST, ROOT
 
 pytestmark = pytest.mark.skipif(
     shutil.which("haproxy") is None, reason="haproxy is not installed (bash scripts/setup_env.sh installs it as root)"
@@ -30,10 +33,26 @@ SMALL = {"prompt": "a lighthouse", "width": 64, "height": 64, "num_inference_ste
 SMALL |= {"disable_safety_checker": True, "apply_watermark": False}
 
 
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive free ports, below the ephemeral range (where clients' sockets land)."""
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(20000, 32000)
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(first, first + count):
+                    stack.enter_context(socket.socket()).bind((HOST, port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError("no run of free ports")
+
+
 class Cluster:
     def __init__(self, weights_dir: Path, run_dir: Path):
         self.dir = run_dir
-        self.port, self.monitor_port = free_port(), free_port()
+        first = free_port_run(4)  # balancer, its monitor, two predictors
+        self.port, self.monitor_port = first, first + 1
         self.env = {
             **os.environ,
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -41,7 +60,7 @@ class Cluster:
             "CLUSTER_DIR": str(run_dir),
             "CLUSTER_PORT": str(self.port),
             "CLUSTER_MONITOR_PORT": str(self.monitor_port),
-            "CLUSTER_BACKEND_PORT": str(free_port()),  # the second predictor takes the next port
+            "CLUSTER_BACKEND_PORT": str(first + 2),  # the second predictor takes the next port
             "CLUSTER_GPUS": "",
             "CLUSTER_CHECK_INTERVAL_MS": "300",
             "CLUSTER_START_TIMEOUT_S": "180",
