@@ -6,6 +6,7 @@ For each repeat it starts the cluster with 1, then 2 (--backends) predictors, se
 --clients concurrent clients through the balancer, and stops it. On CPU each predictor gets one torch thread
 (SDXL_CPU_THREADS=1), the CPU stand-in for one GPU per container; on a GPU machine each gets its own GPU.
 Reports requests/s, latency percentiles, what the clients got (any 409 would show) and the requests per predictor.
+COG_SLOT_GRACE_MS=0 turns off HAProxy's hold on each answer (deploy/haproxy/cog_slot_grace.lua) to show the 409s.
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "weights")},
         "weights": str(args.weights or "tiny random"),
+        "slot_grace_ms": os.environ.get("COG_SLOT_GRACE_MS", "25 (default)"),  # HAProxy's hold on each answer
         "summary": summarize(runs, args.backends),
         "runs": runs,
     }

@@ -165,3 +165,37 @@ def test_killing_a_predictor_mid_run_loses_no_request(cluster):
         int(after[n][k] or 0) - int(before[n][k] or 0) for n in ("predictor1", "BACKEND") for k in ("wretr", "wredis")
     )
     assert resent >= 1
+
+
+def test_a_server_that_answers_200_but_failed_setup_is_down_for_the_balancer(tmp_path):
+    """/health-check says 200 in every state: the balancer's check must read SETUP_FAILED in the body."""
+    from tests.cogserver import CogServer
+
+    server = CogServer(tmp_path / "no-weights-here", tmp_path / "server.log")
+    first = free_port_run(2)
+    config = subprocess.run(
+        [sys.executable, "deploy/haproxy/render_config.py", "--server", f"{HOST}:{server.port}",
+         "--bind", f"{HOST}:{first}", "--monitor-bind", f"{HOST}:{first + 1}", "--check-interval-ms", "200"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    (tmp_path / "haproxy.cfg").write_text(config)
+    balancer = subprocess.Popen(["haproxy", "-db", "-f", str(tmp_path / "haproxy.cfg")], stdout=subprocess.DEVNULL)
+    try:
+        assert server.wait_for("SETUP_FAILED", "READY")["status"] == "SETUP_FAILED"
+        assert requests.get(f"{server.url}/health-check", timeout=5).status_code == 200
+        deadline = time.monotonic() + 30
+        while not (row := stats_row(first + 1, "predictor1"))["status"].startswith("DOWN"):
+            assert time.monotonic() < deadline, row["status"]
+            time.sleep(0.2)
+        assert row["check_status"] == "L7RSP"  # the body did not match READY|BUSY
+        response = requests.post(f"http://{HOST}:{first}/predictions", json={"input": SMALL}, timeout=60)
+        assert response.status_code == 503  # HAProxy's own: no server up (after timeout queue)
+    finally:
+        balancer.terminate()
+        balancer.wait(timeout=10)
+        server.stop()
+
+
+def stats_row(monitor_port: int, server: str) -> dict:
+    text = requests.get(f"http://{HOST}:{monitor_port}/stats;csv", timeout=5).text.lstrip("# ")
+    return next(r for r in csv.DictReader(io.StringIO(text)) if r["pxname"] == "predictors" and r["svname"] == server)
