@@ -105,11 +105,12 @@ start() {
     echo "cluster: $count predictors behind http://$HOST:$PORT (metrics http://$HOST:$MONITOR_PORT/metrics)"
 }
 
-stop_group() {  # $1: pid file, $2: signal; waits for the group to exit, then kills what is left
+stop_group() {  # $1: pid file, $2: signal for the leader; waits for its group to exit, then kills what is left
     [ -e "$1" ] || return 0
     local pid deadline=$((SECONDS + ${CLUSTER_STOP_TIMEOUT_S:-620}))
     pid=$(cat "$1")
-    kill -"$2" -- -"$pid" 2>/dev/null || true
+    # The leader only, as a container runtime signals PID 1: coglet then drains and ends its worker itself.
+    kill -"$2" "$pid" 2>/dev/null || true
     while kill -0 -- -"$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
     kill -KILL -- -"$pid" 2>/dev/null || true
     rm -f "$1"
