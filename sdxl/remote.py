@@ -1,20 +1,28 @@
-"""Fetch a client-given URL without letting it reach inside our network.
+"""Fetch a client-given URL without letting it reach inside our network, or hold a request past its deadline.
 
 Every URL a request names (trained weights, LoRAs) is hostile input:
 1. only https (plain http only for loopback, and only when SDXL_ALLOW_LOOPBACK_HTTP=1, for tests);
 2. the host is resolved first and every address it resolves to is checked: private, loopback (unless that
-   setting), link-local, multicast, reserved, unspecified and other non-global addresses are refused before any
-   connection; the connection then goes to the checked address (TLS still verifies the host name), so a second DNS
-   answer cannot swap in another address;
+   setting), link-local, site-local, multicast, reserved, unspecified and other non-global addresses are refused
+   before any connection, and so are IPv6 forms that carry a refused IPv4 address (IPv4-mapped/compatible, 6to4,
+   NAT64) and Teredo tunnels; one refused address refuses the host. The connection then goes to the checked
+   addresses, tried in the resolver's order (TLS still verifies the host name), so a second DNS answer cannot swap
+   in another address;
 3. redirects are followed by hand, each hop checked again, at most MAX_REDIRECTS;
-4. connect and read timeouts, an overall deadline, and a size cap checked on Content-Length and while streaming;
+4. one deadline for the whole download (redirects and ranges included) that holds whatever the sender does: the
+   name lookup and every socket operation (connect, TLS handshake, send, each read) wait at most
+   min(their timeout, the time left);
+   a size cap checked on Content-Length and while streaming;
 5. a large body from a server that advertises `Accept-Ranges: bytes` is fetched in parallel ranges, each checked;
-6. the body lands in a temporary file that is removed on any failure.
+6. the body lands in a temporary file that is removed on any failure;
+7. URLs in logs and errors go through `redact`: presigned URLs carry credentials in their query strings.
 """
 
 from __future__ import annotations
 
+import functools
 import http.client
+import io
 import ipaddress
 import logging
 import os
@@ -27,7 +35,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from sdxl.errors import InputError
 
@@ -49,15 +57,31 @@ class _Aborted(FetchError):
     """A parallel part stopped because another part failed."""
 
 
+class _DeadlinePassed(TimeoutError):
+    """The download's deadline passed before a socket operation could start."""
+
+
+READ_TIMEOUT_ENV = "SDXL_FETCH_READ_TIMEOUT"  # seconds of silence before a download is abandoned
+DEADLINE_ENV = "SDXL_FETCH_DEADLINE"  # seconds for a whole download (redirects, ranges), whatever the sender does
+
+
 @dataclass(frozen=True)
 class FetchLimits:
     max_bytes: int
-    connect_timeout: float = 10.0
+    connect_timeout: float = 10.0  # the name lookup, each address's connect, the TLS handshake
     read_timeout: float = 30.0  # the longest silence between two reads
-    deadline: float = 1800.0  # the whole download, redirects and ranges included
+    deadline: float = 1800.0  # the whole download, redirects and ranges included, whatever the sender does
     parallel_min_bytes: int = 64 << 20  # below this a single stream is as fast
     parallel_parts: int = 8
     chunk_bytes: int = 1 << 20
+
+
+def timeouts_from_env() -> dict[str, float]:
+    """The operator's read timeout and deadline (FetchLimits' defaults where unset), shared by every kind of download."""
+    return {
+        "read_timeout": float(os.environ.get(READ_TIMEOUT_ENV) or FetchLimits.read_timeout),
+        "deadline": float(os.environ.get(DEADLINE_ENV) or FetchLimits.deadline),
+    }
 
 
 def human_size(count: int) -> str:
@@ -68,48 +92,124 @@ def loopback_allowed() -> bool:
     return os.environ.get(ALLOW_LOOPBACK_ENV) == "1"
 
 
+def redact(url: object) -> str:
+    """A URL fit for logs and error messages: no query string or fragment (presigned URLs carry credentials
+    there) and no user:password@. Plain string work, so that it never fails on a malformed URL."""
+    text = str(url).strip()
+    cut = min((i for i in (text.find("?"), text.find("#")) if i >= 0), default=len(text))
+    base, rest = text[:cut], text[cut:]
+    scheme, separator, after = base.partition("://")
+    if separator:
+        authority, slash, path = after.partition("/")
+        if "@" in authority:
+            authority = "***@" + authority.rpartition("@")[2]
+        base = f"{scheme}{separator}{authority}{slash}{path}"
+    return base + ("?..." if rest else "")
+
+
+_redact = redact  # the name this module used before
+
+
 def system_resolver(host: str, port: int) -> list[str]:
-    """Every address the host resolves to (the check refuses the host if any one of them is refused)."""
-    return sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+    """Every address the host resolves to, in the resolver's order of preference (RFC 6724), without repeats."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052's well-known prefix: the last 32 bits are the IPv4 host
+_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # SIIT, RFC 2765
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated ::a.b.c.d
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Address] | None:
+    """The IPv4 address an IPv6 address reaches through a translator or tunnel, and the form that carries it."""
+    if ip.sixtofour is not None:
+        return "a 6to4 address", ip.sixtofour
+    low = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in _NAT64:
+        return "a NAT64 address", low
+    if ip in _IPV4_TRANSLATED:
+        return "an IPv4-translated address", low
+    if ip in _IPV4_COMPATIBLE and int(ip) > 1:  # not :: or ::1
+        return "an IPv4-compatible address", low
+    return None
 
 
 def refusal(address: str, allow_loopback: bool) -> str | None:
     """Why we must not connect to this address, or None when it is a public (global unicast) address."""
-    ip = ipaddress.ip_address(address.split("%")[0])  # drop an IPv6 zone id
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:10.0.0.1 is 10.0.0.1
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])  # drop an IPv6 zone id
+    except ValueError:
+        return "not an IP address"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # ::ffff:10.0.0.1 is 10.0.0.1
+        elif ip.teredo is not None:  # a tunnel through a relay to the IPv4 host it embeds: no public weights host
+            server, client = ip.teredo
+            return f"a Teredo tunnel address (server {server}, client {client})"
+        elif embedded := _embedded_ipv4(ip):
+            form, inner = embedded
+            reason = refusal(str(inner), allow_loopback=False)  # a translator must not reach our loopback either
+            if reason:
+                return f"{form} embedding {inner}, {reason}"
+            if ip in _NAT64:
+                return None  # DNS64 answers this for a public IPv4-only host; the gateway connects to that host
     if ip.is_loopback:
         return None if allow_loopback else "a loopback address"
-    for kind in ("unspecified", "link_local", "multicast", "reserved", "private"):
-        if getattr(ip, f"is_{kind}"):
+    for kind in ("unspecified", "link_local", "site_local", "multicast", "reserved", "private"):
+        if getattr(ip, f"is_{kind}", False):  # site-local (fec0::/10, deprecated) is IPv6 only
             return f"a {kind.replace('_', '-')} address"
-    if not ip.is_global:  # shared address space (100.64/10), documentation ranges, 6to4/Teredo relays, ...
+    if not ip.is_global:  # shared address space (100.64/10), documentation ranges, ...
         return "not a public address"
     return None
 
 
 @dataclass(frozen=True)
 class Target:
-    """One checked hop: where to connect (a checked IP) and what to ask for."""
+    """One checked hop: where to connect (checked IPs, tried in order) and what to ask for."""
 
     scheme: str
     host: str
     port: int
-    address: str
+    address: str  # the first of `addresses`
     path: str
     url: str
+    addresses: tuple[str, ...] = ()  # every address the host resolved to, each checked; empty: `address` only
+
+
+def _split(url: object, field: str):
+    """Parse the URL text; refuse what HTTP cannot carry. Returns (parts, port)."""
+    if not isinstance(url, str) or not url.strip():
+        shown = repr(url) if isinstance(url, str) else f"a {type(url).__name__}"
+        raise FetchError(field, f"{shown} is not a URL; give an https:// URL")
+    text = url.strip()
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in text):
+        raise FetchError(field, f"{redact(text)} holds spaces or control characters; percent-encode them")
+    try:
+        parts = urlsplit(text)
+        return parts, parts.port
+    except ValueError as error:
+        raise FetchError(field, f"{redact(text)} is not a valid URL ({error})") from None
+
+
+def _resolve_and_check(host: str, port: int, field: str, resolver: Resolver, allow_loopback: bool) -> list[str]:
+    try:
+        addresses = resolver(host, port)
+    except (OSError, UnicodeError) as error:
+        raise FetchError(field, f"cannot resolve {host!r}: {error}") from None
+    if not addresses:
+        raise FetchError(field, f"{host!r} resolves to no address")
+    for address in addresses:
+        reason = refusal(address, allow_loopback)
+        if reason:
+            raise FetchError(field, f"refused: {host} resolves to {address}, {reason}")
+    return list(addresses)
 
 
 def check_url(url: str, field: str, resolver: Resolver = system_resolver) -> Target:
     """Parse, resolve and check a URL; nothing is connected to. Raises FetchError naming `field`."""
     allow_loopback = loopback_allowed()
-    if not isinstance(url, str) or not url.strip():
-        raise FetchError(field, f"{url!r} is not a URL; give an https:// URL")
-    try:
-        parts = urlsplit(url.strip())
-        port = parts.port
-    except ValueError as error:
-        raise FetchError(field, f"{url!r} is not a valid URL ({error})") from None
+    parts, port = _split(url, field)
     scheme = parts.scheme.lower()
     if scheme not in ("https", "http"):
         raise FetchError(
@@ -121,80 +221,204 @@ def check_url(url: str, field: str, resolver: Resolver = system_resolver) -> Tar
         raise FetchError(field, "credentials in the URL are not allowed")
     host = parts.hostname
     if not host:
-        raise FetchError(field, f"{url!r} has no host")
+        raise FetchError(field, f"{redact(url)} has no host")
     port = port or (443 if scheme == "https" else 80)
-    try:
-        addresses = resolver(host, port)
-    except (OSError, UnicodeError) as error:
-        raise FetchError(field, f"cannot resolve {host!r}: {error}") from None
-    if not addresses:
-        raise FetchError(field, f"{host!r} resolves to no address")
-    for address in addresses:
-        reason = refusal(address, allow_loopback)
-        if reason:
-            raise FetchError(field, f"refused: {host} resolves to {address}, {reason}")
+    addresses = _resolve_and_check(host, port, field, resolver, allow_loopback)
     if scheme == "http" and not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
         raise FetchError(field, "plain http is allowed for loopback test servers only; give an https:// URL")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return Target(scheme, host, port, addresses[0], path, url.strip())
+    path = "".join(c if c.isascii() else quote(c) for c in path)  # an IRI's path, as browsers send it
+    return Target(scheme, host, port, addresses[0], path, url.strip(), tuple(addresses))
+
+
+class _Clock:
+    """One download's deadline, and the stop signal of its parallel parts. Every socket operation asks it for its
+    timeout: never longer than the time left, so a sender that trickles bytes cannot hold the download past it."""
+
+    def __init__(self, limits: FetchLimits, field: str, deadline: float | None = None):
+        self.limits, self.field = limits, field
+        self.deadline = time.monotonic() + limits.deadline if deadline is None else deadline
+        self.stopped = threading.Event()
+        self.first_error: BaseException | None = None
+        self._sockets: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def timeout(self, longest: float) -> float:
+        if self.stopped.is_set():
+            raise _Aborted(self.field, "stopped: another part of the download failed")
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _DeadlinePassed("the download deadline passed")
+        return min(longest, left)
+
+    def passed(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+    def expired_message(self) -> str:
+        return f"the download took longer than the {self.limits.deadline:g}s allowed for it"
+
+    def watch(self, sock: socket.socket) -> None:
+        """Keep the socket for `fail` (a closed socket's descriptor is -1: shutting it down touches nothing)."""
+        with self._lock:
+            self._sockets.add(sock)
+
+    def fail(self, error: BaseException) -> None:
+        """Record the first failure, then wake every part blocked on a socket so that it stops now."""
+        with self._lock:
+            if self.first_error is None:
+                self.first_error = error
+            self.stopped.set()
+            sockets = list(self._sockets)
+        for sock in sockets:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the TCP socket under TLS, too
+            except OSError:
+                pass  # already closed
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The socket as http.client reads it (status line, headers, body): each read waits at most
+    min(read timeout, time left). Holds a makefile() reference, so the socket lives as long as the response."""
+
+    def __init__(self, sock: socket.socket, clock: _Clock):
+        self._sock, self._raw, self._clock = sock, sock.makefile("rb", buffering=0), clock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int | None:
+        self._sock.settimeout(self._clock.timeout(self._clock.limits.read_timeout))
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    def __init__(self, sock, *args, clock: _Clock, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        self.fp.close()  # http.client's own reader knows one timeout; read through the clock instead
+        self.fp = io.BufferedReader(_DeadlineReader(sock, clock))
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """Connects to the checked address, whatever the host name resolves to now."""
+    """Connects to the checked addresses in order, whatever the host name resolves to now; keeps to the clock."""
 
-    def __init__(self, target: Target, limits: FetchLimits):
-        super().__init__(target.host, target.port, timeout=limits.connect_timeout)
-        self._target, self._limits = target, limits
+    def __init__(self, target: Target, clock: _Clock):
+        super().__init__(target.host, target.port, timeout=clock.limits.connect_timeout)
+        self._target, self._clock = target, clock
+        self.response_class = functools.partial(_DeadlineResponse, clock=clock)
 
     def connect(self):
-        self.sock = socket.create_connection((self._target.address, self._target.port), self._limits.connect_timeout)
-        self.sock.settimeout(self._limits.read_timeout)
+        failures = []
+        for address in self._target.addresses or (self._target.address,):
+            timeout = self._clock.timeout(self._clock.limits.connect_timeout)
+            try:
+                self.sock = socket.create_connection((address, self._target.port), timeout)
+                break
+            except OSError as error:  # e.g. an IPv6 address from an IPv4-only container: try the next one
+                reason = _describe(error, self._clock)
+                failures.append(f"{address}: {reason}")
+                log.info("cannot connect to %s (%s); trying the next address if there is one", address, reason)
+        else:
+            raise ConnectionError(f"no address of {self._target.host} answered ({'; '.join(failures)})")
+        self._clock.watch(self.sock)
+        self.sock.settimeout(self._clock.timeout(self._clock.limits.read_timeout))  # bounds sending the request
 
 
 class _PinnedHTTPSConnection(_PinnedHTTPConnection):
     def connect(self):
         super().connect()
         context = ssl.create_default_context()  # verifies the certificate against the host name, not the address
-        self.sock = context.wrap_socket(self.sock, server_hostname=self._target.host)
+        raw = self.sock
+        raw.settimeout(self._clock.timeout(self._clock.limits.connect_timeout))  # the whole handshake, not per read
+        self.sock = context.wrap_socket(raw, server_hostname=self._target.host)
+        self._clock.watch(self.sock)
+        self.sock.settimeout(self._clock.timeout(self._clock.limits.read_timeout))
 
 
-def _request(target: Target, limits: FetchLimits, headers: dict[str, str], field: str):
+def _request(target: Target, clock: _Clock, headers: dict[str, str]):
     kind = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
-    connection = kind(target, limits)
+    connection = kind(target, clock)
     try:
         connection.request("GET", target.path, headers={"User-Agent": USER_AGENT, **headers})
         return connection, connection.getresponse()
     except (OSError, http.client.HTTPException) as error:
         connection.close()
-        raise FetchError(field, f"cannot fetch {_redact(target.url)}: {_describe(error)}") from None
+        raise FetchError(clock.field, f"cannot fetch {redact(target.url)}: {_describe(error, clock)}") from None
+    except BaseException:
+        connection.close()
+        raise
 
 
-def _describe(error: BaseException) -> str:
+def _describe(error: BaseException, clock: _Clock | None = None) -> str:
+    """An error for the client: no URL in it (http.client's InvalidURL quotes the whole path and query)."""
     if isinstance(error, TimeoutError | socket.timeout):
-        return "timed out"
+        return clock.expired_message() if clock is not None and clock.passed() else "timed out"
+    if isinstance(error, http.client.InvalidURL):
+        return "the URL holds characters HTTP does not allow"
     return str(error) or type(error).__name__
 
 
-def open_url(url: str, field: str, limits: FetchLimits, headers: dict[str, str] | None = None, resolver=None):
-    """GET `url`, following redirects by hand and checking each hop. Returns (connection, response, final target)."""
-    target = check_url(url, field, resolver or system_resolver)
+def open_url(
+    url: str,
+    field: str,
+    limits: FetchLimits,
+    headers: dict[str, str] | None = None,
+    resolver=None,
+    deadline: float | None = None,
+):
+    """GET `url`, following redirects by hand and checking each hop. Returns (connection, response, final target).
+
+    `deadline` (time.monotonic() seconds; default now + limits.deadline) bounds every socket operation, including
+    the caller's reads of the response body; a read past it raises TimeoutError.
+    """
+    return _open(url, _Clock(limits, field, deadline), headers or {}, resolver or system_resolver)
+
+
+def _bounded(resolver: Resolver, clock: _Clock) -> Resolver:
+    """The resolver, waited for at most min(connect timeout, time left): the URL's owner runs its DNS server too.
+    getaddrinfo cannot be interrupted; a lookup that runs late ends in its own daemon thread, its answer unused."""
+
+    def resolve(host: str, port: int) -> list[str]:
+        answer: dict[str, object] = {}
+
+        def lookup():
+            try:
+                answer["addresses"] = resolver(host, port)
+            except BaseException as error:  # handed to the caller's thread
+                answer["error"] = error
+
+        thread = threading.Thread(target=lookup, name="fetch-resolve", daemon=True)
+        thread.start()
+        thread.join(clock.timeout(clock.limits.connect_timeout))
+        if thread.is_alive():
+            raise TimeoutError(clock.expired_message() if clock.passed() else "the name server did not answer in time")
+        if "error" in answer:
+            raise answer["error"]
+        return answer["addresses"]
+
+    return resolve
+
+
+def _open(url: str, clock: _Clock, headers: dict[str, str], resolver: Resolver):
+    resolver = _bounded(resolver, clock)
+    target = check_url(url, clock.field, resolver)
     for _ in range(MAX_REDIRECTS + 1):
-        connection, response = _request(target, limits, headers or {}, field)
+        connection, response = _request(target, clock, headers)
         if response.status not in REDIRECT_STATUSES:
             return connection, response, target
         location = response.getheader("Location")
         connection.close()
         if not location:
-            raise FetchError(field, f"{_redact(target.url)} redirected (HTTP {response.status}) without a Location")
-        log.info("%s redirects to %s", target.url, _redact(location))
-        target = check_url(urljoin(target.url, location), field, resolver or system_resolver)
-    raise FetchError(field, f"more than {MAX_REDIRECTS} redirects")
-
-
-def _redact(url: str) -> str:
-    """A URL for the logs: no query string (presigned URLs carry credentials there)."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}" + ("?..." if parts.query else "")
+            raise FetchError(
+                clock.field, f"{redact(target.url)} redirected (HTTP {response.status}) without a Location"
+            )
+        next_url = urljoin(target.url, location)
+        log.info("%s redirects to %s", redact(target.url), redact(next_url))
+        target = check_url(next_url, clock.field, resolver)
+    raise FetchError(clock.field, f"more than {MAX_REDIRECTS} redirects")
 
 
 class _Progress:
@@ -228,17 +452,15 @@ class _Progress:
 
 
 def _copy_body(response, file, offset: int, length: int | None, ctx: _Download) -> int:
-    """Stream the body into `file` at `offset`; enforce the cap, the expected length and the deadline."""
+    """Stream the body into `file` at `offset`; enforce the cap and the expected length (every read inside
+    response.read keeps to the clock's deadline)."""
     written = 0
     while True:
-        if time.monotonic() > ctx.deadline:
-            raise FetchError(ctx.field, f"download took longer than {ctx.limits.deadline:.0f}s")
-        if ctx.failed.is_set():
-            raise _Aborted(ctx.field, "stopped: another part of the download failed")
         try:
             chunk = response.read(ctx.limits.chunk_bytes)
         except (OSError, http.client.HTTPException) as error:
-            raise FetchError(ctx.field, f"download failed after {written} bytes: {_describe(error)}") from None
+            message = _describe(error, ctx.clock)
+            raise FetchError(ctx.field, f"download failed after {written} bytes: {message}") from None
         if not chunk:
             break
         written += len(chunk)
@@ -256,12 +478,17 @@ def _copy_body(response, file, offset: int, length: int | None, ctx: _Download) 
 @dataclass
 class _Download:
     url: str
-    field: str
-    limits: FetchLimits
-    resolver: Resolver | None
-    deadline: float
+    clock: _Clock
+    resolver: Resolver
     progress: _Progress
-    failed: threading.Event
+
+    @property
+    def field(self) -> str:
+        return self.clock.field
+
+    @property
+    def limits(self) -> FetchLimits:
+        return self.clock.limits
 
 
 def _content_length(response, ctx: _Download) -> int | None:
@@ -280,21 +507,22 @@ def _content_length(response, ctx: _Download) -> int | None:
 
 def _fetch_range(ctx: _Download, file, start: int, end: int, total: int) -> None:
     """One part of a parallel download: the server must answer 206 with exactly the bytes asked for."""
-    connection, response, _ = open_url(ctx.url, ctx.field, ctx.limits, {"Range": f"bytes={start}-{end}"}, ctx.resolver)
     try:
-        expected = f"bytes {start}-{end}/{total}"
-        if response.status != 206 or response.getheader("Content-Range", "").strip() != expected:
-            raise FetchError(
-                ctx.field,
-                f"the server answered a range request with HTTP {response.status} "
-                f"{response.getheader('Content-Range')!r}, expected 206 {expected!r}",
-            )
-        _copy_body(response, file, start, end - start + 1, ctx)
-    except BaseException:
-        ctx.failed.set()
+        connection, response, _ = _open(ctx.url, ctx.clock, {"Range": f"bytes={start}-{end}"}, ctx.resolver)
+        try:
+            expected = f"bytes {start}-{end}/{total}"
+            if response.status != 206 or response.getheader("Content-Range", "").strip() != expected:
+                raise FetchError(
+                    ctx.field,
+                    f"the server answered a range request with HTTP {response.status} "
+                    f"{response.getheader('Content-Range')!r}, expected 206 {expected!r}",
+                )
+            _copy_body(response, file, start, end - start + 1, ctx)
+        finally:
+            connection.close()
+    except BaseException as error:
+        ctx.clock.fail(error)  # the first failure is the one reported; the other parts stop now
         raise
-    finally:
-        connection.close()
 
 
 def _parallel(ctx: _Download, file, total: int) -> None:
@@ -305,39 +533,38 @@ def _parallel(ctx: _Download, file, total: int) -> None:
     try:
         futures = [pool.submit(_fetch_range, ctx, file, start, end, total) for start, end in bounds]
         wait(futures, return_when=FIRST_EXCEPTION)
-        errors = [future.exception() for future in futures if future.done() and future.exception()]
-        if errors:  # report the part that failed first, not the parts it stopped
-            ctx.failed.set()
-            raise next((e for e in errors if not isinstance(e, _Aborted)), errors[0])
-    except BaseException:
-        ctx.failed.set()  # a cancel stops every part at its next chunk
+        if any(future.done() and future.exception() for future in futures):
+            raise ctx.clock.first_error
+    except BaseException as error:
+        ctx.clock.fail(error)  # a cancel stops every part at once
         raise
     finally:
         pool.shutdown(wait=True)
 
 
-def fetch_to_file(url: str, directory: Path, field: str, limits: FetchLimits, resolver: Resolver | None = None) -> Path:
+def fetch_to_file(
+    url: str,
+    directory: Path,
+    field: str,
+    limits: FetchLimits,
+    resolver: Resolver | None = None,
+    deadline: float | None = None,
+) -> Path:
     """Download `url` into a new temporary file in `directory` and return its path (the caller owns it).
 
-    On any failure, the temporary file is removed and a FetchError naming `field` is raised.
+    The whole download (redirects and parallel ranges included) ends by `deadline` (time.monotonic() seconds;
+    default now + limits.deadline). On any failure, the temporary file is removed and a FetchError naming `field`
+    is raised.
     """
     handle, name = tempfile.mkstemp(prefix=".download-", dir=directory)
     path = Path(name)
-    ctx = _Download(
-        url,
-        field,
-        limits,
-        resolver,
-        time.monotonic() + limits.deadline,
-        _Progress(_redact(url), None),
-        threading.Event(),
-    )
+    ctx = _Download(url, _Clock(limits, field, deadline), resolver or system_resolver, _Progress(redact(url), None))
     try:
         with os.fdopen(handle, "r+b") as file:
-            connection, response, target = open_url(url, field, limits, resolver=resolver)
+            connection, response, target = _open(url, ctx.clock, {}, ctx.resolver)
             try:
                 if response.status != 200:
-                    raise FetchError(field, f"{_redact(target.url)} answered HTTP {response.status} {response.reason}")
+                    raise FetchError(field, f"{redact(target.url)} answered HTTP {response.status} {response.reason}")
                 length = _content_length(response, ctx)
                 ctx.progress.total = length
                 ranged = "bytes" in response.getheader("Accept-Ranges", "").lower()

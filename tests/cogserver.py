@@ -31,9 +31,13 @@ def free_port() -> int:
 
 
 class CogServer:
-    """`python -m cog.server.http` for predict.py:Runner in its own process group, torn down with it."""
+    """`python -m cog.server.http` for predict.py:Runner in its own process group, torn down with it.
+    `env` adds or overrides environment variables; `args` adds server arguments (e.g. ("--x-mode", "train"));
+    `cwd` is where the server looks for the predictor and .cog/openapi_schema.json."""
 
-    def __init__(self, weights_dir: Path, log_path: Path):
+    def __init__(
+        self, weights_dir: Path, log_path: Path, env: dict | None = None, args: tuple[str, ...] = (), cwd: Path = ROOT
+    ):
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.log_path = log_path
@@ -43,11 +47,12 @@ class CogServer:
             "COG_PREDICT_TYPE_STUB": "predict.py:Runner",
             "SDXL_WEIGHTS_DIR": str(weights_dir),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # the worker's python
+            **(env or {}),
         }
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cog.server.http", "--host", HOST],
-            cwd=ROOT,
+            [sys.executable, "-m", "cog.server.http", "--host", HOST, *args],
+            cwd=cwd,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

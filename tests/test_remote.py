@@ -1,9 +1,11 @@
 """The URL fetcher: the address check (literal addresses and a resolver stub: nothing but loopback is ever
 connected to), then real downloads from a loopback server."""
 
+import errno
 import logging
 import os
 import shutil
+import socket
 import subprocess
 
 import pytest
@@ -63,13 +65,40 @@ def stub(*addresses):
         ("::ffff:10.0.0.1", "private"),  # IPv4-mapped
         ("::ffff:127.0.0.1", "loopback"),
         ("fe80::1%eth0", "link-local"),
+        ("fec0::1", "a site-local address"),  # deprecated, and not covered by ipaddress' is_private
+        ("2002:a00:1::1", "a 6to4 address embedding 10.0.0.1, a private address"),
+        ("2002:a9fe:a9fe::1", "a 6to4 address embedding 169.254.169.254, a link-local address"),
+        ("2002:7f00:1::1", "a 6to4 address embedding 127.0.0.1, a loopback address"),
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "a Teredo tunnel address (server 65.54.227.120, client 192.0.2.45)"),
+        ("2001:0:808:808:8000:63bf:f7f7:f7f7", "a Teredo tunnel address"),  # public server and client: still refused
+        ("::10.0.0.1", "an IPv4-compatible address embedding 10.0.0.1, a private address"),
+        ("::8.8.8.8", "a reserved address"),  # the deprecated form itself, even with a public IPv4 inside
+        ("::ffff:0:a00:1", "an IPv4-translated address embedding 10.0.0.1, a private address"),
+        ("64:ff9b::a00:1", "a NAT64 address embedding 10.0.0.1, a private address"),
+        ("64:ff9b::a9fe:a9fe", "a NAT64 address embedding 169.254.169.254, a link-local address"),
+        (
+            "64:ff9b:1::a00:1",
+            "a reserved address",
+        ),  # local-use NAT64 prefix: where the IPv4 sits is the network's choice
+        ("weights.example", "not an IP address"),  # a resolver that answers garbage
     ],
 )
 def test_refused_addresses(address, reason):
     assert reason in remote.refusal(address, allow_loopback=False)
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "151.101.1.1"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "8.8.8.8",
+        "1.1.1.1",
+        "2606:4700:4700::1111",
+        "151.101.1.1",
+        "::ffff:8.8.8.8",  # IPv4-mapped: the same socket as 8.8.8.8
+        "64:ff9b::808:808",  # DNS64's answer for an IPv4-only public host, from an IPv6-only cluster
+        "2002:808:808::1",  # 6to4 around a public IPv4
+    ],
+)
 def test_public_addresses_pass(address):
     assert remote.refusal(address, allow_loopback=False) is None
 
@@ -77,7 +106,14 @@ def test_public_addresses_pass(address):
 def test_loopback_passes_only_with_the_setting():
     assert remote.refusal("127.0.0.1", allow_loopback=True) is None
     assert remote.refusal("::1", allow_loopback=True) is None
+    assert remote.refusal("::ffff:127.0.0.1", allow_loopback=True) is None
     assert remote.refusal("10.0.0.1", allow_loopback=True) == "a private address"
+
+
+@pytest.mark.parametrize("address", ["2002:7f00:1::1", "64:ff9b::7f00:1", "::127.0.0.1", "::ffff:0:7f00:1"])
+def test_the_loopback_setting_never_reaches_through_a_translator(address):
+    """A 6to4 relay or NAT64 gateway would connect to ITS loopback: refused even in tests."""
+    assert "embedding 127.0.0.1, a loopback address" in remote.refusal(address, allow_loopback=True)
 
 
 @pytest.mark.parametrize(
@@ -102,7 +138,17 @@ def test_refused_urls(url, message, no_connect):
 
 
 @pytest.mark.parametrize(
-    "addresses", [("10.0.0.1",), ("169.254.169.254",), ("93.184.215.14", "192.168.0.1"), ("127.0.0.1",)]
+    "addresses",
+    [
+        ("10.0.0.1",),
+        ("169.254.169.254",),
+        ("93.184.215.14", "192.168.0.1"),
+        ("127.0.0.1",),
+        ("2606:4700:4700::1111", "2002:a9fe:a9fe::1"),  # dual-stack answer whose IPv6 hides the metadata address
+        ("64:ff9b::a00:1",),
+        ("fec0::1", "93.184.215.14"),
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2",),
+    ],
 )
 def test_host_resolving_to_a_refused_address(addresses, no_connect):
     """Every resolved address is checked: one bad answer among good ones refuses the host."""
@@ -125,6 +171,25 @@ def test_checked_target_connects_to_the_checked_address():
         "93.184.215.14",
         "/a/b.tar?sig=1",
     )
+
+
+def test_target_keeps_every_address_in_the_resolvers_order(no_connect):
+    target = remote.check_url("https://weights.example/w", FIELD, stub("2606:4700:4700::1111", "93.184.215.14"))
+    assert target.addresses == ("2606:4700:4700::1111", "93.184.215.14")
+    assert target.address == "2606:4700:4700::1111"
+
+
+def test_system_resolver_keeps_getaddrinfo_order(monkeypatch):
+    """getaddrinfo sorts by RFC 6724 preference; that order is kept (it used to be sorted as text), repeats dropped."""
+    answers = [("2606:4700:4700::1111", 443, 0, 0), ("93.184.215.14", 443), ("2606:4700:4700::1111", 443, 0, 0)]
+    infos = [(socket.AF_INET6 if ":" in a[0] else socket.AF_INET, socket.SOCK_STREAM, 6, "", a) for a in answers]
+    monkeypatch.setattr(remote.socket, "getaddrinfo", lambda *args, **kwargs: infos)
+    assert remote.system_resolver("weights.example", 443) == ["2606:4700:4700::1111", "93.184.215.14"]
+
+
+def test_a_non_ascii_path_is_percent_encoded(no_connect):
+    target = remote.check_url("https://weights.example/wé.tar?name=é", FIELD, stub("93.184.215.14"))
+    assert target.path == "/w%C3%A9.tar?name=%C3%A9"
 
 
 def test_http_needs_the_loopback_setting(monkeypatch, no_connect):
@@ -274,3 +339,128 @@ def test_https_connects_to_the_checked_address_and_verifies_the_name(tls_server,
     with pytest.raises(FetchError, match="certificate verify failed|match"):
         remote.fetch_to_file(url, tmp_path, FIELD, limits)  # 127.0.0.1 is not the certificate's name
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".download")] == [path.name]
+
+
+# -- every resolved address, in order ----------------------------------------------------------------------------------
+
+
+def hold_closed_on_ipv6_loopback(port: int) -> socket.socket | None:
+    """Bind ::1:`port` without listening, so a connection there is refused (and nothing else can listen there
+    meanwhile). Without IPv6, connecting to ::1 fails anyway (no address): the same fall-through."""
+    if not socket.has_ipv6:
+        return None
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.bind(("::1", port))
+    except OSError as error:
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            pytest.skip(f"something listens on [::1]:{port}")
+        return None  # no IPv6 loopback here
+    return sock
+
+
+@pytest.fixture
+def connections(monkeypatch):
+    """Every address a connection is attempted to, in order; anything but loopback fails the test."""
+    attempts, real = [], remote.socket.create_connection
+
+    def loopback_only(address, *args, **kwargs):
+        assert address[0] in ("127.0.0.1", "::1"), f"connected to {address}"
+        attempts.append(address[0])
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(remote.socket, "create_connection", loopback_only)
+    return attempts
+
+
+def test_an_unreachable_address_falls_through_to_the_next(server, tmp_path, connections, caplog):
+    """A dual-stack host seen from an IPv4-only container: its IPv6 address fails, its IPv4 address serves."""
+    url = server.serve("/w.bin", b"weights").replace("127.0.0.1", "weights.test")
+    closed = hold_closed_on_ipv6_loopback(server.httpd.server_port)
+    try:
+        with caplog.at_level(logging.INFO, logger="sdxl.remote"):
+            path = remote.fetch_to_file(url, tmp_path, FIELD, FetchLimits(max_bytes=100), stub("::1", "127.0.0.1"))
+    finally:
+        if closed:
+            closed.close()
+    assert path.read_bytes() == b"weights"
+    assert connections == ["::1", "127.0.0.1"]
+    assert "cannot connect to ::1" in caplog.text and server.requests["/w.bin"] == 1
+
+
+def test_every_address_failing_names_each(server, tmp_path, connections):
+    port = server.httpd.server_port
+    server.close()  # nothing listens on 127.0.0.1:port any more
+    closed = hold_closed_on_ipv6_loopback(port)
+    try:
+        with pytest.raises(FetchError, match=r"no address of weights.test answered \(::1: .*; 127.0.0.1: .*refused"):
+            remote.fetch_to_file(
+                f"http://weights.test:{port}/w.bin",
+                tmp_path,
+                FIELD,
+                FetchLimits(max_bytes=100),
+                stub("::1", "127.0.0.1"),
+            )
+    finally:
+        if closed:
+            closed.close()
+    assert connections == ["::1", "127.0.0.1"] and list(tmp_path.iterdir()) == []
+
+
+# -- credentials in URLs stay out of logs and errors -------------------------------------------------------------------
+
+SECRET = "SECRETc0ffee"
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        (f"https://b.s3.amazonaws.com/w.tar?X-Amz-Signature={SECRET}", "https://b.s3.amazonaws.com/w.tar?..."),
+        (f"https://h/w.tar#{SECRET}", "https://h/w.tar?..."),
+        (f"https://user:{SECRET}@h/w.tar", "https://***@h/w.tar"),
+        (f"https://h:99999/w?sig={SECRET}", "https://h:99999/w?..."),
+        (f"https://[::1/w?sig={SECRET}", "https://[::1/w?..."),  # malformed: urlsplit would raise
+        (f"/relative?sig={SECRET}", "/relative?..."),
+        ("https://h/w.tar", "https://h/w.tar"),
+    ],
+)
+def test_redact(url, shown):
+    assert remote.redact(url) == shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"https://h:99999/w?X-Amz-Signature={SECRET}",  # invalid port
+        f"https://?X-Amz-Signature={SECRET}",  # no host
+        f"https://h/w?X-Amz-Signature={SECRET} x",  # a space
+        f"https://h/w?X-Amz-Signature={SECRET}\x01",  # a control character (http.client would quote it whole)
+        f"https://[::1/w?X-Amz-Signature={SECRET}",
+        f"ftp://h/w?X-Amz-Signature={SECRET}",
+        f"https://10.0.0.1/w?X-Amz-Signature={SECRET}",
+    ],
+)
+def test_refusals_never_quote_the_query(url, no_connect):
+    with pytest.raises(FetchError) as error:
+        remote.check_url(url, FIELD)  # each is refused before resolving, or is a literal address
+    assert SECRET not in str(error.value)
+
+
+@pytest.mark.parametrize("outcome", ["served", "missing"])
+def test_redirect_logs_and_errors_carry_no_query(server, tmp_path, caplog, outcome):
+    """A presigned URL redirects to another presigned URL (the secret in its Location too), then is served or
+    not found: neither the log lines (redirect hop, progress, result) nor the error hold the secret."""
+    server.redirects[f"/start?X-Amz-Signature={SECRET}1"] = f"/final?X-Amz-Signature={SECRET}2"
+    if outcome == "served":
+        server.serve(f"/final?X-Amz-Signature={SECRET}2", b"weights")
+    url = server.url(f"/start?X-Amz-Signature={SECRET}1")
+    with caplog.at_level(logging.DEBUG):
+        try:
+            remote.fetch_to_file(url, tmp_path, FIELD, FetchLimits(max_bytes=100))
+            error = ""
+        except FetchError as failure:
+            error = str(failure)
+    assert "redirects to http://127.0.0.1" in caplog.text and "?..." in caplog.text
+    assert ("HTTP 404" in error) == (outcome == "missing") and ("downloaded" in caplog.text) == (outcome == "served")
+    assert SECRET not in caplog.text and SECRET not in error
