@@ -278,3 +278,11 @@ def test_training_job_runs_the_committed_entry_on_several_gpus_with_a_valid_conf
     TrainingConfig(**json.loads(config_map["data"]["training.json"]))  # the trainer's own checks
     data_mount = next(m for m in main["volumeMounts"] if m["name"] == "data")["mountPath"]
     assert command[command.index("--output") + 1].startswith(data_mount + "/")
+
+
+@needs_kustomize
+def test_no_workload_allows_loopback_urls():
+    docs = rendered("overlays/production") + rendered("training")
+    for doc in (d for d in docs if d["kind"] in ("Deployment", "Job")):
+        names = {e["name"] for c in doc["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
+        assert "SDXL_ALLOW_LOOPBACK_HTTP" not in names, doc["metadata"]["name"]
