@@ -167,6 +167,23 @@ def test_killing_a_predictor_mid_run_loses_no_request(cluster):
     assert resent >= 1
 
 
+def test_stop_lets_the_request_in_flight_finish(cluster):
+    """Runs after the kill test: `cluster.sh stop` soft-stops HAProxy, which finishes what it holds, then drains."""
+    slow = {**SMALL, "num_inference_steps": 20}
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(predict, cluster.url, slow)
+        deadline = time.monotonic() + 30
+        while cluster.stats()["BACKEND"]["scur"] == "0":  # the request has reached a predictor
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        cluster.run("stop")
+        assert answer.result(timeout=5) == (200, "succeeded")  # stop returned only once it was answered
+    assert not (cluster.dir / "haproxy.pid").exists()
+    assert not list(cluster.dir.glob("predictor*.pid"))
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{cluster.url}/", timeout=2)
+
+
 def test_a_server_that_answers_200_but_failed_setup_is_down_for_the_balancer(tmp_path):
     """/health-check says 200 in every state: the balancer's check must read SETUP_FAILED in the body."""
     from tests.cogserver import CogServer
