@@ -70,6 +70,13 @@ def in_repo(image_path: str) -> Path:
     return ROOT / Path(image_path).relative_to(IMAGE_ROOT)
 
 
+def probe_timeouts() -> dict[str, float]:
+    sys.path.insert(0, str(ROOT / "deploy"))
+    import probe
+
+    return probe.TIMEOUT_S
+
+
 def resource_files() -> list[Path]:
     """Every whole object file the kustomizations list (patches are partial and are checked rendered)."""
     files = []
@@ -107,6 +114,7 @@ def test_predictor_takes_one_gpu_probes_run_the_committed_script_and_drains_long
         command = main[probe]["exec"]["command"]
         assert command == ["python", str(IMAGE_ROOT / "deploy/probe.py"), mode]
         assert in_repo(command[1]).is_file()
+        assert main[probe]["timeoutSeconds"] > probe_timeouts()[mode], "the kubelet would cut the probe's own wait"
     startup = main["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "a cold start from network storage"
     dockerignore = (ROOT / ".dockerignore").read_text().split()
