@@ -10,3 +10,7 @@ cd "$(dirname "$0")/.."
 # The browser playground's own environment (.venv-playground), which its tests use; under CI also Debian's chromium
 # and chromium-driver for those browser tests.
 bash scripts/setup_playground.sh ${CI:+--browser}
+# HAProxy (Debian's package) for the load-balancer tests and scripts/cluster.sh; only where apt can install it.
+if ! command -v haproxy >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq haproxy) >/dev/null || echo "setup_env: haproxy not installed" >&2
+fi
