@@ -42,4 +42,4 @@ timeout 120 "$PYTHON" scripts/stack_check.py ${smoke:+--cpu} || {
 
 # 3. Every row that fits what is left of the budget.
 left=$(( budget - ($(date +%s) - started) ))
-exec "$PYTHON" scripts/benchmark.py --mode gpu --budget-s "$left" "${args[@]}"
+exec "$PYTHON" scripts/benchmark.py --mode gpu --budget-s "$left" ${args[@]+"${args[@]}"}

@@ -65,12 +65,22 @@ def close_in_flight(report: Report, steps: dict, killed: dict | None, returncode
     step = steps[name]
     if killed:
         allowed = killed["until"] - killed.get("started", killed["until"])
-        reason = f"still running {GRACE_S:.0f} s past the {allowed:.0f} s it was allowed: the measuring process was killed"
+        reason = (
+            f"still running {GRACE_S:.0f} s past the {allowed:.0f} s it was allowed: the measuring process was killed"
+        )
         row = {"status": "stopped", "reason": reason}
     else:
         row = {"status": "failed", "reason": f"the measuring process exited with code {returncode} in this step"}
     seconds = time.time() - status["started"] if "started" in status else None
     report.add_row({"step": name, "id": step.id, "title": step.title, "seconds": seconds, "summary": "", **row})
+
+
+def _why_ended(status: dict, returncode: int, deadline: float) -> str:
+    if status.get("fatal"):
+        return status["fatal"]
+    if time.time() > deadline - 2 * GRACE_S:
+        return "budget spent"
+    return f"the measuring process exited with code {returncode}" if returncode else ""
 
 
 def run_workers(report_dir: Path, config: Config, names: list[str], paths: dict, deadline: float) -> str:
@@ -86,7 +96,7 @@ def run_workers(report_dir: Path, config: Config, names: list[str], paths: dict,
         done = {row["step"] for row in report.rows}
         progressed = any(name in done for name in pending)
         pending = [name for name in pending if name not in done]
-        why = status.get("fatal") or ("budget spent" if time.time() > deadline - GRACE_S else why)
+        why = _why_ended(status, process.returncode, deadline)
         if not pending or not progressed or time.time() > deadline - 2 * GRACE_S:
             break
     return why or "budget spent"
