@@ -3,8 +3,8 @@
 # fits the budget, in order of importance (docs/PERFORMANCE.md says which row sets which default).
 #   bash scripts/device_benchmark.sh                      # --budget-s 420 by default, from this script's start
 #   bash scripts/device_benchmark.sh --smoke --arch mid   # the same on CPU with small shapes (the tests run this)
-# Any other option goes to `scripts/benchmark.py --mode gpu`. Results: benchmark-gpu.{json,jsonl,md} in $OUT (or
-# --out DIR, else the current folder), written after every row; the last lines printed are the table.
+# Any other option goes to `scripts/benchmark.py --mode gpu`. Results: benchmark-gpu.{json,jsonl,md,log} in $OUT
+# (or --out DIR, else the current folder), written after every row; the last lines printed are the table.
 # Wheels: .whl/ (scripts/device_wheels.sh) is installed into /tmp/sdxl-site when present (not with --smoke);
 # PYTHON picks the python (default python3).
 set -uo pipefail
@@ -13,16 +13,20 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 budget=420
 smoke=""
+out=${OUT:-.}
 args=()
 while [ $# -gt 0 ]; do
   case $1 in
     --budget-s) budget=$2; shift 2 ;;
-    --budget-s=*) budget=${1#*=}; shift ;;
+    --out) out=$2; shift 2 ;;
     --smoke) smoke=1; args+=("$1"); shift ;;
     *) args+=("$1"); shift ;;
   esac
 done
 export PYTHONUNBUFFERED=1
+# The whole log comes back too (a device reply holds only the end of the output), even if the run is cut off.
+mkdir -p "$out"
+exec > >(tee "$out/benchmark-gpu.log") 2>&1
 
 # 1. The wheels the GPU machine lacks (diffusers, peft, the watermark, the CLIP vocabulary), if carried; they are
 # built for its python, so a --smoke run uses the python it is given as it is.
@@ -42,4 +46,4 @@ timeout 120 "$PYTHON" scripts/stack_check.py ${smoke:+--cpu} || {
 
 # 3. Every row that fits what is left of the budget.
 left=$(( budget - ($(date +%s) - started) ))
-exec "$PYTHON" scripts/benchmark.py --mode gpu --budget-s "$left" ${args[@]+"${args[@]}"}
+exec "$PYTHON" scripts/benchmark.py --mode gpu --budget-s "$left" --out "$out" ${args[@]+"${args[@]}"}

@@ -18,11 +18,11 @@ ALL_ROWS = ["1", "2a", "2b", "3", "4", "5a", "5b", "5c", "5d", "6a", "6b", "6c"]
 STARTUP_SLACK_S = 10  # python start of the parent and the shell's own steps, outside the measured budget
 
 
-def run(command: list[str], timeout: float) -> tuple[subprocess.CompletedProcess, float]:
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": ""}
+def run(command: list[str], timeout: float, env: dict | None = None, rc: int = 0):
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": "", **(env or {})}
     started = time.monotonic()
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == rc, (done.stdout + done.stderr)[-3000:]
     return done, time.monotonic() - started
 
 
@@ -61,6 +61,7 @@ def test_device_command_measures_every_row_on_tiny_shapes_within_its_budget(tmp_
     report, rows, md = outputs(tmp_path / "out")
     assert list(rows) == ALL_ROWS and {row["status"] for row in rows.values()} == {"measured"}, md
     assert done.stdout.rstrip().endswith(md.rstrip().splitlines()[-1])  # the table is what is printed last
+    assert "stack (" in (tmp_path / "out" / "benchmark-gpu.log").read_text()  # the whole log is kept too
     assert report["facts"]["write_weights_s"] > 0 and report["facts"]["matmul_tflops"] > 0
     defaults = rows["1"]["metrics"]
     assert defaults["s_per_image"] > 0 and defaults["unet_steps_per_s"] > 0 and defaults["unet_tflop_per_call"] > 0
@@ -93,6 +94,25 @@ def test_a_small_budget_skips_what_does_not_fit_and_stops_an_overrun_on_mid_shap
     assert rows["4"]["status"] == "stopped" and "killed" in rows["4"]["reason"], rows["4"]
     for row in ("6a", "6b", "6c"):  # measured if the time left allowed, else skipped, with the reason
         assert rows[row]["status"] == "measured" or (rows[row]["status"] == "skipped" and rows[row]["reason"]), md
+
+
+def test_a_stack_that_does_not_import_stops_the_command_in_seconds_with_what_is_wrong(tmp_path):
+    """A diffusers that fails to import (as a missing wheel would) ends the command at the stack check, exit code 3,
+    naming the package and where it comes from, before anything is written or measured."""
+    fake = tmp_path / "site" / "diffusers"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no diffusers in this image')\n")
+    pythonpath = os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])
+    done, wall = run(
+        ["bash", "scripts/device_benchmark.sh", "--smoke", "--out", str(tmp_path / "out")],
+        timeout=180,
+        env={"PYTHONPATH": pythonpath},
+        rc=3,
+    )
+    assert "STACK PROBLEM: diffusers: does not import (ImportError: no diffusers in this image)" in done.stdout
+    assert "carry .whl" in done.stdout and "nothing was measured" in done.stdout
+    assert not (tmp_path / "out" / "benchmark-gpu.json").exists()
+    assert wall < 120  # the imports of torch and transformers, nothing more (seconds on an idle machine)
 
 
 def test_estimates_grow_with_what_was_measured_and_a_started_step_ends_by_the_deadline():
