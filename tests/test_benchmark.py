@@ -75,14 +75,15 @@ def test_device_command_measures_every_row_on_tiny_shapes_within_its_budget(tmp_
 
 
 def test_a_small_budget_skips_what_does_not_fit_and_stops_an_overrun_on_mid_shapes(tmp_path):
-    """Row 3 (compile) is estimated at more than is left, so it is skipped; row 4 is made to hang where nothing
-    inside can stop it (a stand-in for a compile that overruns): the parent kills it at its limit, and a new
-    measuring process takes the rows after it as far as the budget goes. Whatever happens, every row is reported,
-    the files parse, and the run ends within its budget."""
-    budget = 60
+    """Row 3 (compile) is estimated at more than is left, so it is skipped (estimates x3 here, so that holds on a
+    fast machine too); row 4 is made to hang where nothing inside can stop it (a stand-in for a compile that
+    overruns): the parent kills it at its limit, and a new measuring process takes the rows after it as far as the
+    budget goes. Whatever happens, every row is reported, the files parse, and the run ends within its budget."""
+    budget = 90
     _, wall = run(
         [sys.executable, "scripts/benchmark.py", "--mode", "gpu", "--smoke", "--arch", "mid", "--budget-s",
          str(budget), "--repeats", "1", "--rows", "1", "3", "4", "6", "--stall", "lora", "--min-allowance-s", "2",
+         "--estimate-scale", "3",
          "--out", str(tmp_path / "out"), "--weights-dir", str(tmp_path / "weights")],
         timeout=budget + 60,
     )  # fmt: skip
