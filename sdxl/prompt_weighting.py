@@ -126,7 +126,9 @@ class PromptEmbeds:
         return dict(vars(self))
 
     def repeated(self, count: int) -> PromptEmbeds:
-        return PromptEmbeds(**{name: value.repeat(count, *([1] * (value.ndim - 1))) for name, value in vars(self).items()})
+        return PromptEmbeds(
+            **{name: value.repeat(count, *([1] * (value.ndim - 1))) for name, value in vars(self).items()}
+        )
 
     def columns(self, start: int) -> PromptEmbeds:
         """The token embeddings from column `start` on (one encoder's half); pooled embeddings as they are."""
@@ -189,9 +191,7 @@ def encode(tokenizers, encoders, prompt: str, negative_prompt: str) -> PromptEmb
 
 
 def encode_base(pipe, prompt: str, negative_prompt: str) -> PromptEmbeds:
-    return encode(
-        (pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2), prompt, negative_prompt
-    )
+    return encode((pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2), prompt, negative_prompt)
 
 
 def encode_refiner(refiner, base, base_embeds: PromptEmbeds, prompt: str, negative_prompt: str) -> PromptEmbeds:
