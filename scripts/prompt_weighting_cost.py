@@ -1,0 +1,111 @@
+"""What prompt_weighting costs per request, measured side by side with it off in one run (CPU; tiny and mid shapes).
+
+    python scripts/prompt_weighting_cost.py [--archs tiny mid] [--repeats 5] [--size 256] [--steps 4]
+
+For each model: the text encoding alone (diffusers' encode_prompt vs compel through sdxl.prompt_weighting) and whole
+requests (generate, no refiner, no safety checker, no watermark), for a short plain prompt, a short weighted one and
+a 200-token one. Median seconds of `--repeats` runs after one warm-up; a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from sdxl import prompt_weighting as pw  # noqa: E402
+from sdxl.architectures import ARCHITECTURES  # noqa: E402
+from sdxl.generation import generate  # noqa: E402
+from sdxl.loading import load_pipelines  # noqa: E402
+from sdxl.request import GenerationRequest  # noqa: E402
+from sdxl.tiny_weights import write_random_weights  # noqa: E402
+
+WORDS = "fox snow river tree house cloud stone bird moon lake road field".split()
+PROMPTS = {
+    "short plain": "a watercolor fox in the snow",
+    "short weighted": "a watercolor (fox)1.4 in the snow, blurry--",
+    "200 tokens": " ".join(WORDS[i % len(WORDS)] for i in range(200)),
+}
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
+
+
+def encode_cost(pipes, prompt: str, weighting: bool, repeats: int) -> float:
+    pipe = pipes.text2img
+
+    def plain():
+        with torch.inference_mode():
+            pipe.encode_prompt(prompt, negative_prompt="blurry", device=pipe.device, do_classifier_free_guidance=True)
+
+    def weighted():
+        with torch.inference_mode():
+            pw.encode_base(pipe, prompt, "blurry")
+
+    return median_seconds(weighted if weighting else plain, repeats)
+
+
+def request_cost(pipes, prompt: str, weighting: bool, args) -> float:
+    request = GenerationRequest(
+        prompt=prompt,
+        negative_prompt="blurry",
+        prompt_weighting=weighting,
+        width=args.size,
+        height=args.size,
+        num_inference_steps=args.steps,
+        seed=1,
+        apply_watermark=False,
+        disable_safety_checker=True,
+    )
+    return median_seconds(lambda: generate(pipes, request), args.repeats)
+
+
+def rows_for(arch: str, args) -> list[str]:
+    with tempfile.TemporaryDirectory() as folder:
+        pipes = load_pipelines(write_random_weights(Path(folder), ARCHITECTURES[arch]))
+    rows = []
+    for label, prompt in PROMPTS.items():
+        off_encode = encode_cost(pipes, prompt, False, args.repeats)  # off: the same text, read literally
+        on_encode = encode_cost(pipes, prompt, True, args.repeats)
+        off_request = request_cost(pipes, prompt, False, args)
+        on_request = request_cost(pipes, prompt, True, args)
+        rows.append(
+            f"| {arch} | {label} | {off_encode * 1000:.1f} ms | {on_encode * 1000:.1f} ms | {off_request:.3f} s | {on_request:.3f} s "
+            f"| {on_request / off_request:.3f} |"
+        )
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archs", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    print(f"CPU, {torch.get_num_threads()} threads, {args.size} px, {args.steps} steps, median of {args.repeats}\n")
+    print("| model | prompt | encode, off | encode, on | request, off | request, on | on / off |")
+    print("|---|---|---|---|---|---|---|")
+    for arch in args.archs:
+        for row in rows_for(arch, args):
+            print(row, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
