@@ -4,7 +4,7 @@
 
 For each model: the text encoding alone (diffusers' encode_prompt vs compel through sdxl.prompt_weighting) and whole
 requests (generate, no refiner, no safety checker, no watermark), for a short plain prompt, a short weighted one and
-a 200-token one. Median seconds of `--repeats` runs after one warm-up; a markdown table on stdout.
+a 200-token one. Each timed run parses its prompts afresh (as a new prompt would be). Median seconds of `--repeats` runs after one warm-up; a markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def encode_cost(pipes, prompt: str, weighting: bool, repeats: int) -> float:
             pipe.encode_prompt(prompt, negative_prompt="blurry", device=pipe.device, do_classifier_free_guidance=True)
 
     def weighted():
+        pw.clear_parse_cache()  # a new prompt per request: the parse is part of the cost
         with torch.inference_mode():
             pw.encode_base(pipe, prompt, "blurry")
 
@@ -61,18 +62,22 @@ def encode_cost(pipes, prompt: str, weighting: bool, repeats: int) -> float:
 
 
 def request_cost(pipes, prompt: str, weighting: bool, args) -> float:
-    request = GenerationRequest(
-        prompt=prompt,
-        negative_prompt="blurry",
-        prompt_weighting=weighting,
-        width=args.size,
-        height=args.size,
-        num_inference_steps=args.steps,
-        seed=1,
-        apply_watermark=False,
-        disable_safety_checker=True,
-    )
-    return median_seconds(lambda: generate(pipes, request), args.repeats)
+    def run():
+        pw.clear_parse_cache()
+        request = GenerationRequest(  # built in the timed part: with weighting its prompts are parsed here
+            prompt=prompt,
+            negative_prompt="blurry",
+            prompt_weighting=weighting,
+            width=args.size,
+            height=args.size,
+            num_inference_steps=args.steps,
+            seed=1,
+            apply_watermark=False,
+            disable_safety_checker=True,
+        )
+        generate(pipes, request)
+
+    return median_seconds(run, args.repeats)
 
 
 def rows_for(arch: str, args) -> list[str]:
