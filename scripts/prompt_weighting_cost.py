@@ -4,7 +4,7 @@
 
 For each model: the text encoding alone (diffusers' encode_prompt vs compel through sdxl.prompt_weighting) and whole
 requests (generate, no refiner, no safety checker, no watermark), for a short plain prompt, a short weighted one and
-a 200-token one. Each timed run parses its prompts afresh (as a new prompt would be). Median seconds of `--repeats` runs after one warm-up; a markdown table on stdout.
+a 200-token one. Each timed run parses its prompts afresh (as a new prompt would be). Medians of `--repeats` runs, off and on alternating, after a warm-up; a markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -36,33 +36,40 @@ PROMPTS = {
 }
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
+def paired(off, on, repeats: int) -> dict[str, float]:
+    """Off and on alternately (this machine is shared: load drifts), after one warm-up each. Medians of wall time
+    and of this process's CPU time (all threads), which the other processes' load disturbs less."""
+    off(), on()
+    samples = {"off": [], "on": []}
+    for i in range(repeats):
+        for name, fn in (("off", off), ("on", on)) if i % 2 == 0 else (("on", on), ("off", off)):
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            samples[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    result = {}
+    for name, pairs in samples.items():
+        result[f"{name}_wall"] = statistics.median(p[0] for p in pairs)
+        result[f"{name}_cpu"] = statistics.median(p[1] for p in pairs)
+    return result
 
 
-def encode_cost(pipes, prompt: str, weighting: bool, repeats: int) -> float:
+def encoders(pipes, prompt: str):
     pipe = pipes.text2img
 
-    def plain():
+    def off():
         with torch.inference_mode():
             pipe.encode_prompt(prompt, negative_prompt="blurry", device=pipe.device, do_classifier_free_guidance=True)
 
-    def weighted():
+    def on():
         pw.clear_parse_cache()  # a new prompt per request: the parse is part of the cost
         with torch.inference_mode():
             pw.encode_base(pipe, prompt, "blurry")
 
-    return median_seconds(weighted if weighting else plain, repeats)
+    return off, on
 
 
-def request_cost(pipes, prompt: str, weighting: bool, args) -> float:
-    def run():
+def requests(pipes, prompt: str, args):
+    def run(weighting: bool):
         pw.clear_parse_cache()
         request = GenerationRequest(  # built in the timed part: with weighting its prompts are parsed here
             prompt=prompt,
@@ -77,21 +84,21 @@ def request_cost(pipes, prompt: str, weighting: bool, args) -> float:
         )
         generate(pipes, request)
 
-    return median_seconds(run, args.repeats)
+    return lambda: run(False), lambda: run(True)
 
 
 def rows_for(arch: str, args) -> list[str]:
     with tempfile.TemporaryDirectory() as folder:
         pipes = load_pipelines(write_random_weights(Path(folder), ARCHITECTURES[arch]))
     rows = []
-    for label, prompt in PROMPTS.items():
-        off_encode = encode_cost(pipes, prompt, False, args.repeats)  # off: the same text, read literally
-        on_encode = encode_cost(pipes, prompt, True, args.repeats)
-        off_request = request_cost(pipes, prompt, False, args)
-        on_request = request_cost(pipes, prompt, True, args)
+    for label, prompt in PROMPTS.items():  # off: the same text, read literally (and cut at 77 tokens)
+        enc = paired(*encoders(pipes, prompt), args.repeats)
+        req = paired(*requests(pipes, prompt, args), args.repeats)
         rows.append(
-            f"| {arch} | {label} | {off_encode * 1000:.1f} ms | {on_encode * 1000:.1f} ms | {off_request:.3f} s | {on_request:.3f} s "
-            f"| {on_request / off_request:.3f} |"
+            f"| {arch} | {label} | {enc['off_wall'] * 1000:.0f} / {enc['off_cpu'] * 1000:.0f} ms "
+            f"| {enc['on_wall'] * 1000:.0f} / {enc['on_cpu'] * 1000:.0f} ms "
+            f"| {req['off_wall']:.3f} / {req['off_cpu']:.3f} s | {req['on_wall']:.3f} / {req['on_cpu']:.3f} s "
+            f"| {req['on_wall'] - req['off_wall']:+.3f} / {req['on_cpu'] - req['off_cpu']:+.3f} s |"
         )
     return rows
 
@@ -104,7 +111,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     print(f"CPU, {torch.get_num_threads()} threads, {args.size} px, {args.steps} steps, median of {args.repeats}\n")
-    print("| model | prompt | encode, off | encode, on | request, off | request, on | on / off |")
+    print("Each cell: wall / process CPU time (medians). Off and on alternate run by run.\n")
+    print("| model | prompt | encode, off | encode, on | request, off | request, on | request, on - off |")
     print("|---|---|---|---|---|---|---|")
     for arch in args.archs:
         for row in rows_for(arch, args):
