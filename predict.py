@@ -12,7 +12,8 @@ from typing import Optional
 
 from cog import BaseRunner, Input, Path
 
-from sdxl import infotext
+from cog_inputs import FileInput, guard_worker_egress
+from sdxl import file_inputs, infotext
 from sdxl.adapters import AdapterRequest, Adapters, parse_loras
 from sdxl.generation import generate
 from sdxl.images import MAX_SIDE, MIN_SIDE, load_image, load_mask
@@ -32,6 +33,16 @@ def log_progress(stage: str, step: int, steps: int) -> None:
         log.info("%s: step %d/%d", stage, step, steps)
 
 
+def read_input_images(image, mask):
+    """`image` and `mask` (https URLs or data: URIs over HTTP; see sdxl.file_inputs) as decoded images. The fetched
+    files are removed as soon as their pixels are in memory."""
+    with file_inputs.local_files({"image": image, "mask": mask}, file_inputs.FileInputLimits.for_images()) as files:
+        return (
+            load_image(files["image"], "image") if files["image"] else None,
+            load_mask(files["mask"], "mask") if files["mask"] else None,
+        )
+
+
 class Runner(BaseRunner):
     own_weights: Optional[str] = None  # the trained tar setup() applied for good (COG_WEIGHTS), for the record
 
@@ -44,6 +55,7 @@ class Runner(BaseRunner):
 
     def setup(self, weights: Optional[str] = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        guard_worker_egress()
         root = weights_dir()
         if random_architecture(root):
             log.warning("%s holds RANDOM %s test weights: every image will be noise", root, random_architecture(root))
@@ -58,8 +70,8 @@ class Runner(BaseRunner):
         self,
         prompt: str = Input(description="Input prompt", default=DEFAULT_PROMPT),
         negative_prompt: str = Input(description="Input Negative Prompt", default=""),
-        image: Optional[Path] = Input(description="Input image for img2img or inpaint mode", default=None),
-        mask: Optional[Path] = Input(
+        image: Optional[FileInput] = Input(description="Input image for img2img or inpaint mode", default=None),
+        mask: Optional[FileInput] = Input(
             description="Input mask for inpaint mode. Black areas will be preserved, white areas will be inpainted.",
             default=None,
         ),
@@ -141,11 +153,12 @@ class Runner(BaseRunner):
         self._discard_previous_outputs()
         options = OutputOptions(output_format, output_quality)
         extra = AdapterRequest(replicate_weights=replicate_weights, lora_scale=lora_scale, loras=parse_loras(loras))
+        input_image, input_mask = read_input_images(image, mask)
         request = GenerationRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
-            image=load_image(image, "image") if image else None,
-            mask=load_mask(mask, "mask") if mask else None,
+            image=input_image,
+            mask=input_mask,
             width=width,
             height=height,
             num_outputs=num_outputs,

@@ -3,7 +3,9 @@ trained_model.tar. Served by `COG_TRAIN_TYPE_STUB=train.py:train python -m cog.s
 
 It only translates: inputs -> TrainingConfig (validated before any work), then sdxl.preprocess (archive -> training
 folder) and sdxl.training (folder -> tar). Scratch files live in a private temporary folder removed in every case;
-the tar is returned from its own folder and only once it is complete.
+the tar is returned from its own folder and only once it is complete. No checkpoints are written here: the scratch
+folder does not outlive the training, so nothing could resume from them (`python -m sdxl.training` with a lasting
+--output-dir writes them every checkpointing_steps).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from typing import Optional
 
 from cog import BaseModel, Input, Path
 
-from sdxl import weights
+from cog_inputs import FileInput, guard_worker_egress
+from sdxl import file_inputs, weights
+from sdxl.errors import InputError
+from sdxl.private_dirs import private_dir
 from sdxl.training.config import FILETYPES, LR_SCHEDULERS, TrainingConfig
 from sdxl.training.export import TAR_NAME
 
@@ -50,11 +55,10 @@ def _num_processes() -> int:
 def _fresh_result_dir() -> LocalPath:
     """A private folder for this training's tar. Cog reads the returned file after train() returns, so it cannot be
     removed here; the previous training's folder is removed instead (trainings run one at a time)."""
-    parent = LocalPath(tempfile.gettempdir()) / RESULTS_DIR
-    if parent.exists():
-        for previous in parent.iterdir():
-            shutil.rmtree(previous, ignore_errors=True)
-    parent.mkdir(exist_ok=True)
+    # A fixed name under a shared folder: created 0700 and checked (ours, not a symlink) before it is cleaned.
+    parent = private_dir(LocalPath(tempfile.gettempdir()) / RESULTS_DIR, "TMPDIR")
+    for previous in parent.iterdir():
+        shutil.rmtree(previous, ignore_errors=True)
     return LocalPath(tempfile.mkdtemp(prefix="run-", dir=parent))
 
 
@@ -84,11 +88,13 @@ def run_training(config: TrainingConfig, input_images: LocalPath, weights_root: 
         if _num_processes() > 1:
             from sdxl.training.launch import run_processes
 
-            run_processes(config, dataset, weights_root, work / "run", _num_processes(), tar_path)
+            run_processes(
+                config, dataset, weights_root, work / "run", _num_processes(), tar_path, write_checkpoints=False
+            )
         else:
             from sdxl.training.loop import train as train_loop
 
-            train_loop(config, dataset, weights_root, work / "run", tar_path=tar_path)
+            train_loop(config, dataset, weights_root, work / "run", tar_path=tar_path, write_checkpoints=False)
         log.info("trained_model.tar ready: %s", tar_path)
         return tar_path
     except BaseException:
@@ -99,7 +105,9 @@ def run_training(config: TrainingConfig, input_images: LocalPath, weights_root: 
 
 
 def train(
-    input_images: Path = Input(description="A .zip or .tar file of the training images (optionally a caption.csv)"),
+    input_images: FileInput = Input(
+        description="A .zip or .tar file of the training images (optionally a caption.csv)"
+    ),
     seed: Optional[int] = Input(
         description="Random seed for reproducible training; empty for a random one", default=None
     ),
@@ -135,6 +143,7 @@ def train(
     ),
 ) -> TrainingOutput:
     _log_to_stdout()
+    guard_worker_egress()
     # 1. Validate every input before any work (errors name the field, the value and what is allowed).
     config = TrainingConfig(
         seed=seed,
@@ -162,5 +171,9 @@ def train(
     # 2. The base weights must be there: a training never downloads them.
     weights_root = weights.weights_dir()
     weights.require(weights_root, (weights.BASE, weights.VAE))
-    # 3. Preprocess, train, return the tar.
-    return TrainingOutput(weights=Path(run_training(config, LocalPath(input_images), weights_root)))
+    # 3. Fetch the archive (https URL or data: URI, under the network policy), preprocess, train, return the tar.
+    archive_limits = file_inputs.FileInputLimits.for_archives()
+    with file_inputs.local_files({"input_images": input_images}, archive_limits) as files:
+        if files["input_images"] is None:
+            raise InputError("input_images", "is required: give an https:// URL or a data: URI of a .zip or .tar")
+        return TrainingOutput(weights=Path(run_training(config, files["input_images"], weights_root)))

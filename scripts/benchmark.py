@@ -179,7 +179,7 @@ def measure_http(root: Path, runner, request: GenerationRequest, repeats: int) -
     """A sync POST /predictions through the real Cog server vs the same run() in process."""
     from cog_predict import resolve_inputs
 
-    from tests.cogserver import CogServer
+    from sdxl.testing.cog_server import CogServer
 
     kwargs = resolve_inputs(predictor_inputs(request))
     body = {key: value for key, value in kwargs.items() if value is not None}
@@ -231,8 +231,9 @@ def two_cached_loras(pipes, rank: int = 16):
     """Two rank-`rank` LoRAs served on loopback, fetched and loaded once, so what follows are switches between
     cached LoRAs: yields (adapters, [request for A, request for B], [file A, file B])."""
     from sdxl.adapters import AdapterRequest, Adapters, LoraInput
+    from sdxl.testing.trained import lora_state, write_lora
+    from sdxl.testing.weights_server import loopback_weights_server
     from sdxl.weights_cache import WeightsCache
-    from tests.weights_helpers import loopback_weights_server, lora_state, write_lora
 
     with tempfile.TemporaryDirectory() as tmp, loopback_weights_server() as server:
         files = []

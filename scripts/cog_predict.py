@@ -3,9 +3,11 @@
   python scripts/cog_predict.py -i prompt="a photo of an astronaut" -i seed=42
   python scripts/cog_predict.py -i image=@photo.png -i prompt_strength=0.6 -o out/
 
-Files are given as `-i name=@path` (http(s) and data: URLs work too). Inputs are checked and completed with their
-defaults by cog's own inspector, as the Cog server does, so Runner.run() sees what it would see behind HTTP. Weights
-come from SDXL_WEIGHTS_DIR (default ./weights). (Not named predict.py: that would shadow the predictor's module.)
+Files are given as `-i name=@path` (a local file: the shell's user is trusted with the server's files), or as an
+https:// URL or a data: URI, which run() fetches under the same network policy as over HTTP (sdxl.file_inputs).
+The other inputs are checked and completed with their defaults by cog's own inspector, as the Cog server does, so
+Runner.run() sees what it would see behind HTTP. Weights come from SDXL_WEIGHTS_DIR (default ./weights).
+(Not named predict.py: that would shadow the predictor's module.)
 """
 
 from __future__ import annotations
@@ -22,14 +24,13 @@ sys.path.insert(0, str(ROOT))
 
 from cog import _adt as adt  # noqa: E402
 from cog._inspector import check_input, create_predictor  # noqa: E402
-from cog.types import URLPath  # noqa: E402
 
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
 def parse_pairs(pairs: list[str], fields: dict) -> dict:
-    """-i name=value strings -> raw input values: `@path` for files, true/false for booleans, the rest as text
-    (cog's check_input turns "42" into 42 for integer inputs)."""
+    """-i name=value strings -> raw input values: `@path` for local files (a pathlib.Path, which only a trusted caller
+    can pass), true/false for booleans, the rest as text (cog's check_input turns "42" into 42 for integer inputs)."""
     values = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
@@ -39,8 +40,8 @@ def parse_pairs(pairs: list[str], fields: dict) -> dict:
         if field is None:
             raise ValueError(f"-i {name}: no such input; inputs are {', '.join(fields)}")
         if field.type.primitive is adt.PrimitiveType.PATH and value.startswith("@"):
-            value = value[1:]
-            if not Path(value).is_file():
+            value = Path(value[1:]).expanduser()
+            if not value.is_file():
                 raise ValueError(f"{name}: {value} is not a file")
         elif field.type.primitive is adt.PrimitiveType.BOOL:
             if value.lower() not in TRUE + FALSE:
@@ -51,10 +52,13 @@ def parse_pairs(pairs: list[str], fields: dict) -> dict:
 
 
 def resolve_inputs(pairs: list[str], module: str = "predict", name: str = "Runner") -> dict:
-    """The keyword arguments the Cog server would pass to run(): validated, defaults filled, URLs fetched."""
+    """The keyword arguments the Cog server would pass to run(): validated and completed with defaults. File inputs
+    are kept out of cog's check_input, which would download URLs itself (unchecked); run() fetches them."""
     info = create_predictor(module, name)
-    kwargs = check_input(info.inputs, parse_pairs(pairs, info.inputs))
-    return {key: value.convert() if isinstance(value, URLPath) else value for key, value in kwargs.items()}
+    values = parse_pairs(pairs, info.inputs)
+    files = {key: value for key, value in values.items() if info.inputs[key].type.primitive is adt.PrimitiveType.PATH}
+    kwargs = check_input(info.inputs, {key: value for key, value in values.items() if key not in files})
+    return {**kwargs, **files}
 
 
 def save_outputs(paths: list[Path], out_dir: Path) -> list[Path]:

@@ -7,3 +7,6 @@ cd "$(dirname "$0")/.."
 # open-clip-torch only lends its CLIP BPE vocabulary to the tiny weights; its own dependencies (torchvision) are
 # not needed, and PyPI's torchvision does not import beside the CPU torch wheel.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps open-clip-torch==3.3.0
+# The browser playground's own environment (.venv-playground), which its tests use; under CI also Debian's chromium
+# and chromium-driver for those browser tests.
+bash scripts/setup_playground.sh ${CI:+--browser}

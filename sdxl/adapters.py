@@ -16,7 +16,9 @@ How it is applied (Adapters.applied, a context manager; everything is undone on 
 4. LoRAs: load_lora_weights(adapter_name=...) into named peft adapters that stay resident (least recently used
    ones are deleted beyond `max_resident`), so switching back to one does not read the disk; set_adapters with each
    LoRA's weight activates them for the request and the adapter layers are disabled on exit. With a compiled UNet
-   (SDXL_COMPILE=1) the UNet part goes into fixed-shape slots instead (sdxl/lora_slots.py), so no switch recompiles;
+   (SDXL_COMPILE=1) the UNet part goes into fixed-shape slots instead (sdxl/lora_slots.py), so no switch recompiles.
+   A file's LoraConfig metadata is cut to the keys that describe its matrices (sdxl/lora_metadata.py), and a load
+   that fails leaves the module tree and parameter count exactly as it found them;
 5. the prompt rewriter replaces each trained word as a whole word (TOK, not inside "TOKyo") and literal <sN> tokens.
 
 The model's own weights (Cog's COG_WEIGHTS / setup(weights)): load_own_weights applies a trained tar for good: its
@@ -43,14 +45,15 @@ from pathlib import Path
 import torch
 from diffusers.utils.peft_utils import set_adapter_layers
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from sdxl import remote
 from sdxl import weights_cache as wc
 from sdxl.compute import compute_bound
 from sdxl.errors import InputError
 from sdxl.loading import Pipelines
+from sdxl.lora_metadata import allowed_metadata
 from sdxl.lora_slots import SlotLora
 from sdxl.request import GenerationRequest
 
@@ -150,6 +153,24 @@ class Trained:
         path = self.folder / name
         return path if path.is_file() else None
 
+    def _token_count(self, te_widths: tuple[int, int]) -> int:
+        """The new tokens' count, from embeddings.pti's header (capped) before any tensor is read."""
+        header = wc.safetensors_header(self.folder / wc.EMBEDDINGS_FILE, self.field, wc.EMBEDDINGS_FILE)
+        wc.check_token_rows(header, self.field)
+        missing = [key for key in EMBEDDING_KEYS if key not in header]
+        if missing:
+            raise InputError(self.field, f"{wc.EMBEDDINGS_FILE} lacks {', '.join(missing)} (has {', '.join(header)})")
+        shapes = {key: tuple(header[key].get("shape") or ()) for key in EMBEDDING_KEYS}
+        count = shapes[EMBEDDING_KEYS[0]][0] if len(shapes[EMBEDDING_KEYS[0]]) == 2 else -1
+        for key, width in zip(EMBEDDING_KEYS, te_widths):
+            if shapes[key] != (count, width) or count < 1:
+                raise InputError(
+                    self.field,
+                    f"{wc.EMBEDDINGS_FILE}: {key} has shape {shapes[key]}; this model needs "
+                    f"[{max(count, 1)}, {width}] (one row per new token, as wide as its text encoder)",
+                )
+        return count
+
     @property
     def adapter_name(self) -> str:
         return f"trained_{self.tag}"
@@ -157,18 +178,9 @@ class Trained:
     def tokens(self, te_widths: tuple[int, int]) -> tuple[dict[str, str], list[str], dict[str, torch.Tensor]]:
         """(prompt rewrites, new token names, rows per encoder), checked against this model's text encoders."""
         token_map = wc.read_token_map(self.folder / wc.SPECIAL_PARAMS_FILE, self.field)
-        rows = load_file(self.folder / wc.EMBEDDINGS_FILE)
-        missing = [key for key in EMBEDDING_KEYS if key not in rows]
-        if missing:
-            raise InputError(self.field, f"{wc.EMBEDDINGS_FILE} lacks {', '.join(missing)} (has {', '.join(rows)})")
-        count = rows[EMBEDDING_KEYS[0]].shape[0] if rows[EMBEDDING_KEYS[0]].ndim == 2 else -1
-        for key, width in zip(EMBEDDING_KEYS, te_widths):
-            if tuple(rows[key].shape) != (count, width) or count < 1:
-                raise InputError(
-                    self.field,
-                    f"{wc.EMBEDDINGS_FILE}: {key} has shape {tuple(rows[key].shape)}; this model needs "
-                    f"[{max(count, 1)}, {width}] (one row per new token, as wide as its text encoder)",
-                )
+        count = self._token_count(te_widths)
+        with safe_open(self.folder / wc.EMBEDDINGS_FILE, framework="pt") as file:  # only the rows checked above
+            rows = {key: file.get_tensor(key) for key in EMBEDDING_KEYS}
         names = [f"<s{i}-{self.tag}>" for i in range(count)]
         rewrites = {f"<s{i}>": names[i] for i in range(count)}
         for word, value in token_map.items():
@@ -333,14 +345,12 @@ class Adapters:
                 field, "this server compiles its UNet without LoRA slots (SDXL_COMPILE=1, SDXL_LORA_SLOT_RANK=0)"
             )
         started = time.perf_counter()
+        before = self._tree()
         complete = False
         try:
             expected = _lora_numel(_file_shapes(path, field))
             try:
-                if self.slots is None:
-                    self.pipe.load_lora_weights(str(path), adapter_name=name, use_safetensors=True)
-                else:
-                    self._load_for_slots(name, path, field)
+                self._load_lora(name, path, field)
             except InputError:
                 raise
             except Exception as error:  # diffusers/peft raise ValueError, RuntimeError (size mismatch), KeyError, ...
@@ -355,18 +365,33 @@ class Adapters:
             complete = True
         finally:
             if not complete:
-                self._remove_adapter(name)
+                self._undo_failed_load(name, before)
         self._resident[name] = None
         log.info("LoRA %s (%s) loaded in %.2fs", name, field, time.perf_counter() - started)
         self._evict_adapters()
         return name
 
-    def _load_for_slots(self, name: str, path: Path, field: str) -> None:
-        """What load_lora_weights does, with the UNet part prepared for the slots instead of injected as an adapter."""
+    def _load_lora(self, name: str, path: Path, field: str) -> None:
+        """What load_lora_weights does, with two changes: the LoraConfig the file's header asks for is cut to the keys
+        that describe the LoRA's matrices (sdxl/lora_metadata.py), and with the compiled UNet's slots the UNet part is
+        prepared for the slots instead of injected as an adapter."""
         state, alphas, metadata = self.pipe.lora_state_dict(
             str(path), unet_config=self.pipe.unet.config, use_safetensors=True, return_lora_metadata=True
         )
-        self._slot_loras[name] = self.slots.prepare(name, state, alphas, metadata, field)
+        metadata = allowed_metadata(metadata, field)
+        if not all("lora" in key for key in state):
+            raise InputError(field, "the file is not a LoRA: every tensor name of a LoRA contains 'lora'")
+        if self.slots is None:
+            self.pipe.load_lora_into_unet(
+                state,
+                network_alphas=alphas,
+                unet=self.pipe.unet,
+                adapter_name=name,
+                metadata=metadata,
+                _pipeline=self.pipe,
+            )
+        else:
+            self._slot_loras[name] = self.slots.prepare(name, state, alphas, metadata, field)
         for encoder, prefix in ((self.pipe.text_encoder, "text_encoder"), (self.pipe.text_encoder_2, "text_encoder_2")):
             if not any(key.startswith(f"{prefix}.") for key in state):
                 continue
@@ -397,6 +422,53 @@ class Adapters:
                 if isinstance(layer, BaseTunerLayer) and (name is None or name in getattr(layer, "lora_A", {})):
                     return True
         return False
+
+    def _tree(self) -> tuple[dict[str, type], int]:
+        """Every module of the adapted models by name with its type, and the parameter count: what a failed load
+        must leave exactly as it found."""
+        modules = {
+            f"{root}.{name}": type(module)
+            for root, model in self._modules.items()
+            for name, module in model.named_modules()
+        }
+        return modules, sum(p.numel() for model in self._modules.values() for p in model.parameters())
+
+    @compute_bound
+    def _undo_failed_load(self, name: str, before: tuple[dict[str, type], int]) -> None:
+        """Take a half-loaded adapter out and unwrap the modules the load wrapped (peft leaves its wrappers in place
+        when an adapter is deleted), so the module tree and parameter count are what they were; if they still are
+        not, unload every LoRA (resident ones reload on demand)."""
+        self._resident.pop(name, None)
+        self._slot_loras.pop(name, None)
+        try:
+            if name in self._peft_adapter_names():
+                self.pipe.delete_adapters(name)
+            for model in self._modules.values():
+                for layer in model.modules():
+                    if isinstance(layer, BaseTunerLayer | AuxiliaryTrainingWrapper):
+                        layer.delete_adapter(name, *([None] if isinstance(layer, AuxiliaryTrainingWrapper) else []))
+                getattr(model, "peft_config", {}).pop(name, None)
+            self._unwrap_new_wrappers(before[0])
+        except Exception:
+            log.exception("could not take the failed adapter %s out; unloading every LoRA", name)
+        if self._tree() != before:
+            log.warning("a failed LoRA load changed the model's modules; unloading every LoRA to restore it")
+            self._unload_all_loras()
+
+    def _unwrap_new_wrappers(self, before: dict[str, type]) -> None:
+        for root, model in self._modules.items():
+            for module_name, module in list(model.named_modules()):
+                was = before.get(f"{root}.{module_name}")
+                if was is None or type(module) is was or model.get_submodule(module_name) is not module:
+                    continue
+                if isinstance(module, AuxiliaryTrainingWrapper):
+                    original = module.original_module
+                elif isinstance(module, BaseTunerLayer):
+                    original = module.get_base_layer()
+                else:
+                    continue
+                parent, _, child = module_name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, original)
 
     @compute_bound
     def _remove_adapter(self, name: str) -> None:

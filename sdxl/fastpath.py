@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ ATTENTION_CHOICES = ("sdpa", "xformers")
 DEFAULT_LORA_SLOT_RANK = 64  # the trainer's default rank 32 twice over (a trained LoRA plus one more)
 MAX_LORA_SLOT_RANK = 1024
 COMPILED_VARIANTS_LIMIT = 64
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # torch reads compiled kernels from here
 
 
 def _flag(name: str) -> bool:
@@ -112,10 +114,24 @@ def apply_fastpath(pipes, fastpath: FastPath) -> None:
         # One compiled block code serves base and refiner, with and without LoRA, maybe a new size: more than
         # dynamo's default 8 variants, after which it would silently run the blocks eagerly.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS_LIMIT)
+        _private_compile_cache()
         for unet in unets:
             unet.compile_repeated_blocks(fullgraph=True, dynamic=True)
         _warm_up(pipes)
     log.info("fast path: %s", fastpath.describe())
+
+
+def _private_compile_cache() -> None:
+    """TorchInductor keeps compiled kernels under a fixed name in the temporary folder and loads them from there without
+    checking who made them: another local user could plant code the server then runs. Make that folder ours (0700)."""
+    import tempfile
+    from getpass import getuser
+
+    from sdxl.private_dirs import private_dir
+
+    default = Path(tempfile.gettempdir()) / f"torchinductor_{getuser()}"
+    folder = private_dir(Path(os.environ.get(INDUCTOR_CACHE_ENV) or default), INDUCTOR_CACHE_ENV)
+    os.environ[INDUCTOR_CACHE_ENV] = str(folder.resolve())
 
 
 def _warm_up(pipes) -> None:

@@ -1,4 +1,12 @@
-"""Read client images safely: EXIF rotation applied, alpha and palettes flattened, sizes capped before decoding."""
+"""Read client images safely: PNG, JPEG and WebP only (told by content), sizes capped from the header before any
+pixel is decoded, EXIF rotation applied, alpha and palettes flattened.
+
+Pillow's global `Image.MAX_IMAGE_PIXELS` is left as it is: it is process-wide, and diffusers, the safety checker and
+the tests read images through the same Pillow. Each caller passes its own, tighter cap instead, checked from the
+header; Pillow's guard stays behind it as a backstop (its error, for images above twice its limit, is answered with
+the same message as ours). `Image.open(..., formats=[...])` is given only the format the bytes announce, so no
+other decoder ever parses a client's file.
+"""
 
 from __future__ import annotations
 
@@ -15,28 +23,71 @@ MAX_INPUT_PIXELS = 4096 * 4096  # checked from the header, before any pixel is d
 SIZE_MULTIPLE = 8
 MIN_SIDE = 64
 MAX_SIDE = 2048
+ACCEPTED = "PNG, JPEG or WebP"
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+)
 
 
-def _open(path: Path | str, field: str) -> Image.Image:
-    try:
-        image = Image.open(path)
-    except (UnidentifiedImageError, OSError) as error:
+class ImageTooLarge(InputError):
+    """More pixels than the caller's cap: refused from the header, before decoding."""
+
+
+def sniff_format(head: bytes) -> str | None:
+    """'PNG', 'JPEG' or 'WEBP' from a file's first 16 bytes; None for anything else."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
+
+
+def _describe(head: bytes) -> str:
+    for magic, name in ((b"GIF8", "a GIF"), (b"BM", "a BMP"), (b"II*\x00", "a TIFF"), (b"MM\x00*", "a TIFF")):
+        if head.startswith(magic):
+            return name
+    return "not an image" if not head else f"unrecognised data (it starts with {head[:8]!r})"
+
+
+def open_checked(path: Path | str, field: str, max_pixels: int, label: str = "") -> Image.Image:
+    """The image opened lazily (header read, no pixel decoded), or an InputError naming `field` (and `label`, e.g.
+    the file's name inside an archive) when it is not PNG/JPEG/WebP or has more than `max_pixels` pixels."""
+    prefix = f"{label} " if label else ""
+    with open(path, "rb") as file:
+        head = file.read(16)
+    kind = sniff_format(head)
+    if kind is None:
         raise InputError(
-            field, f"could not be read as an image ({error.__class__.__name__}); send a PNG, JPEG or WebP file"
-        ) from None
-    width, height = image.size
-    if width * height > MAX_INPUT_PIXELS:
-        raise InputError(
-            field, f"{width}x{height} is too large; at most {MAX_INPUT_PIXELS // 1_000_000} megapixels are accepted"
+            field, f"{prefix}could not be read as an image: it is {_describe(head)}; send a {ACCEPTED} file"
         )
     try:
-        image.load()
-        return ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError) as error:
-        raise InputError(field, f"the image data is corrupt or truncated ({error})") from None
+        image = Image.open(path, formats=[kind])
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(field, f"{prefix}is too large; at most {max_pixels:,} pixels are accepted") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise InputError(
+            field, f"{prefix}could not be read as a {kind} image ({error.__class__.__name__}); send a {ACCEPTED} file"
+        ) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ImageTooLarge(field, f"{prefix}{width}x{height} is too large; at most {max_pixels:,} pixels are accepted")
+    return image
 
 
-def _flatten(image: Image.Image) -> Image.Image:
+def decode(image: Image.Image, field: str, label: str = "") -> Image.Image:
+    """Decode the opened image's pixels and apply its EXIF rotation; corrupt data is an InputError."""
+    prefix = f"{label} " if label else ""
+    try:
+        with image:
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise InputError(
+            field, f"{prefix}could not be decoded: the image data is corrupt or truncated ({error})"
+        ) from None
+
+
+def flatten(image: Image.Image) -> Image.Image:
     """RGB over a white background: transparent pixels carry arbitrary colours, white is predictable."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -45,13 +96,17 @@ def _flatten(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _read(path: Path | str, field: str) -> Image.Image:
+    return flatten(decode(open_checked(path, field, MAX_INPUT_PIXELS), field))
+
+
 def load_image(path: Path | str, field: str = "image") -> Image.Image:
-    return _flatten(_open(path, field))
+    return _read(path, field)
 
 
 def load_mask(path: Path | str, field: str = "mask") -> Image.Image:
     """A greyscale mask: white (255) is repainted, black (0) kept."""
-    return _flatten(_open(path, field)).convert("L")
+    return _read(path, field).convert("L")
 
 
 def check_side(field: str, value: int) -> None:

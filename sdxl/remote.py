@@ -61,6 +61,10 @@ class _DeadlinePassed(TimeoutError):
     """The download's deadline passed before a socket operation could start."""
 
 
+READ_TIMEOUT_ENV = "SDXL_FETCH_READ_TIMEOUT"  # seconds of silence before a download is abandoned
+DEADLINE_ENV = "SDXL_FETCH_DEADLINE"  # seconds for a whole download (redirects, ranges), whatever the sender does
+
+
 @dataclass(frozen=True)
 class FetchLimits:
     max_bytes: int
@@ -70,6 +74,14 @@ class FetchLimits:
     parallel_min_bytes: int = 64 << 20  # below this a single stream is as fast
     parallel_parts: int = 8
     chunk_bytes: int = 1 << 20
+
+
+def timeouts_from_env() -> dict[str, float]:
+    """The operator's read timeout and deadline (FetchLimits' defaults where unset), shared by every kind of download."""
+    return {
+        "read_timeout": float(os.environ.get(READ_TIMEOUT_ENV) or FetchLimits.read_timeout),
+        "deadline": float(os.environ.get(DEADLINE_ENV) or FetchLimits.deadline),
+    }
 
 
 def human_size(count: int) -> str:

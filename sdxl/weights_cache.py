@@ -6,8 +6,12 @@
   an entry is complete or absent. Any failure removes everything it wrote.
 - Entries are evicted least recently used first until the new entry fits the disk budget; entries in use by the
   current request (`open`) are never evicted.
-- Tar extraction is done by hand: regular files only, no `..` or absolute paths, no links or devices, an entry count
-  cap, a total size cap, and only the file names the trainer writes.
+- Tar extraction is done by hand: a plain (uncompressed) tar as the trainer writes it, headers capped before tarfile
+  reads them (sdxl/safe_tar.py), regular files only, no `..` or absolute paths, no links or devices, an entry count
+  cap, a total size cap, per-file caps checked from the header before a byte is extracted, and only the file names
+  the trainer writes. Every file is checked before anything parses it: JSON by size, safetensors by header size, key
+  count and (for the token rows) row count.
+- The cache folder is private to this process's user (sdxl/private_dirs.py): created 0700, checked on every use.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tarfile
 import tempfile
 import threading
@@ -29,6 +34,8 @@ from safetensors import safe_open
 
 from sdxl import remote
 from sdxl.errors import InputError
+from sdxl.private_dirs import check_private_dir, private_dir
+from sdxl.safe_tar import TarHeaderRefused, compression, open_tar
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +43,6 @@ CACHE_DIR_ENV = "SDXL_WEIGHTS_CACHE_DIR"
 CACHE_BUDGET_ENV = "SDXL_WEIGHTS_CACHE_BYTES"
 MAX_TRAINED_ENV = "SDXL_MAX_TRAINED_BYTES"  # the largest trained_model.tar accepted
 MAX_LORA_ENV = "SDXL_MAX_LORA_BYTES"  # the largest single LoRA file accepted
-READ_TIMEOUT_ENV = "SDXL_FETCH_READ_TIMEOUT"  # seconds of silence before a download is abandoned
-DEADLINE_ENV = "SDXL_FETCH_DEADLINE"  # seconds for a whole download (redirects, ranges), whatever the sender does
 DEFAULT_BUDGET = 40 << 30
 
 LORA_FILE = "lora.safetensors"
@@ -49,7 +54,18 @@ TRAINED_FILES = (LORA_FILE, UNET_FILE, EMBEDDINGS_FILE, SPECIAL_PARAMS_FILE, TRA
 SAFETENSORS_FILES = (LORA_FILE, UNET_FILE, EMBEDDINGS_FILE)
 
 MAX_TAR_ENTRIES = 64
-MAX_JSON_BYTES = 1 << 20
+MAX_JSON_BYTES = 64 << 10  # special_params.json and training_params.json; the trainer writes well under 2 KB
+MAX_SAFETENSORS_HEADER = 8 << 20  # a full SDXL UNet's header is ~0.2 MB; safetensors itself allows 100 MB
+MAX_SAFETENSORS_KEYS = 16_384  # a kohya SDXL LoRA with both text encoders has ~4,000; a full UNet ~1,700
+MAX_TRAINED_TOKENS = 16  # rows of embeddings.pti; the trainer writes 2 per trained word
+MAX_TRAINED_WORDS = 16  # entries of special_params.json
+MAX_WORD_CHARS = 256
+MAX_EMBEDDINGS_BYTES = 1 << 20  # 16 rows of both encoders' widths in fp32 are 128 KB
+FILE_CAPS = {
+    SPECIAL_PARAMS_FILE: MAX_JSON_BYTES,
+    TRAINING_PARAMS_FILE: MAX_JSON_BYTES,
+    EMBEDDINGS_FILE: MAX_EMBEDDINGS_BYTES,
+}
 KINDS = ("trained", "lora")
 
 
@@ -78,8 +94,9 @@ class WeightsCache:
         self.resolver = resolver
         self._in_use: dict[Path, int] = {}
         self._lock = threading.RLock()
+        private_dir(self.root, CACHE_DIR_ENV)
         for kind in KINDS:
-            (self.root / kind).mkdir(parents=True, exist_ok=True)
+            (self.root / kind).mkdir(mode=0o700, exist_ok=True)
         for stale in self.root.glob(".tmp-*"):  # left by a process that was killed mid-insert
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -91,8 +108,7 @@ class WeightsCache:
             budget_bytes=int(os.environ.get(CACHE_BUDGET_ENV) or defaults.budget_bytes),
             max_trained_bytes=int(os.environ.get(MAX_TRAINED_ENV) or defaults.max_trained_bytes),
             max_lora_bytes=int(os.environ.get(MAX_LORA_ENV) or defaults.max_lora_bytes),
-            read_timeout=float(os.environ.get(READ_TIMEOUT_ENV) or defaults.read_timeout),
-            deadline=float(os.environ.get(DEADLINE_ENV) or defaults.deadline),
+            **remote.timeouts_from_env(),
         )
         return cls(root, limits)
 
@@ -133,6 +149,7 @@ class WeightsCache:
             max_bytes=cap, read_timeout=self.limits.read_timeout, deadline=self.limits.deadline
         )
         remote.check_url(url, field, self.resolver or remote.system_resolver)  # refuse early, before any disk work
+        check_private_dir(self.root, CACHE_DIR_ENV)
         work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
         try:
             started = time.perf_counter()
@@ -183,16 +200,56 @@ class WeightsCache:
                 log.warning("weights cache is over its budget: the entries left are in use")
 
 
-def check_safetensors(path: Path, field: str, what: str) -> None:
-    """Refuse a file that is not a safetensors file (it is never unpickled either way)."""
+def safetensors_header(path: Path, field: str, what: str) -> dict[str, dict]:
+    """A safetensors file's tensor entries ({key: {"dtype", "shape", "data_offsets"}}), its metadata left out, read
+    with the header's size checked before it is read, and its key count before anything else looks at it."""
+    with open(path, "rb") as file:
+        head = file.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < length <= os.fstat(file.fileno()).st_size - 8:
+            raise InputError(field, f"{what} is not a valid safetensors file (no header of the length it gives)")
+        if length > MAX_SAFETENSORS_HEADER:
+            raise InputError(
+                field, f"{what} has a header of {length:,} bytes; at most {MAX_SAFETENSORS_HEADER:,} are allowed"
+            )
+        raw = file.read(length)
     try:
-        with safe_open(path, framework="pt") as file:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        raise InputError(field, f"{what} is not a valid safetensors file ({error})") from None
+    header.pop("__metadata__", None)
+    if len(header) > MAX_SAFETENSORS_KEYS:
+        raise InputError(field, f"{what} holds {len(header):,} tensors; at most {MAX_SAFETENSORS_KEYS:,} are allowed")
+    return header
+
+
+def check_safetensors(path: Path, field: str, what: str) -> dict[str, dict]:
+    """Refuse a file that is not a safetensors file (it is never unpickled either way); its header entries."""
+    header = safetensors_header(path, field, what)
+    try:
+        with safe_open(path, framework="pt") as file:  # the library's own checks: dtypes, offsets, overlaps
             if not list(file.keys()):
                 raise InputError(field, f"{what} holds no tensors")
     except InputError:
         raise
     except Exception as error:  # safetensors raises its own SafetensorError for a bad header
         raise InputError(field, f"{what} is not a valid safetensors file ({error})") from None
+    return header
+
+
+def check_token_rows(header: dict[str, dict], field: str) -> None:
+    """embeddings.pti: each tensor's row count (one row per new token) is capped, read from the header."""
+    for key, entry in header.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        rows = shape[0] if isinstance(shape, list) and shape and isinstance(shape[0], int) else 0
+        if rows > MAX_TRAINED_TOKENS:
+            raise InputError(
+                field,
+                f"{EMBEDDINGS_FILE}: {key} holds {rows:,} token rows; at most {MAX_TRAINED_TOKENS} trained tokens are "
+                "allowed (a training writes 2 per trained word)",
+            )
 
 
 def _member_problem(member: tarfile.TarInfo) -> str | None:
@@ -212,36 +269,58 @@ def _member_problem(member: tarfile.TarInfo) -> str | None:
 
 def extract_trained_tar(archive: Path, dest: Path, field: str, max_bytes: int) -> None:
     """Extract a trained_model.tar's known files into `dest` and check them; raise InputError(field) otherwise."""
-    if not tarfile.is_tarfile(archive):
-        raise InputError(field, "the file is not a tar archive; give the trained_model.tar a training produced")
-    seen: set[str] = set()
-    total = 0
+    packed = compression(archive)
+    if packed:  # the trainer writes a plain tar; a compressed one could expand far beyond what was downloaded
+        raise InputError(
+            field,
+            f"the file is {packed}-compressed, not a tar archive as a training writes it; give the plain "
+            "(uncompressed) trained_model.tar a training produced",
+        )
     try:
-        with tarfile.open(archive, mode="r:*") as tar:
-            for count, member in enumerate(tar, start=1):
-                if count > MAX_TAR_ENTRIES:
-                    raise InputError(field, f"the tar holds more than {MAX_TAR_ENTRIES} entries")
-                problem = _member_problem(member)
-                if problem:
-                    raise InputError(field, f"the tar holds {problem}; only regular files are allowed")
-                name = PurePosixPath(member.name).as_posix().removeprefix("./")
-                if member.isdir():
-                    if name not in (".", ""):
-                        log.info("%s: ignoring folder %r in the tar", field, member.name)
-                    continue
-                total += member.size
-                if total > max_bytes:
-                    raise InputError(field, f"the tar's files add up to more than {remote.human_size(max_bytes)}")
-                if name not in TRAINED_FILES:
-                    log.info("%s: ignoring unknown file %r in the tar", field, member.name)
-                    continue
-                if name in seen:
-                    raise InputError(field, f"the tar holds {name!r} twice")
-                seen.add(name)
-                _copy_member(tar, member, dest / name)
+        tar = open_tar(archive, mode="r:")
+    except TarHeaderRefused as error:
+        raise InputError(field, f"the tar {error}") from None
+    except (tarfile.TarError, EOFError, OSError):
+        raise InputError(
+            field, "the file is not a tar archive; give the trained_model.tar a training produced"
+        ) from None
+    try:
+        with tar:
+            _extract_members(tar, dest, field, max_bytes)
+    except TarHeaderRefused as error:
+        raise InputError(field, f"the tar {error}") from None
     except (tarfile.TarError, EOFError, OSError) as error:
         raise InputError(field, f"the tar archive is damaged ({error})") from None
     check_trained_files(dest, field)
+
+
+def _extract_members(tar: tarfile.TarFile, dest: Path, field: str, max_bytes: int) -> None:
+    seen: set[str] = set()
+    total = 0
+    for count, member in enumerate(tar, start=1):
+        if count > MAX_TAR_ENTRIES:
+            raise InputError(field, f"the tar holds more than {MAX_TAR_ENTRIES} entries")
+        problem = _member_problem(member)
+        if problem:
+            raise InputError(field, f"the tar holds {problem}; only regular files are allowed")
+        name = PurePosixPath(member.name).as_posix().removeprefix("./")
+        if member.isdir():
+            if name not in (".", ""):
+                log.info("%s: ignoring folder %r in the tar", field, member.name)
+            continue
+        total += member.size
+        if total > max_bytes:
+            raise InputError(field, f"the tar's files add up to more than {remote.human_size(max_bytes)}")
+        if name not in TRAINED_FILES:
+            log.info("%s: ignoring unknown file %r in the tar", field, member.name)
+            continue
+        cap = FILE_CAPS.get(name)
+        if cap is not None and member.size > cap:  # from the header, before a byte of it is read
+            raise InputError(field, f"{name} is {member.size:,} bytes; at most {cap:,} are allowed")
+        if name in seen:
+            raise InputError(field, f"the tar holds {name!r} twice")
+        seen.add(name)
+        _copy_member(tar, member, dest / name)
 
 
 def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
@@ -257,7 +336,7 @@ def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) ->
 
 
 def check_trained_files(folder: Path, field: str) -> None:
-    """The files a trained_model.tar must hold, and that each is what its name says."""
+    """The files a trained_model.tar must hold, and that each is what its name says (sizes checked before parsing)."""
     present = {f.name for f in folder.iterdir()}
     if not present & {LORA_FILE, UNET_FILE}:
         raise InputError(
@@ -270,27 +349,44 @@ def check_trained_files(folder: Path, field: str) -> None:
     if (EMBEDDINGS_FILE in present) != (SPECIAL_PARAMS_FILE in present):
         missing = SPECIAL_PARAMS_FILE if EMBEDDINGS_FILE in present else EMBEDDINGS_FILE
         raise InputError(field, f"the tar holds trained tokens but not {missing}")
+    for name, cap in FILE_CAPS.items():
+        if name in present and (folder / name).stat().st_size > cap:
+            raise InputError(field, f"{name} is larger than {cap:,} bytes")
     for name in SAFETENSORS_FILES:
         if name in present:
-            check_safetensors(folder / name, field, name)
+            header = check_safetensors(folder / name, field, name)
+            if name == EMBEDDINGS_FILE:
+                check_token_rows(header, field)
     if SPECIAL_PARAMS_FILE in present:
         read_token_map(folder / SPECIAL_PARAMS_FILE, field)
-    for name in (SPECIAL_PARAMS_FILE, TRAINING_PARAMS_FILE):
-        if name in present and (folder / name).stat().st_size > MAX_JSON_BYTES:
-            raise InputError(field, f"{name} is larger than {MAX_JSON_BYTES} bytes")
 
 
 def read_token_map(path: Path, field: str) -> dict[str, str]:
     """special_params.json: {"TOK": "<s0><s1>"}: each trained word and the new tokens that stand for it."""
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise InputError(field, f"{SPECIAL_PARAMS_FILE} is larger than {MAX_JSON_BYTES:,} bytes")
+    with open(path, "rb") as file:
+        raw = file.read(MAX_JSON_BYTES + 1)  # bounded even if the file grew after the check
     try:
-        token_map = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
+        if len(raw) > MAX_JSON_BYTES:
+            raise ValueError(f"more than {MAX_JSON_BYTES:,} bytes")
+        token_map = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
         raise InputError(field, f"{SPECIAL_PARAMS_FILE} is not valid JSON ({error})") from None
     if not isinstance(token_map, dict) or not token_map:
         raise InputError(
             field, f"{SPECIAL_PARAMS_FILE} must map each trained word to its tokens, e.g. {{'TOK': '<s0><s1>'}}"
         )
+    if len(token_map) > MAX_TRAINED_WORDS:
+        raise InputError(
+            field, f"{SPECIAL_PARAMS_FILE} maps {len(token_map):,} words; at most {MAX_TRAINED_WORDS} are allowed"
+        )
     for word, tokens in token_map.items():
-        if not word.strip() or not isinstance(tokens, str) or not tokens.strip():
-            raise InputError(field, f"{SPECIAL_PARAMS_FILE}: {word!r} -> {tokens!r} is not a word and its tokens")
+        well_formed = isinstance(tokens, str) and word.strip() and tokens.strip()
+        if not well_formed or len(word) > MAX_WORD_CHARS or len(tokens) > MAX_WORD_CHARS:
+            raise InputError(
+                field,
+                f"{SPECIAL_PARAMS_FILE}: {word[:80]!r} -> {str(tokens)[:80]!r} is not a word and its tokens "
+                f"(each at most {MAX_WORD_CHARS} characters)",
+            )
     return token_map

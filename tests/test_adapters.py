@@ -196,8 +196,8 @@ def test_again_scale_zero_no_download_no_reload(adapters, model, trained, base_i
         pass
     requests_before = server.requests["/trained.tar"]
     loads = []
-    real = model.text2img.load_lora_weights
-    monkeypatch.setattr(model.text2img, "load_lora_weights", lambda *a, **k: loads.append(a) or real(*a, **k))
+    real = model.text2img.load_lora_into_unet
+    monkeypatch.setattr(model.text2img, "load_lora_into_unet", lambda *a, **k: loads.append(a) or real(*a, **k))
     with adapters.applied(AdapterRequest(trained["url"], lora_scale=0.0)) as applied:
         got = image(model, applied.rewrite(request(prompt="a photo")))
     assert np.array_equal(got, base_images["a photo"])
@@ -212,9 +212,9 @@ def test_switching_back_uses_the_resident_adapter(adapters, model, server, tmp_p
         for i in range(2)
     ]
     loads = []
-    real = model.text2img.load_lora_weights
+    real = model.text2img.load_lora_into_unet
     monkeypatch.setattr(
-        model.text2img, "load_lora_weights", lambda *a, **k: loads.append(k["adapter_name"]) or real(*a, **k)
+        model.text2img, "load_lora_into_unet", lambda *a, **k: loads.append(k["adapter_name"]) or real(*a, **k)
     )
     images = []
     for url in (urls[0], urls[1], urls[0]):
@@ -343,7 +343,7 @@ def test_cancel_mid_load_leaves_the_model_clean(adapters, model, server, tmp_pat
     rows = wh.embeddings(WIDTHS, seed=50)
     url = server.serve("/cancel.tar", wh.trained_tar(tmp_path, lora=lora_state, rows=rows))
     pipe = model.text2img
-    real_lora, real_ti = pipe.load_lora_weights, pipe.load_textual_inversion
+    real_lora, real_ti = pipe.load_lora_into_unet, pipe.load_textual_inversion
 
     def lora_then_cancel(*args, **kwargs):
         real_lora(*args, **kwargs)  # the adapter is in the model, but the load has not returned
@@ -357,7 +357,7 @@ def test_cancel_mid_load_leaves_the_model_clean(adapters, model, server, tmp_pat
         if len(calls) == 2:
             raise Cancelled()
 
-    for patch in (("load_lora_weights", lora_then_cancel), ("load_textual_inversion", ti_cancel_on_second_encoder)):
+    for patch in (("load_lora_into_unet", lora_then_cancel), ("load_textual_inversion", ti_cancel_on_second_encoder)):
         with monkeypatch.context() as m:
             m.setattr(pipe, *patch)
             with pytest.raises(Cancelled):

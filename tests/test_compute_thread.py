@@ -76,13 +76,13 @@ def test_adapter_work_runs_on_the_compute_thread_too(pipes, tmp_path, monkeypatc
 
     adapters = Adapters(pipes)
     seen = []
-    original = adapters.pipe.load_lora_weights
+    original = adapters.pipe.load_lora_into_unet
 
     def recording(*args, **kwargs):
         seen.append(threading.get_ident())
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(adapters.pipe, "load_lora_weights", recording)
+    monkeypatch.setattr(adapters.pipe, "load_lora_into_unet", recording)
     path = write_lora(tmp_path, lora_state(pipes.text2img.unet, seed=2))
     try:
         adapters._ensure_lora("thread_check", path, "loras[0]")

@@ -69,3 +69,21 @@ def test_fused_qkv_refuses_loras_clearly(tiny_weights_dir, tmp_path):
     path = write_lora(tmp_path, lora_state(fused.text2img.unet, seed=1))
     with pytest.raises(InputError, match="loras\\[0\\]: .*SDXL_FUSE_QKV=1"):
         Adapters(fused)._ensure_lora("x", path, "loras[0]")
+
+
+def test_compile_cache_folder_is_private_and_a_planted_one_is_refused(tmp_path, monkeypatch):
+    import stat
+
+    from sdxl.fastpath import INDUCTOR_CACHE_ENV, _private_compile_cache
+    from sdxl.private_dirs import UnsafeFolderError
+
+    monkeypatch.setenv(INDUCTOR_CACHE_ENV, str(tmp_path / "inductor"))
+    _private_compile_cache()
+    assert stat.S_IMODE((tmp_path / "inductor").stat().st_mode) == 0o700
+
+    elsewhere = tmp_path / "someone-elses"
+    elsewhere.mkdir()
+    (tmp_path / "planted").symlink_to(elsewhere)
+    monkeypatch.setenv(INDUCTOR_CACHE_ENV, str(tmp_path / "planted"))
+    with pytest.raises(UnsafeFolderError, match=INDUCTOR_CACHE_ENV):
+        _private_compile_cache()

@@ -156,7 +156,7 @@ def test_refuses_to_write_into_a_folder_with_files(tiny_weights_dir, upload, tmp
 def test_missing_models_name_the_fix(upload, tmp_path):
     from sdxl.weights import WeightsMissingError
 
-    with pytest.raises(WeightsMissingError, match="(?s)swin2sr .* missing .*download_weights"):
+    with pytest.raises(WeightsMissingError, match="(?s)(swin2sr|blip)[^ ]* .* missing .*download_weights"):
         preprocess(upload, tmp_path / "out", resolution=RESOLUTION, models_dir=tmp_path / "no-weights")
 
 

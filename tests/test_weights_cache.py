@@ -51,10 +51,13 @@ def test_hit_uses_no_network(server, cache):
     assert leftovers(cache) == sorted([f"trained/{folder.name}"] + [f"trained/{folder.name}/{n}" for n in GOOD])
 
 
-def test_full_finetune_tar_and_gzip(server, cache):
+def test_full_finetune_tar_and_no_compression(server, cache):
+    """The trainer writes a plain tar; a compressed one could expand far beyond what was downloaded: refused."""
     files = {"unet.safetensors": LORA, "training_params.json": b"{}"}
-    url = server.serve("/unet.tar.gz", gzip.compress(tar_bytes(files)))
+    url = server.serve("/unet.tar", tar_bytes(files))
     assert sorted(p.name for p in cache.get("trained", url, FIELD).iterdir()) == sorted(files)
+    with pytest.raises(InputError, match="gzip-compressed, not a tar archive"):
+        cache.get("trained", server.serve("/unet.tar.gz", gzip.compress(tar_bytes(files))), FIELD)
 
 
 def test_lora_file_entry(server, cache):
@@ -118,7 +121,7 @@ BAD_TARS = [
         tar_bytes({**GOOD, **{f"x{i}": b"" for i in range(wc.MAX_TAR_ENTRIES)}}),
         "more than 64 entries",
     ),
-    ("too large unpacked", gzip.compress(tar_bytes({**GOOD, "x": b" " * 300_000})), "add up to more than 200000 bytes"),
+    ("compressed tar", gzip.compress(tar_bytes({**GOOD, "x": b" " * 300_000})), "gzip-compressed"),
     ("weights not safetensors", tar_bytes({**GOOD, "lora.safetensors": b"\x80\x04pickle"}), "not a valid safetensors"),
     ("bad token map", tar_bytes({**GOOD, "special_params.json": b"[1, 2]"}), "must map each trained word"),
     ("truncated tar", tar_bytes(GOOD)[:700], "damaged|truncated"),
@@ -167,6 +170,14 @@ def test_extracted_tar_from_a_file(tmp_path):
     out.mkdir()
     wc.extract_trained_tar(archive, out, "weights", max_bytes=10**6)
     assert [p.name for p in out.iterdir()] == ["lora.safetensors"]
+
+
+def test_extracted_sizes_add_up_to_a_cap(tmp_path):
+    archive = tmp_path / "trained_model.tar"
+    archive.write_bytes(tar_bytes({**GOOD, "x": b" " * 300_000}))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(InputError, match="add up to more than 200000 bytes"):
+        wc.extract_trained_tar(archive, tmp_path / "out", "weights", max_bytes=200_000)
 
 
 def test_directory_entries_are_skipped(tmp_path):

@@ -15,25 +15,26 @@ import shutil
 import stat
 import tarfile
 import tempfile
-import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from sdxl.errors import InputError
+from sdxl.images import ACCEPTED, ImageTooLarge, decode, flatten, open_checked, sniff_format
+from sdxl.safe_tar import TarHeaderRefused, is_tar, open_tar
+from sdxl.training.budget import DEFAULT_MAX_IMAGES, MAX_IMAGES_ENV, max_training_images
 
 log = logging.getLogger(__name__)
 
 ARCHIVE_FIELD = "input_images"
 FILETYPE_FIELD = "input_images_filetype"
 FILETYPES = ("zip", "tar", "infer")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_FILE = "caption.csv"
 IMAGE_COLUMNS = ("image_file", "image", "file_name", "filename", "file")
 CAPTION_COLUMNS = ("caption", "text")
@@ -48,15 +49,35 @@ class ArchiveLimits:
     max_total_bytes: int = 4 << 30  # uncompressed, over all extracted files
     # Per image, read from the header before decoding. Above generation's input cap: phone cameras shoot 50 MP.
     max_image_pixels: int = 8192 * 8192
+    # Images kept for training (each is held in memory until the training set is written) and their shape: a
+    # long thin image is never shrunk, and its upscaled copy would grow with its length.
+    max_images: int = DEFAULT_MAX_IMAGES
+    max_aspect_ratio: int = 4
+    # caption.csv is parsed into Python objects many times its size: its bytes and each caption are capped.
+    max_caption_csv_bytes: int = 1 << 20
+    max_caption_chars: int = 1000
 
     def __post_init__(self):
-        for name in ("max_entries", "max_total_bytes", "max_image_pixels"):
+        for name in (
+            "max_entries",
+            "max_total_bytes",
+            "max_image_pixels",
+            "max_images",
+            "max_aspect_ratio",
+            "max_caption_csv_bytes",
+            "max_caption_chars",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ArchiveLimits.{name}: {value!r} is not allowed; use a positive integer")
 
 
 DEFAULT_LIMITS = ArchiveLimits()
+
+
+def limits_from_env() -> ArchiveLimits:
+    """The default limits with the image cap from SDXL_MAX_TRAINING_IMAGES, if set."""
+    return replace(DEFAULT_LIMITS, max_images=max_training_images())
 
 
 @dataclass(frozen=True)
@@ -84,11 +105,11 @@ def _sniff(path: Path) -> str | None:
         return "tar"
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "zip"
-    if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")) and tarfile.is_tarfile(path):
+    if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")) and is_tar(path):
         return "tar"
     if zipfile.is_zipfile(path):
         return "zip"
-    if tarfile.is_tarfile(path):  # old v7 tars carry no magic
+    if is_tar(path):  # old v7 tars carry no magic
         return "tar"
     return None
 
@@ -105,7 +126,7 @@ def detect_filetype(path: Path | str, filetype: str = "infer") -> str:
         if sniffed is None:
             raise _reject("is neither a zip nor a tar archive; upload a .zip or .tar (optionally gzipped) of images")
         return sniffed
-    opens = zipfile.is_zipfile(path) if filetype == "zip" else tarfile.is_tarfile(path)
+    opens = zipfile.is_zipfile(path) if filetype == "zip" else is_tar(path)
     if not opens:
         looks = f"it looks like a {sniffed} archive" if sniffed else "it is not an archive"
         raise _reject(f"is not a {filetype} archive as {FILETYPE_FIELD}={filetype!r} says ({looks}); use 'infer'")
@@ -208,7 +229,7 @@ def _tar_kind(member: tarfile.TarInfo) -> str:
 
 
 def _extract_tar(path: Path, dest: Path, budget: _Budget) -> None:
-    with tarfile.open(path, "r:*") as archive:
+    with open_tar(path, "r:*") as archive:  # extension headers capped before tarfile reads them
         for member in archive:  # streamed: a million-entry tar stops at the limit, not after listing everything
             budget.entry()
             kind = _tar_kind(member)
@@ -222,10 +243,15 @@ def _extract_tar(path: Path, dest: Path, budget: _Budget) -> None:
 
 def extract(path: Path | str, dest: Path, *, filetype: str = "infer", limits: ArchiveLimits = DEFAULT_LIMITS) -> str:
     """Extract the archive's regular files into the existing folder `dest`; returns the type used."""
-    kind = detect_filetype(path, filetype)
+    try:
+        kind = detect_filetype(path, filetype)
+    except TarHeaderRefused as error:
+        raise _reject(str(error)) from None
     budget = _Budget(limits)
     try:
         (_extract_zip if kind == "zip" else _extract_tar)(Path(path), Path(dest), budget)
+    except TarHeaderRefused as error:
+        raise _reject(str(error)) from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as error:
         raise _reject(f"is a corrupt {kind} archive ({error})") from None
     except (NotImplementedError, RuntimeError) as error:  # a compression method Python lacks; an encrypted zip
@@ -254,14 +280,6 @@ def extracted(
 # --- images and captions ----------------------------------------------------------------------------------------
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB over white: transparent pixels carry arbitrary colours, white is predictable."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def _shrink(image: Image.Image, short_side: int | None) -> Image.Image:
     """Scaled down so its short side is `short_side`: training never uses more, and memory stays bounded."""
     if short_side is None or min(image.size) <= short_side:
@@ -271,55 +289,94 @@ def _shrink(image: Image.Image, short_side: int | None) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
+def _check_shape(image: Image.Image, name: str, limits: ArchiveLimits) -> None:
+    """From the header: a long thin strip is never shrunk (its short side is small) but would be upscaled along its
+    whole length, so its shape is capped before any pixel is decoded."""
+    width, height = image.size
+    ratio = max(width, height) / max(1, min(width, height))
+    if ratio > limits.max_aspect_ratio:
+        image.close()
+        raise _reject(
+            f"image {name!r} is {width}x{height}: its long side is {ratio:,.0f} times its short side; at most"
+            f" {limits.max_aspect_ratio}:1 is accepted (crop it to the part to train on)"
+        )
+
+
 def load_image(
     path: Path, name: str, limits: ArchiveLimits = DEFAULT_LIMITS, short_side: int | None = None
 ) -> Image.Image | None:
-    """The image with its EXIF rotation applied (and at most `short_side` on its short side, if given), None (logged)
-    if it cannot be decoded; a pixel bomb is an error."""
+    """The RGB image with its EXIF rotation applied (and at most `short_side` on its short side, if given), None
+    (logged) if it cannot be decoded. Too many pixels or too long a shape is an error, found from the header."""
+    label = f"image {name!r}:"
     try:
-        with warnings.catch_warnings():  # PIL's bomb warning: the explicit cap below decides
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
-    except Image.DecompressionBombError:
-        raise _reject(f"image {name!r} has more than {limits.max_image_pixels:,} pixels") from None
-    except (UnidentifiedImageError, OSError) as error:
+        image = open_checked(path, ARCHIVE_FIELD, limits.max_image_pixels, label)
+    except ImageTooLarge:
+        raise
+    except InputError as error:
         log.warning("%s: skipping %s: not a readable image (%s)", ARCHIVE_FIELD, name, error)
         return None
-    with image:
-        width, height = image.size
-        if width * height > limits.max_image_pixels:
-            raise _reject(f"image {name!r} is {width}x{height}; at most {limits.max_image_pixels:,} pixels are allowed")
-        try:
-            image.load()
-            return _shrink(_to_rgb(ImageOps.exif_transpose(image)), short_side)
-        except (OSError, SyntaxError, ValueError) as error:
-            log.warning("%s: skipping %s: corrupt image data (%s)", ARCHIVE_FIELD, name, error)
-            return None
+    _check_shape(image, name, limits)
+    if short_side is not None and image.format == "JPEG":
+        image.draft("RGB", (short_side, short_side))  # JPEG decodes at 1/2..1/8 scale, never below short_side
+    try:
+        decoded = decode(image, ARCHIVE_FIELD, label)
+    except InputError as error:
+        log.warning("%s: skipping %s: corrupt image data (%s)", ARCHIVE_FIELD, name, error)
+        return None
+    return _shrink(flatten(decoded), short_side)
 
 
 def _normalise(name: str) -> str:
     return "/".join(part for part in name.strip().replace("\\", "/").split("/") if part not in ("", "."))
 
 
-def read_caption_csv(path: Path) -> dict[str, str]:
-    """caption.csv as {image path as written: caption}. Column names are matched case-insensitively."""
+def _caption_columns(fieldnames) -> tuple[str, str]:
+    columns = {(name or "").strip().lower(): name for name in fieldnames or []}
+    image_column = next((columns[c] for c in IMAGE_COLUMNS if c in columns), None)
+    caption_column = next((columns[c] for c in CAPTION_COLUMNS if c in columns), None)
+    if image_column is None or caption_column is None:
+        raise _reject(
+            f"{CAPTION_FILE} has the columns {fieldnames}; it needs an image column (one of"
+            f" {', '.join(IMAGE_COLUMNS)}) and a caption column (one of {', '.join(CAPTION_COLUMNS)})"
+        )
+    return image_column, caption_column
+
+
+def _caption_rows(reader: csv.DictReader, limits: ArchiveLimits) -> Iterator[tuple[str, str]]:
+    """(image, caption) per row, streamed: the row count and each caption's length are checked as they come."""
+    image_column, caption_column = _caption_columns(reader.fieldnames)
+    for count, row in enumerate(reader, start=1):
+        if count > limits.max_images:
+            raise _reject(f"{CAPTION_FILE} has more than {limits.max_images:,} rows (one per image at most)")
+        caption = (row.get(caption_column) or "").strip()
+        if len(caption) > limits.max_caption_chars:
+            raise _reject(
+                f"{CAPTION_FILE} line {reader.line_num}: the caption has {len(caption):,} characters;"
+                f" at most {limits.max_caption_chars:,} are accepted"
+            )
+        yield row.get(image_column) or "", caption
+
+
+def read_caption_csv(path: Path, limits: ArchiveLimits = DEFAULT_LIMITS) -> dict[str, str]:
+    """caption.csv as {image path as written: caption}. Column names are matched case-insensitively. Its size is
+    checked before it is read."""
+    size = path.stat().st_size
+    if size > limits.max_caption_csv_bytes:
+        raise _reject(
+            f"{CAPTION_FILE} is {size:,} bytes; at most {limits.max_caption_csv_bytes:,} are accepted"
+            f" (one row per image, captions up to {limits.max_caption_chars:,} characters)"
+        )
+    captions: dict[str, str] = {}
     try:
         with open(path, newline="", encoding="utf-8-sig") as file:
-            reader = csv.DictReader(file)
-            columns = {(name or "").strip().lower(): name for name in reader.fieldnames or []}
-            image_column = next((columns[c] for c in IMAGE_COLUMNS if c in columns), None)
-            caption_column = next((columns[c] for c in CAPTION_COLUMNS if c in columns), None)
-            if image_column is None or caption_column is None:
-                raise _reject(
-                    f"{CAPTION_FILE} has the columns {reader.fieldnames}; it needs an image column (one of"
-                    f" {', '.join(IMAGE_COLUMNS)}) and a caption column (one of {', '.join(CAPTION_COLUMNS)})"
-                )
-            rows = [(row.get(image_column) or "", row.get(caption_column) or "") for row in reader]
+            for image, caption in _caption_rows(csv.DictReader(file), limits):
+                if _normalise(image) and caption:
+                    captions[_normalise(image)] = caption
     except UnicodeDecodeError:
         raise _reject(f"{CAPTION_FILE} is not UTF-8 text") from None
     except csv.Error as error:
         raise _reject(f"{CAPTION_FILE} is not valid CSV ({error})") from None
-    return {_normalise(image): caption.strip() for image, caption in rows if _normalise(image) and caption.strip()}
+    return captions
 
 
 def match_captions(image_names: list[str], rows: dict[str, str], csv_folder: str = "") -> dict[str, str]:
@@ -344,13 +401,34 @@ def match_captions(image_names: list[str], rows: dict[str, str], csv_folder: str
     return matched
 
 
-def _skipped(rel: PurePosixPath) -> str | None:
-    """Why a file is not a training image, or None if it is one."""
+def _skipped(folder: Path, rel: PurePosixPath) -> str | None:
+    """Why a file is not a training image, or None if it is one: told by its first bytes, never by its name."""
     if any(part.startswith(".") or part == "__MACOSX" for part in rel.parts):
         return "hidden or macOS metadata file"
-    if rel.suffix.lower() not in IMAGE_SUFFIXES:
-        return f"not an image (accepted: {', '.join(IMAGE_SUFFIXES)})"
+    with open(folder.joinpath(*rel.parts), "rb") as file:
+        head = file.read(16)
+    if sniff_format(head) is None:
+        return f"not an image (accepted: {ACCEPTED}, told by content)"
     return None
+
+
+def _image_names(folder: Path, files: list[str], skip: list[str], limits: ArchiveLimits) -> list[str]:
+    """The archive's image files by content, refused before any is decoded when there are too many."""
+    names = []
+    for name in files:
+        if name in skip:
+            continue
+        reason = _skipped(folder, PurePosixPath(name))
+        if reason:
+            log.info("%s: skipping %s: %s", ARCHIVE_FIELD, name, reason)
+            continue
+        names.append(name)
+        if len(names) > limits.max_images:
+            raise _reject(
+                f"holds more than {limits.max_images:,} images; at most {limits.max_images:,} are accepted"
+                f" (setting {MAX_IMAGES_ENV})"
+            )
+    return names
 
 
 def read_samples(
@@ -368,14 +446,9 @@ def read_samples(
         caption_files = [name for name in files if PurePosixPath(name).name.lower() == CAPTION_FILE]
         if len(caption_files) > 1:
             raise _reject(f"has several {CAPTION_FILE} files ({', '.join(caption_files)}); keep one")
+        rows = read_caption_csv(folder / caption_files[0], limits) if caption_files else {}
         images: dict[str, Image.Image] = {}
-        for name in files:
-            if name in caption_files:
-                continue
-            reason = _skipped(PurePosixPath(name))
-            if reason:
-                log.info("%s: skipping %s: %s", ARCHIVE_FIELD, name, reason)
-                continue
+        for name in _image_names(folder, files, caption_files, limits):
             image = load_image(folder / name, name, limits, short_side)
             if image is not None:
                 images[name] = image
@@ -383,8 +456,8 @@ def read_samples(
         if caption_files:
             parent_folder = PurePosixPath(caption_files[0]).parent.as_posix()
             csv_folder = "" if parent_folder == "." else parent_folder
-            captions = match_captions(list(images), read_caption_csv(folder / caption_files[0]), csv_folder)
+            captions = match_captions(list(images), rows, csv_folder)
     if not images:
-        raise _reject(f"holds no usable image ({len(files)} files, none a readable {'/'.join(IMAGE_SUFFIXES)} image)")
+        raise _reject(f"holds no usable image ({len(files)} files, none a readable {ACCEPTED} image)")
     log.info("%s: %d images, %d of them captioned by %s", ARCHIVE_FIELD, len(images), len(captions), CAPTION_FILE)
     return [Sample(name=name, image=image, caption=captions.get(name)) for name, image in images.items()]

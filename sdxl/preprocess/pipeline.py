@@ -1,4 +1,8 @@
-"""The trainer's preprocessing, as numbered steps: archive -> upscale -> caption -> mask -> crop -> files.
+"""The trainer's preprocessing, as numbered steps: archive -> caption -> mask -> crop -> upscale -> files.
+
+Small images are upscaled after the square is cropped, so Swin2SR and every later array work on at most
+resolution x resolution pixels per image, whatever the upload's shape (the archive reader caps pixels and aspect
+ratio, and scales large images down as it reads them).
 
 It writes the training set the training engine reads (the contract between the two; do not change it):
     out_dir/NNNN.src.png   RGB, resolution x resolution
@@ -25,7 +29,7 @@ from sdxl.device import Placement
 from sdxl.errors import InputError
 from sdxl.images import check_side
 from sdxl.preprocess import archive, crop, mask
-from sdxl.preprocess.archive import DEFAULT_LIMITS, ArchiveLimits
+from sdxl.preprocess.archive import ArchiveLimits, limits_from_env
 from sdxl.preprocess.caption import Captioner, caption_images
 from sdxl.preprocess.upscale import Upscaler, needs_upscaling, upscale_small
 
@@ -153,9 +157,10 @@ def run(
     *,
     models_dir: Path | None = None,
     placement: Placement | None = None,
-    limits: ArchiveLimits = DEFAULT_LIMITS,
+    limits: ArchiveLimits | None = None,
 ) -> Path:
     out_dir = Path(out_dir)
+    limits = limits or limits_from_env()
     _check_out_dir(out_dir)
     if config.resolution < RECOMMENDED_MIN_RESOLUTION:
         log.warning(
@@ -177,11 +182,7 @@ def run(
         )
     images = [sample.image for sample in samples]
 
-    # 2. Upscale images smaller than the training resolution (Swin2SR x4), loading the model only if needed.
-    if any(needs_upscaling(image, config.resolution) for image in images):
-        images = upscale_small(images, config.resolution, Upscaler.load(models_dir, placement))
-
-    # 3. Caption what caption.csv did not (BLIP, greedy), prefixed with caption_prefix.
+    # 2. Caption what caption.csv did not (BLIP, greedy), prefixed with caption_prefix.
     captions = caption_images(
         images,
         [sample.caption for sample in samples],
@@ -189,12 +190,20 @@ def run(
         lambda: Captioner.load(models_dir, placement),
     )
 
-    # 4. One loss mask per image: CLIPSeg, faces or uniform.
+    # 3. One loss mask per image: CLIPSeg, faces or uniform.
     masks = _masks(config, images, models_dir, placement)
 
-    # 5. Square crops around the salient region or the faces, resized to the resolution; masks cropped alike.
+    # 4. Square crops around the salient region or the faces; masks cropped alike.
     centers = _crop_centers(config, images, masks)
-    pairs = [crop.crop_square(i, m, c, config.resolution) for i, m, c in zip(images, masks, centers, strict=True)]
+    squares = [crop.square(i, m, c) for i, m, c in zip(images, masks, centers, strict=True)]
+    del images, masks, samples  # only the squares are needed from here on
+
+    # 5. Upscale the squares smaller than the resolution (Swin2SR x4, loaded only if needed), then resize the
+    #    squares and their masks to the resolution.
+    crops = [pair[0] for pair in squares]
+    if any(needs_upscaling(image, config.resolution) for image in crops):
+        crops = upscale_small(crops, config.resolution, Upscaler.load(models_dir, placement))
+    pairs = [crop.resize_pair(i, pair[1], config.resolution) for i, pair in zip(crops, squares, strict=True)]
 
     # 6. Write the training set.
     _write(out_dir, [p[0] for p in pairs], [p[1] for p in pairs], captions)
@@ -217,7 +226,7 @@ def preprocess(
     filetype: str = "infer",
     models_dir: Path | None = None,
     placement: Placement | None = None,
-    limits: ArchiveLimits = DEFAULT_LIMITS,
+    limits: ArchiveLimits | None = None,
 ) -> Path:
     """Turn the uploaded archive into the training set in `out_dir` (see the module docstring); returns out_dir.
     Inputs are validated before any file is read. Models come from `models_dir` (the weight folder), offline."""

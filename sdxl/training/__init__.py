@@ -6,6 +6,7 @@
   trainer.py     a run's state, loss and step            loop.py      the run, as numbered steps
   checkpoints    save / resume through accelerate        progress.py  step, loss, steps/s, ETA
   export.py      trained_model.tar, atomically           launch.py    several processes (accelerate launch)
+  budget.py      image cap, memory estimate before start
 
 `python -m sdxl.training --help` runs it from a shell, in one process or several (`--num-processes`).
 """

@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (launches accelerate)")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoints after success")
+    parser.add_argument(
+        "--no-checkpoints", action="store_true", help="write no checkpoints (the output folder does not persist)"
+    )
     hints = typing.get_type_hints(TrainingConfig)
     for f in fields(TrainingConfig):
         kind = hints[f.name]
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             args.num_processes,
             args.tar,
             keep_checkpoints=args.keep_checkpoints,
+            write_checkpoints=not args.no_checkpoints,
         )
         return 0
 
@@ -100,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         args.output_dir,
         tar_path=args.tar,
         keep_checkpoints=args.keep_checkpoints,
+        write_checkpoints=not args.no_checkpoints,
     )
     return 0
 

@@ -49,11 +49,13 @@ def run_processes(
     tar_path: Path | None = None,
     timeout: float | None = None,
     keep_checkpoints: bool = False,
+    write_checkpoints: bool = True,
 ) -> None:
     """Train in `num_processes` processes; raise if any of them fails."""
     command = accelerate_command(num_processes) + ["-m", "sdxl.training"]
     command += training_arguments(config.with_seed(), dataset_dir, weights_root, output_dir, tar_path)
     command += ["--keep-checkpoints"] if keep_checkpoints else []
+    command += [] if write_checkpoints else ["--no-checkpoints"]
     log.info("launching %d training processes: %s", num_processes, " ".join(command))
     path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)
     completed = subprocess.run(command, timeout=timeout, check=False, env={**os.environ, "PYTHONPATH": path})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from sdxl.training import checkpoints
+from sdxl.training import budget, checkpoints
 from sdxl.training.config import RESUME_INDEPENDENT, TrainingConfig
 from sdxl.training.dataset import read_examples
 from sdxl.training.export import TAR_NAME, write_trained_model_tar
@@ -97,9 +97,12 @@ def train(
     tar_path: Path | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     keep_checkpoints: bool = False,
+    write_checkpoints: bool = True,
 ) -> TrainingResult:
     """Train and write trained_model.tar (to `tar_path`, default OUTPUT/trained_model.tar); resume from the newest
-    checkpoint in `output_dir` if one exists. A failure leaves checkpoints (to resume from) but no tar."""
+    checkpoint in `output_dir` if one exists. A failure leaves checkpoints (to resume from) but no tar.
+    `write_checkpoints=False` when `output_dir` does not outlive the run: nothing could resume from them, and a full
+    fine-tune's checkpoint is the size of the UNet."""
     output_dir, tar_path = Path(output_dir), Path(tar_path or Path(output_dir) / TAR_NAME)
 
     # 1. Processes, and the checkpoint to resume from (it decides the seed when none was given).
@@ -109,8 +112,11 @@ def train(
     config = _agree_on_seed(accelerator, config)
     if main:
         log.info("training inputs: %s", config.to_dict())
+        if not write_checkpoints:
+            log.info("checkpointing_steps=%d: no checkpoints are written, as no later run can resume this one",
+                     config.checkpointing_steps)  # fmt: skip
 
-    # 2. The data, checked before any model is loaded.
+    # 2. The data, and the memory it and the models will take, checked before any model is loaded.
     examples = read_examples(
         dataset_dir,
         config.resolution,
@@ -118,6 +124,7 @@ def train(
         "".join(config.new_tokens),
         min_images=accelerator.num_processes,
     )
+    budget.check(config, len(examples), weights_root, accelerator.device, accelerator.mixed_precision != "no")
 
     # 3. Models, trainable parameters and caches; everything seeded.
     from accelerate.utils import set_seed
@@ -158,7 +165,7 @@ def train(
             loss, lrs = trainer.step(step)
             done = step + 1
             progress.update(done, loss, lrs)
-            if done % config.checkpointing_steps == 0 and done < trainer.total_steps:
+            if write_checkpoints and done % config.checkpointing_steps == 0 and done < trainer.total_steps:
                 state = {"num_processes": accelerator.num_processes, "config": config.to_dict()}
                 checkpoints.save(accelerator, output_dir, done, state)
             if on_step is not None:

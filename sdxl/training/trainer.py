@@ -100,20 +100,22 @@ class Trainer:
 
     @torch.no_grad()
     def _cache_latents(self, vae) -> None:
-        """Encode every image once; keep the latent distribution so each step draws its own sample."""
+        """Encode every image once; keep the latent distribution so each step draws its own sample. Pixels are read
+        chunk by chunk, so only one chunk of full-size images is ever in memory."""
         vae.to(self.device)
-        means, stds = [], []
-        pixels = torch.stack([e.pixels for e in self.examples])
-        for chunk in pixels.split(VAE_ENCODE_CHUNK):
-            dist = vae.encode(chunk.to(self.device, vae.dtype)).latent_dist
+        means, stds, masks = [], [], []
+        for start in range(0, len(self.examples), VAE_ENCODE_CHUNK):
+            chunk = self.examples[start : start + VAE_ENCODE_CHUNK]
+            pixels = torch.stack([e.pixels for e in chunk])
+            dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
             means.append(dist.mean.float())
             stds.append(dist.std.float())
+            full_masks = torch.stack([e.mask for e in chunk]).to(self.device)
+            masks.append(F.adaptive_avg_pool2d(full_masks, means[-1].shape[-2:]))  # share of each cell in the mask
         self.latent_mean, self.latent_std = torch.cat(means), torch.cat(stds)
+        self.latent_masks = torch.cat(masks)
         self.latent_scale = vae.config.scaling_factor
         self.latent_shift = getattr(vae.config, "shift_factor", None) or 0.0
-        size = self.latent_mean.shape[-2:]
-        masks = torch.stack([e.mask for e in self.examples]).to(self.device)
-        self.latent_masks = F.adaptive_avg_pool2d(masks, size)  # the share of each latent cell inside the mask
         vae.to("cpu")
         log.info("cached %d latents of shape %s", len(self.examples), tuple(self.latent_mean.shape[1:]))
 
