@@ -3,6 +3,8 @@ compel defines, long prompts reach the encoders in full, bad syntax is refused n
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -187,10 +189,17 @@ def test_escaped_parentheses_are_literal():
     assert pw.plain_text(conjunction) == "a fox (a cub)"
 
 
-def test_prompts_past_the_token_bound_are_refused_before_encoding(pipes):
+def test_prompts_past_the_token_bound_are_refused_before_encoding(pipes, monkeypatch):
+    calls = []
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipes.text2img, name)
+        monkeypatch.setattr(encoder, "forward", lambda *a, _f=encoder.forward, **k: calls.append(1) or _f(*a, **k))
     request = GenerationRequest(prompt="fox " * (pw.MAX_CHUNKS * pw.CHUNK_TOKENS + 1), prompt_weighting=True, **SMALL)
     with pytest.raises(InputError, match="prompt: 601 tokens is too long; with prompt_weighting at most 600"):
         generate(pipes, request)
+    assert calls == []  # no encoder ran
+    generate(pipes, replace(request, prompt="fox " * 600))  # at the bound: encoded (8 chunks)
+    assert calls
 
 
 @pytest.fixture(scope="module")
