@@ -8,42 +8,30 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from typing import Optional
 
 from cog import BaseRunner, Input, Path
 
 from cog_inputs import FileInput, guard_worker_egress
 from cog_scratch import discard_finished_request_folders
-from sdxl import file_inputs
+from sdxl import file_inputs, infotext
 from sdxl.adapters import AdapterRequest, Adapters, parse_loras
 from sdxl.generation import generate
 from sdxl.images import MAX_SIDE, MIN_SIDE, load_image, load_mask
 from sdxl.loading import load_pipelines
+from sdxl.outputs import DEFAULT_FORMAT, DEFAULT_QUALITY, FORMATS, QUALITY_RANGE, OutputOptions, save_images
 from sdxl.request import DEFAULT_PROMPT, MAX_OUTPUTS, MAX_STEPS, REFINE_MODES, SEED_RANGE, GenerationRequest
 from sdxl.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 from sdxl.weights import random_architecture, weights_dir
 
 log = logging.getLogger("predict")
 
-OUTPUT_PREFIX = "sdxl-out-"
 PROGRESS_EVERY = 10  # log denoising progress on the first step, every N steps and the last
 
 
 def log_progress(stage: str, step: int, steps: int) -> None:
     if step == 1 or step == steps or step % PROGRESS_EVERY == 0:
         log.info("%s: step %d/%d", stage, step, steps)
-
-
-def save_pngs(images) -> list[Path]:
-    """Each request writes into its own fresh folder, so concurrent requests never share a file name."""
-    folder = Path(tempfile.mkdtemp(prefix=OUTPUT_PREFIX))
-    paths = []
-    for index, image in enumerate(images):
-        path = folder / f"out-{index}.png"
-        image.save(path)
-        paths.append(path)
-    return paths
 
 
 def read_input_images(image, mask):
@@ -57,6 +45,8 @@ def read_input_images(image, mask):
 
 
 class Runner(BaseRunner):
+    own_weights: Optional[str] = None  # the trained tar setup() applied for good (COG_WEIGHTS), for the record
+
     def _discard_previous_outputs(self) -> None:
         """Cog leaves returned files on disk. A sync run() never overlaps another, and Cog has sent (or uploaded) the
         previous request's files before it starts the next run: they can go then, instead of piling up in /tmp."""
@@ -73,6 +63,7 @@ class Runner(BaseRunner):
             log.warning("%s holds RANDOM %s test weights: every image will be noise", root, random_architecture(root))
         self.pipes = load_pipelines(root)
         self.adapters = Adapters(self.pipes)
+        self.own_weights = str(weights) if weights else None
         if weights:  # Cog's weights mechanism (COG_WEIGHTS): a trained_model.tar deployed as this model's own weights
             self.adapters.load_own_weights(str(weights))
         self._outputs: list[Path] = []  # the previous request's files
@@ -143,8 +134,26 @@ class Runner(BaseRunner):
             " or kohya (A1111/ComfyUI) SDXL LoRA safetensors files, at most 4, scale from -2 to 2",
             default="",
         ),
+        prompt_weighting: bool = Input(
+            description="Beyond the hosted model: read compel's weighting syntax in prompt and negative_prompt "
+            "(word+, word-, (words)1.3, (...).blend(), (...).and()) and encode prompts past 77 tokens in chunks "
+            "instead of cutting them off",
+            default=False,
+        ),
+        output_format: str = Input(
+            description="Beyond the hosted model: format of the output images",
+            default=DEFAULT_FORMAT,
+            choices=list(FORMATS),
+        ),
+        output_quality: int = Input(
+            description="Beyond the hosted model: quality of webp and jpg outputs (png is lossless)",
+            default=DEFAULT_QUALITY,
+            ge=QUALITY_RANGE[0],
+            le=QUALITY_RANGE[1],
+        ),
     ) -> list[Path]:
         self._discard_previous_outputs()
+        options = OutputOptions(output_format, output_quality)
         extra = AdapterRequest(replicate_weights=replicate_weights, lora_scale=lora_scale, loras=parse_loras(loras))
         input_image, input_mask = read_input_images(image, mask)
         request = GenerationRequest(
@@ -165,9 +174,12 @@ class Runner(BaseRunner):
             refine_steps=refine_steps,
             apply_watermark=apply_watermark,
             disable_safety_checker=disable_safety_checker,
+            prompt_weighting=prompt_weighting,
         ).with_seed()
         log.info("Using seed: %d", request.seed)
         with self.adapters.applied(extra) as applied:
             result = generate(self.pipes, applied.rewrite(request), on_step=log_progress)
-        self._outputs = save_pngs(result.images)
+        used = infotext.Weights.of(self.pipes.random_weights, self.own_weights, extra)
+        texts = infotext.for_outputs(request, used, result.nsfw)  # what each file says about how it was made
+        self._outputs = [Path(path) for path in save_images(result.images, options, texts)]
         return self._outputs

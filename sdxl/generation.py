@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from sdxl import images as image_io
+from sdxl import prompt_weighting
 from sdxl.compute import Cancelled, on_compute_thread
 from sdxl.errors import NSFWError
 from sdxl.loading import Pipelines
@@ -114,6 +115,31 @@ def _progress(on_step: StepCallback | None, stage: str, cancelled: threading.Eve
     return {"callback_on_step_end": callback}
 
 
+@dataclass(frozen=True)
+class TextInputs:
+    base: dict  # prompt arguments of the base call (one prompt, num_images_per_prompt images)
+    refiner: dict  # of the refiner call: one row per latent, so num_outputs rows
+
+
+def text_inputs(pipes: Pipelines, request: GenerationRequest) -> TextInputs:
+    """The prompts as strings (diffusers encodes them, truncated at 77 tokens), or with prompt_weighting the
+    embeddings compel builds: both encoders and the pooled one for the base, text_encoder_2 for the refiner."""
+    count = request.num_outputs
+    if not request.prompt_weighting:
+        base = dict(prompt=request.prompt, negative_prompt=request.negative_prompt)
+        refiner = dict(prompt=[request.prompt] * count, negative_prompt=[request.negative_prompt] * count)
+        return TextInputs(base, refiner)
+    embeds = prompt_weighting.encode_base(pipes.text2img, request.prompt, request.negative_prompt)
+    log.info("prompt_weighting: %d tokens of embeddings per prompt", embeds.prompt_embeds.shape[1])
+    refiner = {}
+    if request.refine != "no_refiner":
+        refiner_embeds = prompt_weighting.encode_refiner(
+            pipes.refiner, pipes.text2img, embeds, request.prompt, request.negative_prompt
+        )
+        refiner = refiner_embeds.repeated(count).as_kwargs()
+    return TextInputs(embeds.as_kwargs(), refiner)
+
+
 def denoise(
     pipes: Pipelines,
     request: GenerationRequest,
@@ -122,9 +148,9 @@ def denoise(
 ) -> list[Image.Image]:
     """Base (and refiner) denoising for a request with a concrete seed; returns every generated image."""
     generator = torch.Generator("cpu").manual_seed(request.seed)  # CPU noise: the same seed, the same start anywhere
+    text = text_inputs(pipes, request)
     common = dict(
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
+        **text.base,
         num_images_per_prompt=request.num_outputs,
         num_inference_steps=request.num_inference_steps,
         guidance_scale=request.guidance_scale,
@@ -142,13 +168,12 @@ def denoise(
     refiner, refiner_kwargs = refiner_call(pipes, request, latents)
     # Each prompt's latents are already repeated num_outputs times: the refiner takes one image per latent.
     refiner_common = {
-        **common,
+        **{name: value for name, value in common.items() if name not in text.base},
+        **text.refiner,
         "num_images_per_prompt": 1,
         **refiner_kwargs,
         **_progress(on_step, "refiner", cancelled),
     }
-    refiner_common["prompt"] = [request.prompt] * request.num_outputs
-    refiner_common["negative_prompt"] = [request.negative_prompt] * request.num_outputs
     with _scheduler_for(refiner, request.scheduler):
         return refiner(**refiner_common).images
 
@@ -174,7 +199,8 @@ def _generate(
         request.num_outputs,
         request.seed,
     )
-    _warn_if_truncated(pipes, request)
+    if not request.prompt_weighting:
+        _warn_if_truncated(pipes, request)
     pipes.placement.use_cpu_threads()
     with torch.inference_mode():
         images = denoise(pipes, request, on_step, cancelled)

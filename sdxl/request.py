@@ -54,11 +54,18 @@ class GenerationRequest:
     refine_steps: Optional[int] = None
     apply_watermark: bool = True
     disable_safety_checker: bool = False
+    prompt_weighting: bool = False  # beyond the hosted model: compel's weighting syntax and prompts past 77 tokens
 
     def __post_init__(self):
         for name in ("prompt", "negative_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise InputError(name, f"{getattr(self, name)!r} is not a string")
+        if not isinstance(self.prompt_weighting, bool):
+            raise InputError("prompt_weighting", f"{self.prompt_weighting!r} is not true or false")
+        if self.prompt_weighting:
+            from sdxl.prompt_weighting import check_syntax  # compel loads only for requests that use it
+
+            check_syntax(self.prompt, self.negative_prompt)
         check_side("width", self.width)
         check_side("height", self.height)
         _check_number("num_outputs", self.num_outputs, 1, MAX_OUTPUTS, int)

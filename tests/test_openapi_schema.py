@@ -74,7 +74,12 @@ def test_check_mode_fails_on_a_stale_file(script, generated, tmp_path, monkeypat
 
 
 # Inputs beyond the hosted model: each has a default that keeps old clients' behaviour.
-EXTRA_INPUTS = {"loras": ("string", "")}
+EXTRA_INPUTS = {
+    "loras": ("string", ""),
+    "prompt_weighting": ("boolean", False),
+    "output_format": (None, "png"),  # a choice: its type is in the enum's own schema
+    "output_quality": ("integer", 80),
+}
 
 
 def test_inputs_match_the_contract_in_order():
@@ -82,7 +87,14 @@ def test_inputs_match_the_contract_in_order():
     properties = schema["Input"]["properties"]
     assert list(properties) == list(CONTRACT) + list(EXTRA_INPUTS)
     for name, (json_type, default) in EXTRA_INPUTS.items():
-        assert (properties[name]["type"], properties[name]["default"]) == (json_type, default)
+        assert (properties[name].get("type"), properties[name]["default"]) == (json_type, default)
+    assert schema["output_format"] == {
+        "title": "output_format",
+        "description": "An enumeration.",
+        "enum": ["png", "webp", "jpg"],
+        "type": "string",
+    }
+    assert (properties["output_quality"]["minimum"], properties["output_quality"]["maximum"]) == (1, 100)
     assert "required" not in schema["Input"]  # every input has a default: old clients may send any subset
     for order, (name, (json_type, default, choices, minimum, maximum)) in enumerate(CONTRACT.items()):
         prop = properties[name]

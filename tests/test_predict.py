@@ -11,6 +11,7 @@ import predict
 from sdxl.adapters import Adapters
 from sdxl.errors import InputError
 from sdxl.generation import generate
+from sdxl.outputs import OutputOptions, save_images
 from sdxl.request import GenerationRequest
 
 TINY = {"width": 64, "height": 64, "num_inference_steps": 2, "seed": 3}
@@ -44,7 +45,7 @@ def test_each_request_writes_its_own_folder_and_the_previous_one_goes(runner):
 
 def test_pngs_of_concurrent_requests_never_share_a_path(pipes):
     images = generate(pipes, GenerationRequest(**TINY)).images
-    a, b = predict.save_pngs(images), predict.save_pngs(images)
+    a, b = save_images(images, OutputOptions(), ["x"]), save_images(images, OutputOptions(), ["x"])
     assert a[0] != b[0] and a[0].read_bytes() == b[0].read_bytes()
 
 
