@@ -6,7 +6,7 @@ fails the running prediction or training at once with "Worker crashed" (the wait
 gets `completed`), and does not start a new worker. The server process stays up; /health-check keeps answering HTTP
 200 with the body status UNHEALTHY (user_healthcheck_error "... healthcheck channel closed"), and every new request
 is refused with 409 ("At capacity") because the dead slot is poisoned. Nothing hangs, and nothing recovers: the
-deployment must restart the container when the body says UNHEALTHY, DEFUNCT or SETUP_FAILED (scripts/liveness.py is
+deployment must restart the container when the body says UNHEALTHY, DEFUNCT or SETUP_FAILED (deploy/probe.py is
 that probe). SIGTERM still ends the server at once, so the restart is quick.
 
 Every wait is bounded: a hang fails the test instead of hanging CI.
@@ -40,9 +40,11 @@ LONG_TRAINING = dict(resolution=64, max_train_steps=100_000, lora_rank=2, train_
 LONG_TRAINING |= dict(checkpointing_steps=100_000)
 
 
-def liveness(server: CogServer, *flags: str) -> int:
-    probe = [sys.executable, str(ROOT / "scripts" / "liveness.py"), "--url", server.url, *flags]
-    return subprocess.run(probe, capture_output=True, timeout=30).returncode
+def probe(server: CogServer, mode: str) -> int:
+    """The exit status of the deployment's probe (deploy/probe.py, as the Kubernetes manifests run it)."""
+    command = [sys.executable, str(ROOT / "deploy" / "probe.py"), mode]
+    env = {**os.environ, "PROBE_URL": server.url}
+    return subprocess.run(command, capture_output=True, timeout=30, env=env).returncode
 
 
 def wait_for_log(server: CogServer, text: str, timeout: float = 180) -> None:
@@ -63,7 +65,7 @@ def assert_dead_to_an_orchestrator(server: CogServer, path: str, input: dict) ->
         time.sleep(0.5)
     refused = requests.post(f"{server.url}{path}", json={"input": input}, timeout=15)
     assert refused.status_code == 409, refused.text  # at once, not a hang
-    assert liveness(server) == 1 and liveness(server, "--ready") == 1
+    assert probe(server, "live") == 1 and probe(server, "ready") == 1
     assert server.process.poll() is None  # the server does not exit by itself: someone must restart it
     started = time.monotonic()
     server.process.send_signal(signal.SIGTERM)  # what a container stop sends
@@ -92,7 +94,7 @@ def servers(tmp_path):
 
 def test_worker_killed_mid_prediction_fails_it_and_leaves_the_server_unhealthy(servers, tiny_weights_dir):
     server = servers(tiny_weights_dir)
-    assert liveness(server) == 0 and liveness(server, "--ready") == 0
+    assert probe(server, "live") == 0 and probe(server, "ready") == 0
     answer = {}
 
     def predict():
@@ -108,7 +110,7 @@ def test_worker_killed_mid_prediction_fails_it_and_leaves_the_server_unhealthy(s
     client = threading.Thread(target=predict, daemon=True)
     client.start()
     wait_for_log(server, "base: step 1/500")
-    assert server.health()["status"] == "BUSY" and liveness(server) == 0 and liveness(server, "--ready") == 1
+    assert server.health()["status"] == "BUSY" and probe(server, "live") == 0 and probe(server, "ready") == 1
     worker = server.worker_pid()
     killed_at = time.monotonic()
     os.kill(worker, signal.SIGKILL)
