@@ -446,6 +446,7 @@ def train_server(tiny_weights_dir, tmp_path_factory):
         "SDXL_WEIGHTS_DIR": str(tiny_weights_dir),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "TMPDIR": str(scratch),
+        "SDXL_ALLOW_LOOPBACK_HTTP": "1",  # the archives come from this test's loopback server
     }
     log = open(tmp_path_factory.mktemp("train-log") / "server.log", "wb")  # noqa: SIM115 (closed below)
     command = [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1", "--x-mode", "train"]
