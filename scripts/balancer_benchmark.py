@@ -12,14 +12,11 @@ COG_SLOT_GRACE_MS=0 turns off HAProxy's hold on each answer (deploy/haproxy/cog_
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import json
 import os
 import platform
-import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,22 +31,9 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from sdxl.testing.cog_server import free_port_run  # noqa: E402
+
 HOST = "127.0.0.1"
-
-
-def free_port_run(count: int) -> int:
-    """The first of `count` consecutive free ports, below the ephemeral range (where clients' sockets land)."""
-    rng = random.Random()
-    for _ in range(200):
-        first = rng.randrange(20000, 32000)
-        try:
-            with contextlib.ExitStack() as stack:
-                for port in range(first, first + count):
-                    stack.enter_context(socket.socket()).bind((HOST, port))
-            return first
-        except OSError:
-            continue
-    raise RuntimeError("no run of free ports")
 
 
 class Cluster:

@@ -6,14 +6,11 @@ queue, send each predictor one request at a time, and resend what a dead predict
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from sdxl.testing.cog_server import free_port_run
 from tests.cogserver import HOST, ROOT
 
 pytestmark = pytest.mark.skipif(
@@ -31,21 +29,6 @@ pytestmark = pytest.mark.skipif(
 CLIENTS = 8
 SMALL = {"prompt": "a lighthouse", "width": 64, "height": 64, "num_inference_steps": 2}
 SMALL |= {"disable_safety_checker": True, "apply_watermark": False}
-
-
-def free_port_run(count: int) -> int:
-    """The first of `count` consecutive free ports, below the ephemeral range (where clients' sockets land)."""
-    rng = random.Random()
-    for _ in range(200):
-        first = rng.randrange(20000, 32000)
-        try:
-            with contextlib.ExitStack() as stack:
-                for port in range(first, first + count):
-                    stack.enter_context(socket.socket()).bind((HOST, port))
-            return first
-        except OSError:
-            continue
-    raise RuntimeError("no run of free ports")
 
 
 class Cluster:

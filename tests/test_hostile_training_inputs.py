@@ -7,12 +7,8 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import os
 import re
-import signal
 import struct
-import subprocess
-import sys
 import tarfile
 import tempfile
 import threading
@@ -34,7 +30,7 @@ from sdxl.training import budget
 from sdxl.training.config import TrainingConfig
 from sdxl.training.dataset import DatasetError, read_examples
 from tests.archives import encode, make_zip, png_header_only
-from tests.cogserver import HOST, ROOT, free_port
+from tests.cogserver import CogServer
 from tests.memory_probe import MB, cog_worker, files_and_bytes, growth_during, peak, reset_peak
 from tests.training_support import make_dataset
 
@@ -288,45 +284,18 @@ def test_checkpoints_are_written_only_when_asked(tiny_weights_dir, tmp_path, wri
 MAX_IMAGES = 3
 
 
-class TrainServer:
-    """`python -m cog.server.http --x-mode train` serving train.py, its own TMPDIR, in its own process group."""
+class TrainServer(CogServer):
+    """The Cog training server (train.py) with its own TMPDIR, and a call that sends an archive as a data: URI."""
 
     def __init__(self, weights_dir: Path, tmpdir: Path, log_path: Path, env: dict[str, str]):
-        self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}"
-        self.tmpdir, self.log_path = tmpdir, log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "cog.server.http", "--host", HOST, "--x-mode", "train"],
-            cwd=ROOT,
-            env={
-                **os.environ,
-                **env,
-                "PORT": str(self.port),
-                "COG_TRAIN_TYPE_STUB": "train.py:train",
-                "SDXL_WEIGHTS_DIR": str(weights_dir),
-                "TMPDIR": str(tmpdir),
-                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            },
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        super().__init__(weights_dir, log_path, env={**env, "TMPDIR": str(tmpdir)}, train=True)
+        self.tmpdir = tmpdir
 
     def status(self) -> str:
-        return requests.get(f"{self.url}/health-check", timeout=5).json()["status"]
+        return self.health()["status"]
 
     def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log_path.read_text(errors="replace")[-3000:]
-            try:
-                if self.status() == "READY":
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(self.log_path.read_text(errors="replace")[-3000:])
+        self.wait_for("READY", timeout=timeout)
 
     def train(self, archive_bytes: bytes, **inputs) -> dict:
         uri = "data:application/zip;base64," + base64.b64encode(archive_bytes).decode()
@@ -339,16 +308,6 @@ class TrainServer:
             time.sleep(0.05)
         assert response.status_code == 200, response.text
         return response.json()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=5)
-        self._log.close()
 
 
 def _lora_bytes(result: dict) -> bytes:
