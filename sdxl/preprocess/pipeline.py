@@ -24,7 +24,7 @@ from PIL import Image
 from sdxl.device import Placement
 from sdxl.errors import InputError
 from sdxl.images import check_side
-from sdxl.preprocess import archive, crop, mask
+from sdxl.preprocess import archive, crop, mask, provenance
 from sdxl.preprocess.archive import DEFAULT_LIMITS, ArchiveLimits
 from sdxl.preprocess.caption import Captioner, caption_images
 from sdxl.preprocess.upscale import Upscaler, needs_upscaling, upscale_small
@@ -198,6 +198,8 @@ def run(
 
     # 6. Write the training set.
     _write(out_dir, [p[0] for p in pairs], [p[1] for p in pairs], captions)
+    kinds = provenance.mask_kinds(config.use_face_detection_instead, config.target_prompt, masks)
+    provenance.write_provenance(out_dir, [s.name for s in samples], [s.caption for s in samples], kinds)
     log.info("preprocess: %d images at %dpx in %s (%.1fs)", len(pairs), config.resolution, out_dir,
              time.monotonic() - started)  # fmt: skip
     return out_dir
