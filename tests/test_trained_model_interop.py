@@ -81,7 +81,9 @@ def test_kohya_lora_draws_what_the_diffusers_lora_draws(tiny_weights_dir, traine
         prompt="a photo on a beach", width=64, height=64, num_inference_steps=3,
         generator=torch.Generator("cpu").manual_seed(5),
     ).images[0]  # fmt: skip
-    from_diffusers = _draw(tiny_weights_dir, folder / "lora.safetensors", diffusers_rows, tuple(interop.EMBEDDING_KEY_MAP))
+    from_diffusers = _draw(
+        tiny_weights_dir, folder / "lora.safetensors", diffusers_rows, tuple(interop.EMBEDDING_KEY_MAP)
+    )
     from_kohya = _draw(tiny_weights_dir, folder / interop.KOHYA_LORA_FILE, sdxl_rows, ("clip_l", "clip_g"))
     assert np.abs(from_kohya - from_diffusers).max() <= 1  # measured: 0 (the same matrices, renamed)
     assert np.abs(from_diffusers - np.asarray(base, dtype=np.int16)).max() > 10  # the LoRA and tokens do something

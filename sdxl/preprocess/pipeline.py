@@ -110,18 +110,18 @@ def _masks(config: PreprocessConfig, images: list[Image.Image], models_dir, plac
     if config.use_face_detection_instead:
         if config.mask_target_prompts:
             log.info("mask: use_face_detection_instead is set, so mask_target_prompts is not used")
-        return mask.face_masks(images)
+        return mask.face_masks(images, models_dir)
     if config.target_prompt is None:
         return [mask.uniform_mask(image) for image in images]
     segmenter = mask.Segmenter.load(models_dir, placement)
     return mask.clipseg_masks(images, config.target_prompt, config.clipseg_temperature, segmenter)
 
 
-def _crop_centers(config: PreprocessConfig, images, masks) -> list[tuple[float, float]]:
+def _crop_centers(config: PreprocessConfig, images, masks, models_dir) -> list[tuple[float, float]]:
     """Around the salient region (the loss mask), or around the faces (found here unless the masks are faces)."""
     if config.crop_based_on_salience or config.use_face_detection_instead:
         return [crop.center_of_mass(m) for m in masks]
-    return [crop.center_of_mass(m) for m in mask.face_masks(images)]
+    return [crop.center_of_mass(m) for m in mask.face_masks(images, models_dir)]
 
 
 def _write(out_dir: Path, images, masks, captions) -> None:
@@ -193,7 +193,7 @@ def run(
     masks = _masks(config, images, models_dir, placement)
 
     # 5. Square crops around the salient region or the faces, resized to the resolution; masks cropped alike.
-    centers = _crop_centers(config, images, masks)
+    centers = _crop_centers(config, images, masks, models_dir)
     pairs = [crop.crop_square(i, m, c, config.resolution) for i, m, c in zip(images, masks, centers, strict=True)]
 
     # 6. Write the training set.
