@@ -18,7 +18,7 @@ from sdxl.training.dataset import read_examples
 from sdxl.training.export import TAR_NAME, write_trained_model_tar
 from sdxl.training.models import load_components
 from sdxl.training.progress import Progress
-from sdxl.training.report import ReportSettings, TrainingReport, sample_settings_for
+from sdxl.training.report import ReportSettings, TrainingReport, sample_settings_for, staged_report
 from sdxl.training.trainer import StepInfo, Trainer
 
 log = logging.getLogger(__name__)
@@ -189,9 +189,8 @@ def train(
     result_tar = None
     if main:
         trained = trainer.trained_weights()
-        if recorder is not None:
-            trained.report_dir = recorder.write_safely(output_dir / "report", progress.seconds())
-        result_tar = write_trained_model_tar(tar_path, trained)
+        with staged_report(recorder, tar_path.parent, progress.seconds()) as trained.report_dir:
+            result_tar = write_trained_model_tar(tar_path, trained)
         if not keep_checkpoints:
             checkpoints.remove_all(output_dir)
         log.info(

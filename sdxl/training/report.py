@@ -12,8 +12,11 @@ from before the step it resumed at (report.json says where it resumed).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -157,6 +160,21 @@ class TrainingReport:
             row.update(sources.get(example.name, {}))
             images.append(row)
         return {"size": len(examples), "resolution": self.trainer.config.resolution, "images": images}
+
+
+@contextlib.contextmanager
+def staged_report(report: TrainingReport | None, parent: Path, seconds: float):
+    """The report's files in a temporary folder under `parent` (None without a report, or if writing it failed),
+    removed on exit: the report lives in the tar only."""
+    if report is None:
+        yield None
+        return
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=".report-", dir=parent))
+    try:
+        yield report.write_safely(folder, seconds)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def sample_settings_for(weights_root: Path, settings: ReportSettings | None) -> ReportSettings | None:
