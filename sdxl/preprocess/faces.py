@@ -34,9 +34,11 @@ TILTS = (15.0, -15.0)  # degrees; tried only when nothing is found upright
 FACE_KEEP_FRACTION = 0.6  # other faces are kept when their side is at least this share of the largest one's
 SAME_FACE_OVERLAP = 0.3  # intersection over union above which two boxes are the same face
 YUNET_SCORE = 0.7
-# Neighbours a cascade detection needs: 8, not OpenCV's usual 3-5, because the profile and tilted passes otherwise find
-# faces in cats and coffee cups (measured on scikit-image's photos: 5 gave 4 false faces in 3 face-free photos, 8 none).
-MIN_NEIGHBORS = 8
+# Neighbours a cascade detection needs: OpenCV's usual 5 for the frontal cascades upright (small faces in group photos
+# stay found); 8 for the profile cascade and, with both frontal cascades agreeing, on the tilted copies, which at 5
+# find faces in cats, coffee cups and shoulders (scikit-image's photos: 4 false faces in 3 face-free photos at 5).
+MIN_NEIGHBORS = 5
+STRICT_NEIGHBORS = 8
 
 
 @dataclass(frozen=True)
@@ -76,32 +78,42 @@ def _cascade(name: str):
     return cascade
 
 
+def _detect(name: str, gray: np.ndarray, min_side: int, neighbors: int) -> list[Box]:
+    options = dict(scaleFactor=1.1, minNeighbors=neighbors, minSize=(min_side, min_side))
+    return [Box(*map(int, b)) for b in _cascade(name).detectMultiScale(gray, **options)]
+
+
+def _agreed_frontal(gray: np.ndarray, min_side: int, neighbors: int) -> list[Box]:
+    """Faces both frontal cascades find."""
+    first, second = (_detect(name, gray, min_side, neighbors) for name in FRONTAL_CASCADES)
+    return [box for box in first if any(box.overlap(other) >= SAME_FACE_OVERLAP for other in second)]
+
+
+def _without_enclosing(boxes: list[Box]) -> list[Box]:
+    """Drop boxes that enclose the centre of a much smaller detection: a face does not hold a face, so such a box is a
+    false detection around a real one."""
+
+    def encloses(big: Box, small: Box) -> bool:
+        x, y = small.center
+        inside = big.left <= x <= big.left + big.width and big.top <= y <= big.top + big.height
+        return inside and small.width < 0.5 * big.width
+
+    return [box for box in boxes if not any(encloses(box, other) for other in boxes)]
+
+
 def _cascade_boxes(gray: np.ndarray, min_side: int) -> list[Box]:
-    """The cascade passes on one (upright or rotated) grey image, in its own coordinates, in order of trust; the
-    first pass that finds a face decides (later, less specific passes add false faces, not missed ones)."""
-    options = dict(scaleFactor=1.1, minNeighbors=MIN_NEIGHBORS, minSize=(min_side, min_side))
+    """The upright passes in order of trust; the first that finds a face decides (the later, less specific passes add
+    false faces, not missed ones): each frontal cascade, then the profile cascade on the image and on its mirror."""
+    found: list[Box] = []
     for name in FRONTAL_CASCADES:
-        found = [Box(*map(int, b)) for b in _cascade(name).detectMultiScale(gray, **options)]
-        if found:
-            return found
-    found = [Box(*map(int, b)) for b in _cascade(PROFILE_CASCADE).detectMultiScale(gray, **options)]
+        found = found or _without_enclosing(_detect(name, gray, min_side, MIN_NEIGHBORS))
+    found = found or _detect(PROFILE_CASCADE, gray, min_side, STRICT_NEIGHBORS)
     if found:
         return found
     width = gray.shape[1]
     mirrored = np.ascontiguousarray(gray[:, ::-1])
-    return [
-        Box(int(width - x - w), int(y), int(w), int(h))
-        for x, y, w, h in _cascade(PROFILE_CASCADE).detectMultiScale(mirrored, **options)
-    ]
-
-
-def _agreed_frontal(gray: np.ndarray, min_side: int) -> list[Box]:
-    """Faces both frontal cascades find (the tilted copies' test: one cascade alone finds faces in coffee cups)."""
-    options = dict(scaleFactor=1.1, minNeighbors=MIN_NEIGHBORS, minSize=(min_side, min_side))
-    first, second = (
-        [Box(*map(int, b)) for b in _cascade(n).detectMultiScale(gray, **options)] for n in FRONTAL_CASCADES
-    )
-    return [box for box in first if any(box.overlap(other) >= SAME_FACE_OVERLAP for other in second)]
+    mirrored_boxes = _detect(PROFILE_CASCADE, mirrored, min_side, STRICT_NEIGHBORS)
+    return [Box(width - b.left - b.width, b.top, b.width, b.height) for b in mirrored_boxes]
 
 
 def _rotated(gray: np.ndarray, degrees: float) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +144,7 @@ class CascadeDetector:
             if found:
                 break
             rotated, back = _rotated(gray, degrees)
-            for box in _agreed_frontal(rotated, min_side):
+            for box in _agreed_frontal(rotated, min_side, STRICT_NEIGHBORS):
                 cx, cy = back @ np.array([*box.center, 1.0])
                 found.append(Box(round(cx - box.width / 2), round(cy - box.height / 2), box.width, box.height))
         return found

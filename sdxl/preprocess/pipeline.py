@@ -117,7 +117,7 @@ def _masks(config: PreprocessConfig, images: list[Image.Image], models_dir, plac
     return mask.clipseg_masks(images, config.target_prompt, config.clipseg_temperature, segmenter)
 
 
-def _crop_centers(config: PreprocessConfig, images, masks, models_dir) -> list[tuple[float, float]]:
+def _crop_centers(config: PreprocessConfig, images, masks, models_dir=None) -> list[tuple[float, float]]:
     """Around the salient region (the loss mask), or around the faces (found here unless the masks are faces)."""
     if config.crop_based_on_salience or config.use_face_detection_instead:
         return [crop.center_of_mass(m) for m in masks]
