@@ -21,10 +21,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from sdxl import provenance
 from sdxl.device import Placement
 from sdxl.errors import InputError
 from sdxl.images import check_side
-from sdxl.preprocess import archive, crop, mask, provenance
+from sdxl.preprocess import archive, crop, mask
 from sdxl.preprocess.archive import DEFAULT_LIMITS, ArchiveLimits
 from sdxl.preprocess.caption import Captioner, caption_images
 from sdxl.preprocess.upscale import Upscaler, needs_upscaling, upscale_small

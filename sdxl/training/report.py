@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from sdxl.preprocess.provenance import read_provenance
+from sdxl.provenance import read_provenance
 from sdxl.training import report_plots, samples
 from sdxl.training.samples import SampleSettings
 

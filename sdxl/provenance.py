@@ -1,4 +1,4 @@
-"""Where each training image and its caption and mask came from, for the training report.
+"""Where each training image and its caption and mask came from: written by preprocessing, read by the training report.
 
 Written beside captions.csv as `provenance.json` ({"images": {"0000.src.png": {...}}}); the training engine does not
 need it (the folder contract is captions.csv and the images), so a folder without it still trains.
