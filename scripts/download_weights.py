@@ -1,7 +1,8 @@
 """Fetch the production weights into the weights folder (needs internet; about 14 GB for prediction).
 
     python scripts/download_weights.py                 # prediction weights into ./weights (or $SDXL_WEIGHTS_DIR)
-    python scripts/download_weights.py --training      # also the preprocessing models the trainer uses
+    python scripts/download_weights.py --training      # also the preprocessing models the trainer uses (BLIP,
+                                                       # CLIPSeg, Swin2SR and the YuNet face detector)
     python scripts/download_weights.py --dry-run       # say what would be fetched
 
 Each model comes from the revision pinned in sdxl/weights.py. Downloads resume where they stopped (huggingface_hub
@@ -70,6 +71,16 @@ def expected_hashes(spec: weights.WeightSpec) -> dict[str, str]:
     }
 
 
+def check_face_detector(path: Path) -> None:
+    """The face detector must load in this OpenCV (cv2.FaceDetectorYN), or preprocessing would fall back silently."""
+    from sdxl.preprocess.faces import YuNetDetector
+
+    try:
+        YuNetDetector(path)
+    except Exception as error:
+        raise SystemExit(f"yunet: {path} does not load in OpenCV ({error}); delete it and run this again") from None
+
+
 def download(spec: weights.WeightSpec, root: Path) -> None:
     from huggingface_hub import snapshot_download
 
@@ -80,9 +91,14 @@ def download(spec: weights.WeightSpec, root: Path) -> None:
     snapshot_download(
         spec.repo_id, revision=spec.revision, allow_patterns=list(spec.allow_patterns), local_dir=folder, max_workers=8
     )
-    bad = verify(folder, expected_hashes(spec))
+    expected = expected_hashes(spec)
+    if not expected:
+        log.warning("%s: the hub lists no sha256 for its files; they are not verified", spec.name)
+    bad = verify(folder, expected)
     if bad:
         raise SystemExit(f"{spec.name}: checksum mismatch for {', '.join(bad)}; delete them and run this again")
+    if spec is weights.FACE_DETECTOR:
+        check_face_detector(folder / spec.required_files[0])
     convert_pickle_to_safetensors(folder)
     missing = weights.missing_files(root, spec)
     if missing:

@@ -150,9 +150,23 @@ SEGMENTER = WeightSpec(
     purpose="training preprocessing: text-prompted masks",
 )
 
+FACE_DETECTOR = WeightSpec(
+    name="yunet",
+    folder="face-detection-yunet",
+    # OpenCV's model zoo model (MIT), as OpenCV publishes it on the hub. Repo and revision are not pinned yet: they
+    # could not be checked from the offline machines this was written on (the download logs a warning and verifies
+    # the file against the hub's sha256 like the others).
+    repo_id="opencv/face_detection_yunet",
+    revision=None,
+    allow_patterns=("face_detection_yunet_2023mar.onnx",),
+    required_files=("face_detection_yunet_2023mar.onnx",),
+    purpose="training preprocessing: face detection (optional: OpenCV's Haar cascades are the offline fallback)",
+)
+
 PREDICTION_WEIGHTS = (BASE, VAE, REFINER, SAFETY_CHECKER)
-TRAINING_WEIGHTS = (UPSCALER, CAPTIONER, SEGMENTER)
-ALL_WEIGHTS = PREDICTION_WEIGHTS + TRAINING_WEIGHTS
+TRAINING_WEIGHTS = (UPSCALER, CAPTIONER, SEGMENTER)  # required by the preprocessing steps that use them
+OPTIONAL_TRAINING_WEIGHTS = (FACE_DETECTOR,)  # fetched with them; without it a fallback runs
+ALL_WEIGHTS = PREDICTION_WEIGHTS + TRAINING_WEIGHTS + OPTIONAL_TRAINING_WEIGHTS
 
 
 class WeightsMissingError(RuntimeError):

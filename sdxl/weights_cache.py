@@ -66,6 +66,15 @@ FILE_CAPS = {
     TRAINING_PARAMS_FILE: MAX_JSON_BYTES,
     EMBEDDINGS_FILE: MAX_EMBEDDINGS_BYTES,
 }
+# Files a training writes for other tools and for people (sdxl/training/interop.py, report.py): known, size-capped
+# from the tar header, and skipped (never extracted or parsed): the predictor does not use them.
+SKIPPED_FILE_CAPS = {
+    "lora_kohya.safetensors": 4 << 30,
+    "embeddings_sdxl.safetensors": MAX_EMBEDDINGS_BYTES,
+    "report/report.json": 4 << 20,
+    "report/loss.png": 16 << 20,
+    "report/samples.png": 64 << 20,
+}
 KINDS = ("trained", "lora")
 
 
@@ -311,6 +320,9 @@ def _extract_members(tar: tarfile.TarFile, dest: Path, field: str, max_bytes: in
         total += member.size
         if total > max_bytes:
             raise InputError(field, f"the tar's files add up to more than {remote.human_size(max_bytes)}")
+        if name in SKIPPED_FILE_CAPS:
+            _check_skipped(name, member.size, field)
+            continue
         if name not in TRAINED_FILES:
             log.info("%s: ignoring unknown file %r in the tar", field, member.name)
             continue
@@ -321,6 +333,12 @@ def _extract_members(tar: tarfile.TarFile, dest: Path, field: str, max_bytes: in
             raise InputError(field, f"the tar holds {name!r} twice")
         seen.add(name)
         _copy_member(tar, member, dest / name)
+
+
+def _check_skipped(name: str, size: int, field: str) -> None:
+    if size > SKIPPED_FILE_CAPS[name]:
+        raise InputError(field, f"{name} is {size:,} bytes; at most {SKIPPED_FILE_CAPS[name]:,} are allowed")
+    log.debug("%s: %s is for other tools; not extracted", field, name)
 
 
 def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:

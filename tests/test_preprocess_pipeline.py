@@ -52,7 +52,7 @@ def test_preprocess_writes_the_contract_files(tiny_weights_dir, upload, tmp_path
     assert tuple(header) == CAPTIONS_COLUMNS == ("image_file", "mask_file", "caption")
     assert [row[:2] for row in rows] == [[f"{i:04d}.src.png", f"{i:04d}.mask.png"] for i in range(4)]
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(
-        [*(name for row in rows for name in row[:2]), "captions.csv"]
+        [*(name for row in rows for name in row[:2]), "captions.csv", "provenance.json"]  # provenance: the report's
     )
     for image_file, mask_file, _ in rows:
         with Image.open(out_dir / image_file) as image, Image.open(out_dir / mask_file) as loss_mask:

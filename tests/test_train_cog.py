@@ -28,6 +28,9 @@ from tests.training_support import files_under, make_dataset
 REPO = Path(__file__).resolve().parent.parent
 CONTRACT_ORDER = ["input_images", *CONTRACT_DEFAULTS]
 CONTRACT_FILES = ["lora.safetensors", "embeddings.pti", "special_params.json", "training_params.json"]
+# after the contract's files: the files for other tools and the report (tests/test_trained_model_interop.py, ..._report.py)
+EXTRA_FILES = ["lora_kohya.safetensors", "embeddings_sdxl.safetensors", "report/loss.png", "report/report.json",
+               "report/samples.png"]  # fmt: skip
 TINY_INPUTS = dict(resolution=64, max_train_steps=1, lora_rank=2, train_batch_size=1, seed=1)
 
 
@@ -77,7 +80,7 @@ def test_train_returns_the_tar_and_removes_scratch(stub_preprocess, tmp_path):
     output = _call_train(input_images=archive, **TINY_INPUTS, mask_target_prompts="a dog", clipseg_temperature=0.7)
 
     with tarfile.open(output.weights) as tar:
-        assert tar.getnames() == CONTRACT_FILES
+        assert tar.getnames() == CONTRACT_FILES + EXTRA_FILES
     # Only the returned tar is left in the temporary folder: dataset and checkpoints are gone.
     assert files_under(scratch) == [
         "sdxl-trained-models",
@@ -187,7 +190,7 @@ def test_post_trainings_on_the_cog_server_returns_the_tar(tiny_weights_dir, tmp_
         assert result["status"] == "succeeded", result.get("error") or result.get("logs", "")[-2000:]
         tar_bytes = base64.b64decode(result["output"]["weights"].split(",", 1)[1])
         with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
-            assert tar.getnames() == CONTRACT_FILES
+            assert tar.getnames() == CONTRACT_FILES + EXTRA_FILES
         assert "step 1/1" in result["logs"]
     finally:
         server.terminate()

@@ -32,6 +32,7 @@ def test_full_fine_tune_tar_members_are_plain_files(tmp_path):
         "embeddings.pti",
         "special_params.json",
         "training_params.json",
+        "embeddings_sdxl.safetensors",  # the tokens for other tools (sdxl/training/interop.py)
     ]
     assert all(m.isreg() and m.mode == 0o644 and m.uid == 0 and m.mtime == 0 for m in members)
     assert files_under(tmp_path) == ["trained_model.tar"]

@@ -18,7 +18,10 @@ def test_two_process_run_writes_one_tar(tiny_weights_dir, tmp_path, capfd):
     assert "checkpoint at step 1" in text  # a checkpoint written jointly by both processes
     assert files_under(output) == ["trained_model.tar"]  # one tar, checkpoints cleaned, nothing else
     with tarfile.open(output / "trained_model.tar") as tar:
-        assert tar.getnames() == ["lora.safetensors", "embeddings.pti", "special_params.json", "training_params.json"]
+        names = tar.getnames()
+        assert names[:4] == ["lora.safetensors", "embeddings.pti", "special_params.json", "training_params.json"]
+        assert names[4:] == ["lora_kohya.safetensors", "embeddings_sdxl.safetensors", "report/loss.png",
+                             "report/report.json", "report/samples.png"]  # fmt: skip
 
 
 def test_launch_arguments_carry_every_input_and_a_fixed_seed(tmp_path):

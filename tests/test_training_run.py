@@ -17,6 +17,13 @@ from sdxl.training.models import load_components
 from tests.training_support import Recorder, assert_same_tensors, files_under, make_dataset, small_config
 
 CONTRACT_FILES_LORA = ["lora.safetensors", "embeddings.pti", "special_params.json", "training_params.json"]
+EXTRA_FILES_LORA = [
+    "lora_kohya.safetensors",
+    "embeddings_sdxl.safetensors",
+    "report/loss.png",
+    "report/report.json",
+    "report/samples.png",
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +66,8 @@ def test_lora_tar_has_the_contract_files_and_shapes(lora_run, tmp_path):
     result, _, output = lora_run
     assert result.tar_path == output / "trained_model.tar" and result.steps == 3
     assert files_under(output) == ["trained_model.tar"]  # checkpoints removed after success, nothing else
-    assert _unpack(result.tar_path, tmp_path) == CONTRACT_FILES_LORA
+    # the contract's files first and unchanged; then the files for other tools and the report (their own tests)
+    assert _unpack(result.tar_path, tmp_path) == CONTRACT_FILES_LORA + EXTRA_FILES_LORA
     embeddings = load_file(tmp_path / "embeddings.pti")
     assert {k: tuple(v.shape) for k, v in embeddings.items()} == {
         "text_encoders_0": (2, 32),
@@ -152,7 +160,8 @@ def test_full_fine_tune_updates_the_unet_at_the_real_resolution(tiny_weights_dir
     assert trainer.cached_text is not None  # ti_lr 0: frozen text encoders, embeddings cached
 
     files = _unpack(result.tar_path, tmp_path / "tar")
-    assert files == ["unet.safetensors", "embeddings.pti", "special_params.json", "training_params.json"]
+    assert files[:4] == ["unet.safetensors", "embeddings.pti", "special_params.json", "training_params.json"]
+    assert files[4:] == ["embeddings_sdxl.safetensors", "report/loss.png", "report/report.json", "report/samples.png"]
     trained = load_file(tmp_path / "tar" / "unet.safetensors")
     base = load_components(tiny_weights_dir).unet.state_dict()
     assert trained.keys() == base.keys()

@@ -3,13 +3,13 @@
 Three kinds, exactly one mask per image, in the images' order:
 - CLIPSeg, prompted by `mask_target_prompts`: sigmoid(logits / clipseg_temperature), a small floor, scaled so the
   most salient pixel is 1, resized to the image;
-- faces (`use_face_detection_instead`): OpenCV's Haar cascade; all faces of an image go into its one mask;
+- faces (`use_face_detection_instead`): YuNet or OpenCV's Haar cascades (sdxl/preprocess/faces.py); the faces of an
+  image go into its one mask;
 - neither: a uniform (all-white) mask.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,29 +20,16 @@ from PIL import Image, ImageDraw
 
 from sdxl import weights
 from sdxl.device import Placement
+from sdxl.preprocess import faces as faces_module
 from sdxl.preprocess import models
+from sdxl.preprocess.faces import Box
 
 log = logging.getLogger(__name__)
 
 CLIPSEG_FLOOR = 0.01  # as the hosted trainer: no pixel is ignored completely
-FACE_CASCADE = "haarcascade_frontalface_default.xml"
-FACE_DETECTION_SIDE = 1024  # faces are found on a copy at most this large: fast and scale-stable
-FACE_MIN_FRACTION = 0.04  # smallest face looked for, as a fraction of the short side
 # A Haar box spans brows to mouth; an ellipse with these half-axes (relative to the box) covers the whole box
 # (its corners lie at 0.75 of the ellipse's radius) plus forehead and chin.
 FACE_ELLIPSE = (0.75, 0.9)
-
-
-@dataclass(frozen=True)
-class Box:
-    left: int
-    top: int
-    width: int
-    height: int
-
-    @property
-    def center(self) -> tuple[float, float]:
-        return self.left + self.width / 2, self.top + self.height / 2
 
 
 def uniform_mask(image: Image.Image) -> Image.Image:
@@ -92,29 +79,9 @@ def clipseg_masks(
 # --- faces ------------------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _cascade():
-    import cv2
-
-    path = Path(cv2.data.haarcascades) / FACE_CASCADE
-    cascade = cv2.CascadeClassifier(str(path))
-    if cascade.empty():
-        raise RuntimeError(f"OpenCV could not load its face cascade {path}; install opencv-python (not 5.x)")
-    return cascade
-
-
-def detect_faces(image: Image.Image) -> list[Box]:
-    """Face boxes in the image's pixel coordinates (frontal faces; an empty list if none is found)."""
-    import cv2
-
-    scale = min(1.0, FACE_DETECTION_SIDE / max(image.size))
-    small = image.convert("L")
-    if scale < 1.0:
-        small = small.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
-    gray = cv2.equalizeHist(np.asarray(small))
-    min_side = max(20, round(FACE_MIN_FRACTION * min(gray.shape)))
-    found = _cascade().detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side))
-    return [Box(*(round(int(v) / scale) for v in box)) for box in found]
+def detect_faces(image: Image.Image, detector=None) -> list[Box]:
+    """Face boxes in the image's pixel coordinates, largest first (sdxl/preprocess/faces.py); [] if none is found."""
+    return faces_module.find_faces(image, detector or faces_module.load_detector())
 
 
 def face_mask(image: Image.Image, faces: list[Box] | None = None) -> Image.Image:
@@ -131,11 +98,21 @@ def face_mask(image: Image.Image, faces: list[Box] | None = None) -> Image.Image
     return mask
 
 
-def face_masks(images: list[Image.Image]) -> list[Image.Image]:
-    masks = []
+def face_masks(images: list[Image.Image], models_dir: Path | None = None) -> list[Image.Image]:
+    detector = faces_module.load_detector(models_dir)
+    masks, without = [], []
     for index, image in enumerate(images):
-        faces = detect_faces(image)
+        faces = detect_faces(image, detector)
         if not faces:
-            log.warning("mask: no face found in image %d; its mask is uniform", index)
+            without.append(index)
         masks.append(face_mask(image, faces))
+    if without:
+        log.warning(
+            "mask: no face found in %d of %d images (%s); their masks are uniform",
+            len(without),
+            len(images),
+            ", ".join(f"image {i}" for i in without),
+        )
+    else:
+        log.info("mask: a face found in each of the %d images", len(images))
     return masks

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from sdxl import provenance
 from sdxl.device import Placement
 from sdxl.errors import InputError
 from sdxl.images import check_side
@@ -114,18 +115,18 @@ def _masks(config: PreprocessConfig, images: list[Image.Image], models_dir, plac
     if config.use_face_detection_instead:
         if config.mask_target_prompts:
             log.info("mask: use_face_detection_instead is set, so mask_target_prompts is not used")
-        return mask.face_masks(images)
+        return mask.face_masks(images, models_dir)
     if config.target_prompt is None:
         return [mask.uniform_mask(image) for image in images]
     segmenter = mask.Segmenter.load(models_dir, placement)
     return mask.clipseg_masks(images, config.target_prompt, config.clipseg_temperature, segmenter)
 
 
-def _crop_centers(config: PreprocessConfig, images, masks) -> list[tuple[float, float]]:
+def _crop_centers(config: PreprocessConfig, images, masks, models_dir=None) -> list[tuple[float, float]]:
     """Around the salient region (the loss mask), or around the faces (found here unless the masks are faces)."""
     if config.crop_based_on_salience or config.use_face_detection_instead:
         return [crop.center_of_mass(m) for m in masks]
-    return [crop.center_of_mass(m) for m in mask.face_masks(images)]
+    return [crop.center_of_mass(m) for m in mask.face_masks(images, models_dir)]
 
 
 def _write(out_dir: Path, images, masks, captions) -> None:
@@ -194,8 +195,10 @@ def run(
     masks = _masks(config, images, models_dir, placement)
 
     # 4. Square crops around the salient region or the faces; masks cropped alike.
-    centers = _crop_centers(config, images, masks)
+    centers = _crop_centers(config, images, masks, models_dir)
     squares = [crop.square(i, m, c) for i, m, c in zip(images, masks, centers, strict=True)]
+    kinds = provenance.mask_kinds(config.use_face_detection_instead, config.target_prompt, masks)
+    sources = [(sample.name, sample.caption) for sample in samples]  # for the report: names and given captions
     del images, masks, samples  # only the squares are needed from here on
 
     # 5. Upscale the squares smaller than the resolution (Swin2SR x4, loaded only if needed), then resize the
@@ -207,6 +210,7 @@ def run(
 
     # 6. Write the training set.
     _write(out_dir, [p[0] for p in pairs], [p[1] for p in pairs], captions)
+    provenance.write_provenance(out_dir, [name for name, _ in sources], [given for _, given in sources], kinds)
     log.info("preprocess: %d images at %dpx in %s (%.1fs)", len(pairs), config.resolution, out_dir,
              time.monotonic() - started)  # fmt: skip
     return out_dir

@@ -7,6 +7,8 @@
   checkpoints    save / resume through accelerate        progress.py  step, loss, steps/s, ETA
   export.py      trained_model.tar, atomically           launch.py    several processes (accelerate launch)
   budget.py      image cap, memory estimate before start
+  interop.py     kohya LoRA + SDXL embedding files       report.py    report/: loss.png, samples.png, report.json
+  samples.py     sample images during a run              report_plots the loss figure and the sample grid
 
 `python -m sdxl.training --help` runs it from a shell, in one process or several (`--num-processes`).
 """

@@ -7,6 +7,10 @@ The tar holds regular files only, at its top level:
   embeddings.pti       safetensors: text_encoders_0 [n_new_tokens, te1 width], text_encoders_1 [n, te2 width]
   special_params.json  the token map, e.g. {"TOK": "<s0><s1>"}
   training_params.json the inputs the run used
+and, for other tools and for people (the predictor skips these; see sdxl/training/interop.py and report.py):
+  lora_kohya.safetensors       the UNet LoRA in the kohya layout A1111 / Forge / ComfyUI load (LoRA runs)
+  embeddings_sdxl.safetensors  the learned tokens as an SDXL embedding file (clip_l, clip_g)
+  report/                      loss.png, samples.png, report.json: how the run went (when a report was made)
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from sdxl.training import interop
+
 log = logging.getLogger(__name__)
 
 TAR_NAME = "trained_model.tar"
@@ -30,6 +36,7 @@ UNET_FILE = "unet.safetensors"
 EMBEDDINGS_FILE = "embeddings.pti"
 SPECIAL_PARAMS_FILE = "special_params.json"
 TRAINING_PARAMS_FILE = "training_params.json"
+REPORT_DIR = "report"
 
 
 @dataclass
@@ -39,6 +46,8 @@ class TrainedWeights:
     training_params: dict
     unet_lora_layers: dict[str, torch.Tensor] | None = None  # LoRA run (diffusers format, no `unet.` prefix)
     unet_state_dict: dict[str, torch.Tensor] | None = None  # full fine-tune
+    lora_alpha: float | None = None  # the LoRA's alpha (the kohya file carries it); None: alpha = rank
+    report_dir: Path | None = None  # a folder of report files, tarred under report/
 
 
 def _write_files(staging: Path, trained: TrainedWeights) -> list[str]:
@@ -52,13 +61,36 @@ def _write_files(staging: Path, trained: TrainedWeights) -> list[str]:
             staging, unet_lora_layers=trained.unet_lora_layers, weight_name=LORA_FILE, safe_serialization=True
         )
         unet_file = LORA_FILE
+        save_file(interop.kohya_lora(trained.unet_lora_layers, _alpha(trained)), staging / interop.KOHYA_LORA_FILE)
     else:
         save_file({k: v.detach().cpu().contiguous() for k, v in trained.unet_state_dict.items()}, staging / UNET_FILE)
         unet_file = UNET_FILE
     save_file(trained.embeddings, staging / EMBEDDINGS_FILE)
     (staging / SPECIAL_PARAMS_FILE).write_text(json.dumps(trained.token_map) + "\n")
     (staging / TRAINING_PARAMS_FILE).write_text(json.dumps(trained.training_params, indent=2, sort_keys=True) + "\n")
-    return [unet_file, EMBEDDINGS_FILE, SPECIAL_PARAMS_FILE, TRAINING_PARAMS_FILE]
+    save_file(interop.sdxl_embedding(trained.embeddings), staging / interop.SDXL_EMBEDDING_FILE)
+    names = [unet_file, EMBEDDINGS_FILE, SPECIAL_PARAMS_FILE, TRAINING_PARAMS_FILE]
+    names += [interop.KOHYA_LORA_FILE] if trained.unet_lora_layers is not None else []
+    return names + [interop.SDXL_EMBEDDING_FILE] + _stage_report(staging, trained.report_dir)
+
+
+def _alpha(trained: TrainedWeights) -> float:
+    if trained.lora_alpha is not None:
+        return trained.lora_alpha
+    down = next(v for k, v in trained.unet_lora_layers.items() if "down" in k or "lora_A" in k)
+    return float(down.shape[0])
+
+
+def _stage_report(staging: Path, report_dir: Path | None) -> list[str]:
+    """The report's regular files (top level only), copied under report/ in a fixed order."""
+    if report_dir is None:
+        return []
+    (staging / REPORT_DIR).mkdir()
+    names = []
+    for file in sorted(p for p in Path(report_dir).iterdir() if p.is_file() and not p.is_symlink()):
+        shutil.copyfile(file, staging / REPORT_DIR / file.name)
+        names.append(f"{REPORT_DIR}/{file.name}")
+    return names
 
 
 def _tar(staging: Path, names: list[str], destination: Path) -> None:

@@ -18,6 +18,7 @@ from sdxl.training.dataset import read_examples
 from sdxl.training.export import TAR_NAME, write_trained_model_tar
 from sdxl.training.models import load_components
 from sdxl.training.progress import Progress
+from sdxl.training.report import ReportSettings, TrainingReport, sample_settings_for, staged_report
 from sdxl.training.trainer import StepInfo, Trainer
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def train(
     on_step: Callable[[StepInfo], None] | None = None,
     keep_checkpoints: bool = False,
     write_checkpoints: bool = True,
+    report: ReportSettings | None = ReportSettings(),
 ) -> TrainingResult:
     """Train and write trained_model.tar (to `tar_path`, default OUTPUT/trained_model.tar); resume from the newest
     checkpoint in `output_dir` if one exists. A failure leaves checkpoints (to resume from) but no tar.
@@ -130,7 +132,8 @@ def train(
     from accelerate.utils import set_seed
 
     set_seed(config.seed)
-    trainer = Trainer(config, examples, load_components(weights_root), accelerator)
+    components = load_components(weights_root)
+    trainer = Trainer(config, examples, components, accelerator)
 
     # 4. Optimizer and lr scheduler on the parameters that train; data parallel wrapping; checkpoint hooks.
     optimizer = torch.optim.AdamW(trainer.optimizer_groups())
@@ -159,12 +162,18 @@ def train(
 
     # 6. The loop: checkpoints every checkpointing_steps; a failure says where it stopped.
     progress = Progress(trainer.total_steps, start, config.verbose, enabled=main)
+    report = sample_settings_for(weights_root, report)
+    recorder = None
+    if main and report is not None:  # the report samples with the modules being trained (step 0: before training)
+        recorder = TrainingReport(report, trainer, components.vae, weights_root, dataset_dir, start)
     done, loss = start, float("nan")
     try:
         for step in range(start, trainer.total_steps):
             loss, lrs = trainer.step(step)
             done = step + 1
             progress.update(done, loss, lrs)
+            if recorder is not None:
+                recorder.record(done, loss, lrs)
             if write_checkpoints and done % config.checkpointing_steps == 0 and done < trainer.total_steps:
                 state = {"num_processes": accelerator.num_processes, "config": config.to_dict()}
                 checkpoints.save(accelerator, output_dir, done, state)
@@ -186,7 +195,9 @@ def train(
     accelerator.wait_for_everyone()
     result_tar = None
     if main:
-        result_tar = write_trained_model_tar(tar_path, trainer.trained_weights())
+        trained = trainer.trained_weights()
+        with staged_report(recorder, tar_path.parent, progress.seconds()) as trained.report_dir:
+            result_tar = write_trained_model_tar(tar_path, trained)
         if not keep_checkpoints:
             checkpoints.remove_all(output_dir)
         log.info(

@@ -175,6 +175,7 @@ class Trainer:
             from peft.utils import get_peft_model_state_dict
 
             trained.unet_lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+            trained.lora_alpha = float(self.config.lora_rank)  # the LoraConfig above: alpha = rank
         else:
             trained.unet_state_dict = self.unet.state_dict()
         return trained
