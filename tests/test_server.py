@@ -235,4 +235,4 @@ def test_request_folders_coglet_leaves_behind_are_removed_by_a_later_request(ser
 
     assert server.predict({**BASE, "seed": 2}).json()["status"] == "succeeded"
     assert not any(folder.exists() for folder in left)
-    assert server.health()["status"] == "READY"
+    assert server.wait_for("READY", "SETUP_FAILED", "DEFUNCT", timeout=10)["status"] == "READY"
