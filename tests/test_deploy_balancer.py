@@ -48,6 +48,9 @@ class Cluster:
             "CLUSTER_CHECK_INTERVAL_MS": "300",
             "CLUSTER_START_TIMEOUT_S": "180",
             "CLUSTER_STOP_TIMEOUT_S": "30",
+            # Here the predictors are CPU-bound on two shared cores, and coglet can take longer than the default
+            # 25 ms hold to free its slot after answering; a GPU host's idle CPUs free it within the default.
+            "COG_SLOT_GRACE_MS": "200",
         }
         self.url = f"http://{HOST}:{self.port}"
 
