@@ -30,3 +30,23 @@ def pipes(tiny_weights_dir):
     from sdxl.loading import load_pipelines
 
     return load_pipelines(tiny_weights_dir)
+
+
+@pytest.fixture
+def listener():
+    """A loopback listener that must receive no connection (a refusal happens before any connect)."""
+    from tests.file_input_servers import SilentListener
+
+    silent = SilentListener()
+    yield silent
+    silent.close()
+
+
+@pytest.fixture
+def files():
+    """A loopback file server that records who fetched what."""
+    from tests.file_input_servers import FileServer
+
+    server = FileServer()
+    yield server
+    server.close()

@@ -17,25 +17,10 @@ import pytest
 
 from sdxl import file_inputs, remote
 from sdxl.errors import InputError
-from tests.file_input_servers import FileServer, SilentListener
 
 ROOT = Path(__file__).resolve().parent.parent
 CAP = 1 << 20
 LIMITS = file_inputs.FileInputLimits(CAP, remote.FetchLimits(max_bytes=CAP, read_timeout=5, deadline=20))
-
-
-@pytest.fixture
-def listener():
-    silent = SilentListener()
-    yield silent
-    silent.close()
-
-
-@pytest.fixture
-def files():
-    server = FileServer()
-    yield server
-    server.close()
 
 
 @pytest.fixture

@@ -22,9 +22,7 @@ from PIL import Image
 from sdxl import remote
 from tests.cogserver import ROOT, CogServer, decode_png, png_data_uri
 from tests.file_input_servers import (
-    FileServer,
     FolderPeak,
-    SilentListener,
     child_pids,
     reset_peak_memory,
     status_kib,
@@ -97,20 +95,6 @@ def trainer_loopback(tiny_weights_dir, tmp_path_factory):
     cog = _start(tiny_weights_dir, tmp_path_factory.mktemp("trainer-loopback"), "--x-mode", "train", **env)
     yield cog
     cog.stop()
-
-
-@pytest.fixture
-def listener():
-    silent = SilentListener()
-    yield silent
-    silent.close()
-
-
-@pytest.fixture
-def files():
-    server = FileServer()
-    yield server
-    server.close()
 
 
 def _failed(cog: CogServer, body: dict, route: str = "predictions") -> str:
