@@ -64,6 +64,7 @@ LORAS_FIELD = "loras"
 OWN_FIELD = "weights"
 OWN_TAG = "own"
 MAX_LORAS = 4
+MAX_LORAS_CHARS = 16 << 10  # four entries with long presigned URLs fit; checked before the JSON is parsed
 LORA_SCALE_RANGE = (0.0, 1.0)
 EXTRA_SCALE_RANGE = (-2.0, 2.0)
 EMBEDDING_KEYS = ("text_encoders_0", "text_encoders_1")  # rows for text_encoder (CLIP-L) and text_encoder_2 (bigG)
@@ -101,8 +102,12 @@ def parse_loras(text: str | None, field: str = LORAS_FIELD) -> tuple[LoraInput, 
     """The `loras` input: a JSON list of {"url": "https://...", "scale": 0.8} (scale defaults to 1)."""
     if text is None or not str(text).strip():
         return ()
+    if len(text) > MAX_LORAS_CHARS:
+        raise InputError(field, f"is {len(text):,} characters long; at most {MAX_LORAS_CHARS:,} are accepted")
     try:
         items = json.loads(text)
+    except RecursionError:
+        raise InputError(field, "is nested too deeply; give a flat list of objects") from None
     except ValueError as error:
         raise InputError(
             field, f'is not valid JSON ({error}); give a list like [{{"url": "https://...", "scale": 0.8}}]'

@@ -17,6 +17,9 @@ DEFAULT_PROMPT = "An astronaut riding a rainbow unicorn"
 REFINE_MODES = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
 MAX_OUTPUTS = 4
 MAX_STEPS = 500
+# CLIP reads 77 tokens (~300 characters). A longer text is only tokenized to warn where the cut fell, which costs
+# seconds and hundreds of MB per MB of text: it is refused before anything reads it (weighted prompts: 3000).
+MAX_PROMPT_CHARS = 10_000
 SEED_RANGE = (0, 2**32 - 1)  # random seeds are drawn from all of it
 # base_image_refiner runs the refiner as img2img over the finished base image at the pipeline's default strength,
 # so it runs int(refiner_steps * 0.3) steps, as the hosted model does.
@@ -60,6 +63,10 @@ class GenerationRequest:
         for name in ("prompt", "negative_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise InputError(name, f"{getattr(self, name)!r} is not a string")
+            if len(getattr(self, name)) > MAX_PROMPT_CHARS:
+                raise InputError(
+                    name, f"is {len(getattr(self, name)):,} characters long; at most {MAX_PROMPT_CHARS:,} are accepted"
+                )
         if not isinstance(self.prompt_weighting, bool):
             raise InputError("prompt_weighting", f"{self.prompt_weighting!r} is not true or false")
         if self.prompt_weighting:

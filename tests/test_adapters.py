@@ -149,6 +149,8 @@ def test_rewrite_whole_words(text, expected):
         ('[{"url": "https://x", "scale": 9}]', "loras[0].scale", "out of range"),
         ('[{"url": "https://x"}, {"url": "https://x"}]', "loras", "twice"),
         (json.dumps([{"url": f"https://x/{i}"} for i in range(5)]), "loras", "at most 4"),
+        ("[" * 100_000 + "]" * 100_000, "loras", "at most 16,384 are accepted"),  # refused before parsing
+        ("[" * 8_000 + "]" * 8_000, "loras", "nested too deeply"),
     ],
 )
 def test_parse_loras_errors(text, field, message):
