@@ -248,7 +248,8 @@ def test_a_bad_value_shows_the_422_naming_the_field(server, page):
     status = generate(page, **{**TINY, "width": 5000})
     assert "refused the input (422)" in status, status
     assert "width: 5000 is greater than the maximum of 2048" in status, status
-    assert server.health()["status"] == "READY"
+    # coglet reports READY a moment after it answers; a server that stays BUSY still fails here.
+    assert server.wait_for("READY", "SETUP_FAILED", "DEFUNCT", timeout=10)["status"] == "READY"
 
 
 def test_a_busy_server_is_waited_out_and_said_so(server, playground, page):

@@ -87,7 +87,8 @@ def test_bad_weighting_fails_naming_the_field_and_the_server_stays_ready(server)
     body = response.json()
     assert body["status"] == "failed" and "InputError: prompt: " in body["error"], body  # coglet prefixes it
     assert "A1111 syntax" in body["error"]
-    assert server.health()["status"] == "READY"
+    # coglet reports READY a moment after it answers; a server that stays BUSY still fails here.
+    assert server.wait_for("READY", "SETUP_FAILED", "DEFUNCT", timeout=10)["status"] == "READY"
     good = server.predict({**SMALL, "prompt": "a (red)1.3 bicycle", "prompt_weighting": True}).json()
     assert good["status"] == "succeeded", good.get("error")
 
