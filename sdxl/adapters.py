@@ -52,6 +52,7 @@ from sdxl import remote
 from sdxl import weights_cache as wc
 from sdxl.compute import compute_bound
 from sdxl.errors import InputError
+from sdxl.formats import EMBEDDING_KEYS, NEW_TOKEN
 from sdxl.loading import Pipelines
 from sdxl.lora_metadata import allowed_metadata
 from sdxl.lora_slots import SlotLora
@@ -67,8 +68,7 @@ MAX_LORAS = 4
 MAX_LORAS_CHARS = 16 << 10  # four entries with long presigned URLs fit; checked before the JSON is parsed
 LORA_SCALE_RANGE = (0.0, 1.0)
 EXTRA_SCALE_RANGE = (-2.0, 2.0)
-EMBEDDING_KEYS = ("text_encoders_0", "text_encoders_1")  # rows for text_encoder (CLIP-L) and text_encoder_2 (bigG)
-TOKEN = re.compile(r"<s(\d+)>")
+TOKEN = NEW_TOKEN
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -34,6 +34,19 @@ from safetensors import safe_open
 
 from sdxl import remote
 from sdxl.errors import InputError
+from sdxl.formats import (  # noqa: F401 (re-exported: the trained tar's names are read through this module too)
+    EMBEDDINGS_FILE,
+    KOHYA_LORA_FILE,
+    LORA_FILE,
+    REPORT_DIR,
+    REPORT_JSON,
+    SAFETENSORS_FILES,
+    SDXL_EMBEDDING_FILE,
+    SPECIAL_PARAMS_FILE,
+    TRAINED_FILES,
+    TRAINING_PARAMS_FILE,
+    UNET_FILE,
+)
 from sdxl.private_dirs import check_private_dir, private_dir
 from sdxl.safe_tar import TarHeaderRefused, compression, open_tar
 
@@ -45,13 +58,6 @@ MAX_TRAINED_ENV = "SDXL_MAX_TRAINED_BYTES"  # the largest trained_model.tar acce
 MAX_LORA_ENV = "SDXL_MAX_LORA_BYTES"  # the largest single LoRA file accepted
 DEFAULT_BUDGET = 40 << 30
 
-LORA_FILE = "lora.safetensors"
-UNET_FILE = "unet.safetensors"
-EMBEDDINGS_FILE = "embeddings.pti"
-SPECIAL_PARAMS_FILE = "special_params.json"
-TRAINING_PARAMS_FILE = "training_params.json"
-TRAINED_FILES = (LORA_FILE, UNET_FILE, EMBEDDINGS_FILE, SPECIAL_PARAMS_FILE, TRAINING_PARAMS_FILE)
-SAFETENSORS_FILES = (LORA_FILE, UNET_FILE, EMBEDDINGS_FILE)
 
 MAX_TAR_ENTRIES = 64
 MAX_JSON_BYTES = 64 << 10  # special_params.json and training_params.json; the trainer writes well under 2 KB
@@ -69,11 +75,11 @@ FILE_CAPS = {
 # Files a training writes for other tools and for people (sdxl/training/interop.py, report.py): known, size-capped
 # from the tar header, and skipped (never extracted or parsed): the predictor does not use them.
 SKIPPED_FILE_CAPS = {
-    "lora_kohya.safetensors": 4 << 30,
-    "embeddings_sdxl.safetensors": MAX_EMBEDDINGS_BYTES,
-    "report/report.json": 4 << 20,
-    "report/loss.png": 16 << 20,
-    "report/samples.png": 64 << 20,
+    KOHYA_LORA_FILE: 4 << 30,
+    SDXL_EMBEDDING_FILE: MAX_EMBEDDINGS_BYTES,
+    REPORT_JSON: 4 << 20,
+    f"{REPORT_DIR}/loss.png": 16 << 20,
+    f"{REPORT_DIR}/samples.png": 64 << 20,
 }
 KINDS = ("trained", "lora")
 

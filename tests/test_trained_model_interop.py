@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from sdxl import weights
 from sdxl import weights_cache as wc
 from sdxl.errors import InputError
-from sdxl.training import interop
+from sdxl.formats import KOHYA_LORA_FILE, SDXL_EMBEDDING_FILE, SDXL_EMBEDDING_KEYS
 from sdxl.training.loop import train
 from tests.training_support import Recorder, make_dataset, small_config
 
@@ -64,34 +64,32 @@ def _draw(root, lora_file, rows: dict[str, torch.Tensor], keys: tuple[str, str])
 
 def test_tar_keeps_the_predictor_files_and_adds_the_interop_ones(trained):
     _, _, names, _ = trained
-    assert names == PREDICTOR_FILES + [interop.KOHYA_LORA_FILE, interop.SDXL_EMBEDDING_FILE]
+    assert names == PREDICTOR_FILES + [KOHYA_LORA_FILE, SDXL_EMBEDDING_FILE]
 
 
 def test_kohya_lora_draws_what_the_diffusers_lora_draws(tiny_weights_dir, trained):
     _, folder, _, _ = trained
-    kohya = load_file(folder / interop.KOHYA_LORA_FILE)
+    kohya = load_file(folder / KOHYA_LORA_FILE)
     down = [k for k in kohya if k.endswith(".lora_down.weight")]
     # kohya names: lora_unet_<module path with _>.lora_down/.lora_up/.alpha; alpha = the trained alpha (rank 4)
     assert down and all(k.startswith("lora_unet_") for k in kohya)
     assert len(kohya) == 3 * len(down) == 3 * len(load_file(folder / "lora.safetensors")) // 2
     assert {float(kohya[k.replace(".lora_down.weight", ".alpha")]) for k in down} == {4.0}
     diffusers_rows = load_file(folder / "embeddings.pti")
-    sdxl_rows = load_file(folder / interop.SDXL_EMBEDDING_FILE)
+    sdxl_rows = load_file(folder / SDXL_EMBEDDING_FILE)
     base = _pipe(tiny_weights_dir)(
         prompt="a photo on a beach", width=64, height=64, num_inference_steps=3,
         generator=torch.Generator("cpu").manual_seed(5),
     ).images[0]  # fmt: skip
-    from_diffusers = _draw(
-        tiny_weights_dir, folder / "lora.safetensors", diffusers_rows, tuple(interop.EMBEDDING_KEY_MAP)
-    )
-    from_kohya = _draw(tiny_weights_dir, folder / interop.KOHYA_LORA_FILE, sdxl_rows, ("clip_l", "clip_g"))
+    from_diffusers = _draw(tiny_weights_dir, folder / "lora.safetensors", diffusers_rows, tuple(SDXL_EMBEDDING_KEYS))
+    from_kohya = _draw(tiny_weights_dir, folder / KOHYA_LORA_FILE, sdxl_rows, ("clip_l", "clip_g"))
     assert np.abs(from_kohya - from_diffusers).max() <= 1  # measured: 0 (the same matrices, renamed)
     assert np.abs(from_diffusers - np.asarray(base, dtype=np.int16)).max() > 10  # the LoRA and tokens do something
 
 
 def test_sdxl_embedding_holds_the_trained_rows(trained):
     _, folder, _, rows = trained
-    embedding = load_file(folder / interop.SDXL_EMBEDDING_FILE)
+    embedding = load_file(folder / SDXL_EMBEDDING_FILE)
     assert set(embedding) == {"clip_l", "clip_g"}
     assert torch.equal(embedding["clip_l"], rows["text_encoders_0"])
     assert torch.equal(embedding["clip_g"], rows["text_encoders_1"])
@@ -119,7 +117,7 @@ def _tar_with(path, extra: dict[str, bytes], source):
 
 @pytest.mark.parametrize(
     "name, cap",
-    [("report/report.json", 4 << 20), (interop.SDXL_EMBEDDING_FILE.replace("embeddings", "x"), None)],
+    [("report/report.json", 4 << 20), (SDXL_EMBEDDING_FILE.replace("embeddings", "x"), None)],
     ids=["capped", "unknown"],
 )
 def test_skipped_files_are_capped_and_unknown_names_not_extracted(trained, tmp_path, name, cap):
@@ -144,5 +142,5 @@ def test_full_fine_tune_tar_has_the_embedding_but_no_kohya_lora(tiny_weights_dir
     with tarfile.open(result.tar_path) as tar:
         assert tar.getnames() == [
             "unet.safetensors", "embeddings.pti", "special_params.json", "training_params.json",
-            interop.SDXL_EMBEDDING_FILE,
+            SDXL_EMBEDDING_FILE,
         ]  # fmt: skip

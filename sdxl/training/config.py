@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 from sdxl.errors import InputError
+from sdxl.formats import new_token
 from sdxl.request import SEED_RANGE, random_seed
 
 LR_SCHEDULERS = ("constant", "linear")
@@ -143,7 +144,7 @@ class TrainingConfig:
     @property
     def new_tokens(self) -> tuple[str, ...]:
         """The tokens the text encoders learn for token_string, in order."""
-        return tuple(f"<s{i}>" for i in range(NEW_TOKENS_PER_STRING))
+        return tuple(new_token(i) for i in range(NEW_TOKENS_PER_STRING))
 
     @property
     def token_map(self) -> dict[str, str]:

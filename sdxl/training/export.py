@@ -26,17 +26,22 @@ from pathlib import Path
 
 import torch
 
+from sdxl.formats import (
+    EMBEDDINGS_FILE,
+    KOHYA_LORA_FILE,
+    LORA_FILE,
+    REPORT_DIR,
+    SDXL_EMBEDDING_FILE,
+    SPECIAL_PARAMS_FILE,
+    TRAINED_TAR,
+    TRAINING_PARAMS_FILE,
+    UNET_FILE,
+)
 from sdxl.training import interop
 
 log = logging.getLogger(__name__)
 
-TAR_NAME = "trained_model.tar"
-LORA_FILE = "lora.safetensors"
-UNET_FILE = "unet.safetensors"
-EMBEDDINGS_FILE = "embeddings.pti"
-SPECIAL_PARAMS_FILE = "special_params.json"
-TRAINING_PARAMS_FILE = "training_params.json"
-REPORT_DIR = "report"
+TAR_NAME = TRAINED_TAR
 
 
 @dataclass
@@ -61,17 +66,17 @@ def _write_files(staging: Path, trained: TrainedWeights) -> list[str]:
             staging, unet_lora_layers=trained.unet_lora_layers, weight_name=LORA_FILE, safe_serialization=True
         )
         unet_file = LORA_FILE
-        save_file(interop.kohya_lora(trained.unet_lora_layers, _alpha(trained)), staging / interop.KOHYA_LORA_FILE)
+        save_file(interop.kohya_lora(trained.unet_lora_layers, _alpha(trained)), staging / KOHYA_LORA_FILE)
     else:
         save_file({k: v.detach().cpu().contiguous() for k, v in trained.unet_state_dict.items()}, staging / UNET_FILE)
         unet_file = UNET_FILE
     save_file(trained.embeddings, staging / EMBEDDINGS_FILE)
     (staging / SPECIAL_PARAMS_FILE).write_text(json.dumps(trained.token_map) + "\n")
     (staging / TRAINING_PARAMS_FILE).write_text(json.dumps(trained.training_params, indent=2, sort_keys=True) + "\n")
-    save_file(interop.sdxl_embedding(trained.embeddings), staging / interop.SDXL_EMBEDDING_FILE)
+    save_file(interop.sdxl_embedding(trained.embeddings), staging / SDXL_EMBEDDING_FILE)
     names = [unet_file, EMBEDDINGS_FILE, SPECIAL_PARAMS_FILE, TRAINING_PARAMS_FILE]
-    names += [interop.KOHYA_LORA_FILE] if trained.unet_lora_layers is not None else []
-    return names + [interop.SDXL_EMBEDDING_FILE] + _stage_report(staging, trained.report_dir)
+    names += [KOHYA_LORA_FILE] if trained.unet_lora_layers is not None else []
+    return names + [SDXL_EMBEDDING_FILE] + _stage_report(staging, trained.report_dir)
 
 
 def _alpha(trained: TrainedWeights) -> float:

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import torch
 
-KOHYA_LORA_FILE = "lora_kohya.safetensors"
-SDXL_EMBEDDING_FILE = "embeddings_sdxl.safetensors"
-# embeddings.pti's keys -> the SDXL embedding file's keys (text_encoder is CLIP ViT-L, text_encoder_2 OpenCLIP bigG)
-EMBEDDING_KEY_MAP = {"text_encoders_0": "clip_l", "text_encoders_1": "clip_g"}
+from sdxl.formats import SDXL_EMBEDDING_KEYS
 
 
 def kohya_lora(unet_lora_layers: dict[str, torch.Tensor], lora_alpha: float) -> dict[str, torch.Tensor]:
@@ -35,4 +32,4 @@ def kohya_lora(unet_lora_layers: dict[str, torch.Tensor], lora_alpha: float) -> 
 
 def sdxl_embedding(embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """embeddings.pti's rows under the keys A1111 / ComfyUI read for SDXL textual inversion."""
-    return {EMBEDDING_KEY_MAP[key]: rows.detach().cpu().contiguous() for key, rows in embeddings.items()}
+    return {SDXL_EMBEDDING_KEYS[key]: rows.detach().cpu().contiguous() for key, rows in embeddings.items()}

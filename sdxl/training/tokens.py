@@ -11,9 +11,9 @@ import logging
 
 import torch
 
-log = logging.getLogger(__name__)
+from sdxl.formats import EMBEDDING_KEYS
 
-EMBEDDING_KEYS = ("text_encoders_0", "text_encoders_1")  # embeddings.pti's keys, one per text encoder
+log = logging.getLogger(__name__)
 
 
 class NewTokens:
