@@ -18,7 +18,7 @@ def tree(modules: dict) -> tuple[dict[str, type], int]:
     types = {
         f"{root}.{name}": type(module) for root, model in modules.items() for name, module in model.named_modules()
     }
-    return types, sum(p.numel() for model in modules.values() for p in model.parameters())
+    return types, sum(model.num_parameters() for model in modules.values())
 
 
 def has_layers(modules: dict, name: str | None = None) -> bool:
