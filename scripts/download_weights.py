@@ -91,7 +91,7 @@ def download(spec: weights.WeightSpec, root: Path) -> None:
     snapshot_download(
         spec.repo_id, revision=spec.revision, allow_patterns=list(spec.allow_patterns), local_dir=folder, max_workers=8
     )
-    expected = expected_hashes(spec)
+    expected = {**expected_hashes(spec), **dict(spec.sha256)}  # sha256 pinned in the registry wins
     if not expected:
         log.warning("%s: the hub lists no sha256 for its files; they are not verified", spec.name)
     bad = verify(folder, expected)
