@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -42,3 +43,27 @@ def test_dry_run_lists_pinned_revisions_without_network(tmp_path):
     ).stdout
     assert "stabilityai/stable-diffusion-xl-base-1.0@462165984030d82259a11f4367a4eed129e94a7b" in out
     assert "madebyollin/sdxl-vae-fp16-fix" in out and "safety-checker" in out
+
+
+def test_a_sha256_pinned_in_the_registry_is_checked_even_where_the_hub_lists_none(tmp_path, monkeypatch):
+    """The hub is stood in for (no network here): its snapshot writes the file, its metadata lists no sha256."""
+    import dataclasses
+
+    import huggingface_hub
+
+    from sdxl import weights
+
+    name = weights.FACE_DETECTOR.required_files[0]
+
+    def snapshot(repo_id, revision, allow_patterns, local_dir, max_workers):
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        (Path(local_dir) / name).write_bytes(b"not the published model")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    monkeypatch.setattr(download_weights, "expected_hashes", lambda spec: {})
+    with pytest.raises(SystemExit, match=f"checksum mismatch for {name}"):
+        download_weights.download(weights.FACE_DETECTOR, tmp_path)
+    matching = dataclasses.replace(
+        weights.FACE_DETECTOR, sha256=((name, hashlib.sha256(b"not the published model").hexdigest()),)
+    )
+    download_weights.download(matching, tmp_path / "other")  # the same bytes pass when they are what is pinned
