@@ -22,6 +22,7 @@ from pathlib import Path
 from sdxl import weights
 from sdxl.errors import InputError
 from sdxl.training.config import TrainingConfig
+from sdxl.training.launch import train_folder
 
 
 def _parse_bool(text: str) -> bool:
@@ -66,43 +67,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, TrainingConfig]:
+    """The command line's options, and the trainer inputs among them validated (InputError names the field)."""
     args = _parser().parse_args(argv)
+    return args, TrainingConfig(**{f.name: getattr(args, f.name) for f in fields(TrainingConfig)})
+
+
+def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
     )
     try:
-        config = TrainingConfig(**{f.name: getattr(args, f.name) for f in fields(TrainingConfig)})
+        args, config = parse_command_line(list(sys.argv[1:] if argv is None else argv))
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    weights_root = args.weights or weights.weights_dir()
-    if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
-        from sdxl.training.launch import run_processes
-
-        run_processes(
-            config,
-            args.dataset,
-            weights_root,
-            args.output_dir,
-            args.num_processes,
-            args.tar,
-            keep_checkpoints=args.keep_checkpoints,
-            write_checkpoints=not args.no_checkpoints,
-        )
-        return 0
-
-    from sdxl.training.loop import train
-
-    train(
+    train_folder(
         config,
         args.dataset,
-        weights_root,
+        args.weights or weights.weights_dir(),
         args.output_dir,
-        tar_path=args.tar,
+        args.num_processes,
+        args.tar,
         keep_checkpoints=args.keep_checkpoints,
         write_checkpoints=not args.no_checkpoints,
     )
