@@ -13,7 +13,7 @@ from PIL import Image
 from sdxl.errors import InputError
 from sdxl.outputs import DEFAULT_FORMAT, DEFAULT_QUALITY, FORMATS, QUALITY_RANGE
 from sdxl.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
-from sdxl.validation import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, Spec, check_fields
+from sdxl.validation import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, Spec, check_fields, described
 
 DEFAULT_PROMPT = "An astronaut riding a rainbow unicorn"
 REFINE_MODES = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
@@ -28,7 +28,7 @@ SEED_RANGE = (0, 2**32 - 1)  # random seeds are drawn from all of it
 BASE_IMAGE_REFINER_STRENGTH = 0.3
 
 # The predictor's inputs (the hosted stability-ai/sdxl's names, defaults and descriptions), in the order predict.py
-# declares them. The bounds declared here are the ones checked: GenerationRequest checks its fields with these specs.
+# declares them. The bounds declared here are the ones checked: GenerationRequest's fields carry these specs.
 _SIZE = f"of output image (a multiple of 8 from {MIN_SIDE} to {MAX_SIDE})"
 PROMPT = Spec(str, "Input prompt", DEFAULT_PROMPT, max_chars=MAX_PROMPT_CHARS)
 NEGATIVE_PROMPT = Spec(str, "Input Negative Prompt", "", max_chars=MAX_PROMPT_CHARS)
@@ -91,26 +91,6 @@ OUTPUT_FORMAT = Spec(str, "Beyond the hosted model: format of the output images"
 OUTPUT_QUALITY = Spec(int, "Beyond the hosted model: quality of webp and jpg outputs (png is lossless)",
                       DEFAULT_QUALITY, ge=QUALITY_RANGE[0], le=QUALITY_RANGE[1])  # fmt: skip
 
-# What GenerationRequest checks field by field (image and mask are checked together below).
-REQUEST_FIELDS = {
-    "prompt": PROMPT,
-    "negative_prompt": NEGATIVE_PROMPT,
-    "prompt_weighting": PROMPT_WEIGHTING,
-    "width": WIDTH,
-    "height": HEIGHT,
-    "num_outputs": NUM_OUTPUTS,
-    "num_inference_steps": NUM_INFERENCE_STEPS,
-    "guidance_scale": GUIDANCE_SCALE,
-    "prompt_strength": PROMPT_STRENGTH,
-    "high_noise_frac": HIGH_NOISE_FRAC,
-    "seed": SEED,
-    "refine_steps": REFINE_STEPS,
-    "scheduler": SCHEDULER,
-    "refine": REFINE,
-    "apply_watermark": APPLY_WATERMARK,
-    "disable_safety_checker": DISABLE_SAFETY_CHECKER,
-}
-
 
 def random_seed() -> int:
     return secrets.randbelow(SEED_RANGE[1] + 1)
@@ -118,27 +98,27 @@ def random_seed() -> int:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    prompt: str = DEFAULT_PROMPT
-    negative_prompt: str = ""
-    image: Optional[Image.Image] = field(default=None, repr=False)
+    prompt: str = described(PROMPT)
+    negative_prompt: str = described(NEGATIVE_PROMPT)
+    image: Optional[Image.Image] = field(default=None, repr=False)  # image and mask are checked together below
     mask: Optional[Image.Image] = field(default=None, repr=False)
-    width: int = WIDTH.default
-    height: int = HEIGHT.default
-    num_outputs: int = NUM_OUTPUTS.default
-    scheduler: str = DEFAULT_SCHEDULER
-    num_inference_steps: int = NUM_INFERENCE_STEPS.default
-    guidance_scale: float = GUIDANCE_SCALE.default
-    prompt_strength: float = PROMPT_STRENGTH.default
-    seed: Optional[int] = None
-    refine: str = REFINE.default
-    high_noise_frac: float = HIGH_NOISE_FRAC.default
-    refine_steps: Optional[int] = None
-    apply_watermark: bool = True
-    disable_safety_checker: bool = False
-    prompt_weighting: bool = False  # beyond the hosted model: compel's weighting syntax and prompts past 77 tokens
+    width: int = described(WIDTH)
+    height: int = described(HEIGHT)
+    num_outputs: int = described(NUM_OUTPUTS)
+    scheduler: str = described(SCHEDULER)
+    num_inference_steps: int = described(NUM_INFERENCE_STEPS)
+    guidance_scale: float = described(GUIDANCE_SCALE)
+    prompt_strength: float = described(PROMPT_STRENGTH)
+    seed: Optional[int] = described(SEED)
+    refine: str = described(REFINE)
+    high_noise_frac: float = described(HIGH_NOISE_FRAC)
+    refine_steps: Optional[int] = described(REFINE_STEPS)
+    apply_watermark: bool = described(APPLY_WATERMARK)
+    disable_safety_checker: bool = described(DISABLE_SAFETY_CHECKER)
+    prompt_weighting: bool = described(PROMPT_WEIGHTING)  # beyond the hosted model: compel's syntax, long prompts
 
     def __post_init__(self):
-        check_fields(self, REQUEST_FIELDS)
+        check_fields(self)
         if self.prompt_weighting:
             from sdxl.prompt_weighting import check_syntax  # compel loads only for requests that use it
 

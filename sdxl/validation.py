@@ -7,6 +7,7 @@ train.py turn it into Cog's Input) and what the library checks (`Spec.check`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -111,7 +112,13 @@ class Spec:
         return declared
 
 
-def check_fields(values, specs: dict[str, Spec]) -> None:
-    """Check each named attribute of `values` (a dataclass) against its spec, in the specs' order."""
-    for name, spec in specs.items():
-        spec.check(name, getattr(values, name))
+def described(spec: Spec):
+    """A dataclass field for the input `spec` describes: its default, and the spec that `check_fields` checks."""
+    return dataclasses.field(default=spec.default, metadata={"spec": spec})
+
+
+def check_fields(values) -> None:
+    """Check each field of the dataclass `values` that carries a spec (see `described`), in the fields' order."""
+    for item in dataclasses.fields(values):
+        if "spec" in item.metadata:
+            item.metadata["spec"].check(item.name, getattr(values, item.name))

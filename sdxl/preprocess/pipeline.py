@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -32,6 +32,7 @@ from sdxl.preprocess.archive import ArchiveLimits, limits_from_env
 from sdxl.preprocess.caption import Captioner, caption_images
 from sdxl.preprocess.upscale import Upscaler, needs_upscaling, upscale_small
 from sdxl.training import config as config_inputs
+from sdxl.validation import described
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +48,18 @@ class PreprocessConfig:
     """The trainer inputs that shape the training set. Field names are the contract's; each is checked by the one
     definition the trainer's inputs use (sdxl.training.config), so a value the trainer accepts is accepted here."""
 
-    resolution: int = config_inputs.RESOLUTION.default
-    caption_prefix: str = config_inputs.CAPTION_PREFIX.default
-    token_string: str = config_inputs.TOKEN_STRING.default
-    mask_target_prompts: str | None = None
-    crop_based_on_salience: bool = config_inputs.CROP_BASED_ON_SALIENCE.default
-    use_face_detection_instead: bool = config_inputs.USE_FACE_DETECTION_INSTEAD.default
-    clipseg_temperature: float = config_inputs.CLIPSEG_TEMPERATURE.default
-    input_images_filetype: str = config_inputs.INPUT_IMAGES_FILETYPE.default
+    resolution: int = described(config_inputs.RESOLUTION)
+    caption_prefix: str = described(config_inputs.CAPTION_PREFIX)
+    token_string: str = described(config_inputs.TOKEN_STRING)
+    mask_target_prompts: str | None = described(config_inputs.MASK_TARGET_PROMPTS)
+    crop_based_on_salience: bool = described(config_inputs.CROP_BASED_ON_SALIENCE)
+    use_face_detection_instead: bool = described(config_inputs.USE_FACE_DETECTION_INSTEAD)
+    clipseg_temperature: float = described(config_inputs.CLIPSEG_TEMPERATURE)
+    input_images_filetype: str = described(config_inputs.INPUT_IMAGES_FILETYPE)
     min_images: int = MIN_IMAGES
 
     def __post_init__(self):
-        config_inputs.check_inputs(self, [f.name for f in fields(self) if f.name != "min_images"])
+        config_inputs.check_inputs(self)
         if not isinstance(self.min_images, int) or self.min_images < 1:
             raise ValueError(f"min_images: {self.min_images!r} is not allowed; use a positive integer")
 

@@ -14,7 +14,7 @@ from typing import Optional
 from sdxl.errors import InputError
 from sdxl.formats import ARCHIVE_TYPES, contains_word, new_token
 from sdxl.request import SEED_RANGE, random_seed
-from sdxl.validation import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, Spec, check_fields
+from sdxl.validation import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, Spec, check_fields, described
 
 LR_SCHEDULERS = ("constant", "linear")
 STEPS_RANGE = (1, 1_000_000)
@@ -67,30 +67,6 @@ INPUT_IMAGES_FILETYPE = _trainer_input(
     str, "Archive type of input_images; infer reads it from the content", "infer", choices=ARCHIVE_TYPES
 )
 
-TRAINER_INPUTS = {
-    "seed": SEED,
-    "resolution": RESOLUTION,
-    "train_batch_size": TRAIN_BATCH_SIZE,
-    "num_train_epochs": NUM_TRAIN_EPOCHS,
-    "max_train_steps": MAX_TRAIN_STEPS,
-    "is_lora": IS_LORA,
-    "unet_learning_rate": UNET_LEARNING_RATE,
-    "ti_lr": TI_LR,
-    "lora_lr": LORA_LR,
-    "lora_rank": LORA_RANK,
-    "lr_scheduler": LR_SCHEDULER,
-    "lr_warmup_steps": LR_WARMUP_STEPS,
-    "token_string": TOKEN_STRING,
-    "caption_prefix": CAPTION_PREFIX,
-    "mask_target_prompts": MASK_TARGET_PROMPTS,
-    "crop_based_on_salience": CROP_BASED_ON_SALIENCE,
-    "use_face_detection_instead": USE_FACE_DETECTION_INSTEAD,
-    "clipseg_temperature": CLIPSEG_TEMPERATURE,
-    "verbose": VERBOSE,
-    "checkpointing_steps": CHECKPOINTING_STEPS,
-    "input_images_filetype": INPUT_IMAGES_FILETYPE,
-}
-
 
 def check_token_words(token_string: str, caption_prefix: str) -> None:
     """token_string is one word, and caption_prefix contains it as a whole word: the contract says the prefix must
@@ -108,42 +84,41 @@ def check_token_words(token_string: str, caption_prefix: str) -> None:
         )
 
 
-def check_inputs(values, names) -> None:
-    """Check the trainer inputs `names` of `values` (TrainingConfig or the preprocessing's subset of it), with the
-    one definition of each."""
-    check_fields(values, {name: TRAINER_INPUTS[name] for name in names})
-    if "caption_prefix" in names:
-        check_token_words(values.token_string, values.caption_prefix)
+def check_inputs(values) -> None:
+    """Check the trainer inputs in `values` (TrainingConfig, or the preprocessing's subset of its fields), each with
+    its one definition."""
+    check_fields(values)
+    check_token_words(values.token_string, values.caption_prefix)
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
     """The trainer's inputs, less the archive itself. Defaults are the contract's."""
 
-    seed: Optional[int] = None
-    resolution: int = RESOLUTION.default
-    train_batch_size: int = TRAIN_BATCH_SIZE.default
-    num_train_epochs: int = NUM_TRAIN_EPOCHS.default
-    max_train_steps: Optional[int] = MAX_TRAIN_STEPS.default  # takes precedence over num_train_epochs; None = epochs
-    is_lora: bool = IS_LORA.default
-    unet_learning_rate: float = UNET_LEARNING_RATE.default
-    ti_lr: float = TI_LR.default
-    lora_lr: float = LORA_LR.default
-    lora_rank: int = LORA_RANK.default
-    lr_scheduler: str = LR_SCHEDULER.default
-    lr_warmup_steps: int = LR_WARMUP_STEPS.default
-    token_string: str = TOKEN_STRING.default
-    caption_prefix: str = CAPTION_PREFIX.default
-    mask_target_prompts: Optional[str] = None
-    crop_based_on_salience: bool = CROP_BASED_ON_SALIENCE.default
-    use_face_detection_instead: bool = USE_FACE_DETECTION_INSTEAD.default
-    clipseg_temperature: float = CLIPSEG_TEMPERATURE.default
-    verbose: bool = VERBOSE.default
-    checkpointing_steps: int = CHECKPOINTING_STEPS.default
-    input_images_filetype: str = INPUT_IMAGES_FILETYPE.default
+    seed: Optional[int] = described(SEED)
+    resolution: int = described(RESOLUTION)
+    train_batch_size: int = described(TRAIN_BATCH_SIZE)
+    num_train_epochs: int = described(NUM_TRAIN_EPOCHS)
+    max_train_steps: Optional[int] = described(MAX_TRAIN_STEPS)  # takes precedence over num_train_epochs; None = epochs
+    is_lora: bool = described(IS_LORA)
+    unet_learning_rate: float = described(UNET_LEARNING_RATE)
+    ti_lr: float = described(TI_LR)
+    lora_lr: float = described(LORA_LR)
+    lora_rank: int = described(LORA_RANK)
+    lr_scheduler: str = described(LR_SCHEDULER)
+    lr_warmup_steps: int = described(LR_WARMUP_STEPS)
+    token_string: str = described(TOKEN_STRING)
+    caption_prefix: str = described(CAPTION_PREFIX)
+    mask_target_prompts: Optional[str] = described(MASK_TARGET_PROMPTS)
+    crop_based_on_salience: bool = described(CROP_BASED_ON_SALIENCE)
+    use_face_detection_instead: bool = described(USE_FACE_DETECTION_INSTEAD)
+    clipseg_temperature: float = described(CLIPSEG_TEMPERATURE)
+    verbose: bool = described(VERBOSE)
+    checkpointing_steps: int = described(CHECKPOINTING_STEPS)
+    input_images_filetype: str = described(INPUT_IMAGES_FILETYPE)
 
     def __post_init__(self):
-        check_inputs(self, TRAINER_INPUTS)
+        check_inputs(self)
 
     # Derived values -------------------------------------------------------------------------------------------
 
