@@ -97,10 +97,12 @@ class Spec:
             check_side(field, value, self.ge, self.le, self.multiple_of)
         elif self.kind is int:
             check_int(field, value, self.ge, self.le)
-        elif self.gt is not None:
+        elif self.kind is float and self.gt is not None:
             check_number(field, value, self.gt, self.le, low_inclusive=False)
-        else:
+        elif self.kind is float:
             check_number(field, value, self.ge, self.le)
+        else:  # files: read and checked where they are fetched (sdxl.file_inputs, sdxl.images)
+            raise TypeError(f"{field}: {self.kind.__name__} inputs are checked where they are read")
 
     def declared(self) -> dict[str, Any]:
         """What an edge declares: description, default and (unless kept out) bounds and choices."""
