@@ -4,10 +4,9 @@ Small images are upscaled after the square is cropped, so Swin2SR and every late
 resolution x resolution pixels per image, whatever the upload's shape (the archive reader caps pixels and aspect
 ratio, and scales large images down as it reads them).
 
-It writes the training set the training engine reads (the contract between the two; do not change it):
-    out_dir/NNNN.src.png   RGB, resolution x resolution
-    out_dir/NNNN.mask.png  L (0..255, white = trained on), same size
-    out_dir/captions.csv   columns image_file,mask_file,caption (file names relative to out_dir)
+It writes the training folder the training engine reads, laid out as sdxl.formats says (the contract between the
+two): per image NNNN.src.png (RGB, resolution x resolution) and NNNN.mask.png (L, white = trained on, same size), and
+captions.csv naming them with their captions.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Read a preprocessed training folder: `NNNN.src.png` + `NNNN.mask.png` + `captions.csv` (image_file,mask_file,caption).
+"""Read a preprocessed training folder (its layout: sdxl.formats): images, masks and captions.csv naming them.
 
 Images must already be resolution x resolution (preprocessing crops and resizes); a different size is an error,
 never a silent resize. The trained token in captions is replaced, as a whole word, by the new tokens. Pixels are
