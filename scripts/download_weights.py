@@ -1,4 +1,4 @@
-"""Fetch the production weights into the weights folder (needs internet; about 14 GB for prediction).
+"""Fetch the production weights into the weights folder (needs internet; 12.8 GB for prediction).
 
     python scripts/download_weights.py                 # prediction weights into ./weights (or $SDXL_WEIGHTS_DIR)
     python scripts/download_weights.py --training      # also the preprocessing models the trainer uses (BLIP,
