@@ -23,9 +23,13 @@ def load(spec: weights.WeightSpec, model_cls, processor_cls, models_dir: Path | 
     processor = processor_cls.from_pretrained(folder, local_files_only=True)
     model = model_cls.from_pretrained(folder, local_files_only=True, dtype=placement.dtype)
     model = model.to(placement.device).eval()
-    params = sum(p.numel() for p in model.parameters())
     log.info(
-        "loaded %s from %s (%s params, %s, %s)", spec.name, folder, f"{params:,}", placement.device, placement.dtype
+        "loaded %s from %s (%s params, %s, %s)",
+        spec.name,
+        folder,
+        f"{model.num_parameters():,}",
+        placement.device,
+        placement.dtype,
     )
     return processor, model
 

@@ -25,14 +25,6 @@ from sdxl.training.config import TrainingConfig
 from sdxl.training.launch import train_folder
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
-
-
 def _optional(kind):
     def parse(text: str):
         return None if text.lower() in ("", "none") else kind(text)
@@ -57,12 +49,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-checkpoints", action="store_true", help="write no checkpoints (the output folder does not persist)"
     )
+    # Every TrainingConfig field is an option of its own name, typed from the dataclass. Not transformers'
+    # HfArgumentParser: it parses Optional[X] as X, so `--max_train_steps none` (epochs decide) could not be said, and
+    # `--mask_target_prompts none` (as launch.py writes None) would become the prompt "none".
+    from transformers.hf_argparser import string_to_bool  # true/false, yes/no, t/f, y/n, 1/0
+
     hints = typing.get_type_hints(TrainingConfig)
     for f in fields(TrainingConfig):
         kind = hints[f.name]
         optional = typing.get_origin(kind) is typing.Union
         base = typing.get_args(kind)[0] if optional else kind
-        parse = _parse_bool if base is bool else (_optional(base) if optional else base)
+        parse = string_to_bool if base is bool else (_optional(base) if optional else base)
         parser.add_argument(f"--{f.name}", type=parse, default=f.default, help=f"default: {f.default!r}")
     return parser
 
