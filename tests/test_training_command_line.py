@@ -23,7 +23,8 @@ def config_of(args) -> TrainingConfig:
     "overrides",
     [
         {"seed": 11},
-        {"seed": 0, "max_train_steps": None, "mask_target_prompts": None, "caption_prefix": "", "is_lora": False},
+        # caption_prefix must contain token_string (the contract), so it is never empty; its spaces survive argv
+        {"seed": 0, "max_train_steps": None, "mask_target_prompts": None, "caption_prefix": " TOK ", "is_lora": False},
         {"seed": 2**32 - 1, "mask_target_prompts": "a face", "verbose": False, "ti_lr": 0.0, "lr_scheduler": "linear"},
     ],
 )
