@@ -132,10 +132,11 @@ SEGMENTER = WeightSpec(
 FACE_DETECTOR = WeightSpec(
     name="yunet",
     folder="face-detection-yunet",
-    # OpenCV's model zoo model (MIT), as OpenCV publishes it on the hub. The commit is the hub repository's head that
-    # put the LFS files back ("Added .gitattributes and .gitignore files"); the sha256 and size (232589 bytes) are
-    # those of the LFS pointer of models/face_detection_yunet/face_detection_yunet_2023mar.onnx in opencv/opencv_zoo
-    # on GitHub (commit 82b38c8f98e7b52aa171400f3e4c722352d0669f), the same file.
+    # OpenCV's model zoo model (MIT), as OpenCV publishes it on the hub. The commit is the hub repository's head
+    # ("Added .gitattributes and .gitignore files"), whose tree holds the ONNX (older heads such as 71b890b lack it);
+    # the sha256 and size (232589 bytes) are those in the LFS pointer of
+    # models/face_detection_yunet/face_detection_yunet_2023mar.onnx in opencv/opencv_zoo on GitHub (at commit
+    # 82b38c8f98e7b52aa171400f3e4c722352d0669f): the same file.
     repo_id="opencv/face_detection_yunet",
     revision="3cc26e7f1014a5ee5d74a42acee58bafc9d0a310",
     allow_patterns=("face_detection_yunet_2023mar.onnx",),
