@@ -19,8 +19,9 @@ trainer's export runs, renames only the to_q/to_k/to_v/to_out.0 keys (to `lora.d
 in peft's `lora_A`/`lora_B`, and the loader then reads the file as peft format and drops the renamed half (the
 predictor refuses it: "only 5760 of the LoRA's 208512 weights match layers of this SDXL model").
 
-Measured on the shared 2-core CPU machine (OMP_NUM_THREADS=1; wall time per test), latent MSE to the layout's mean
-latent per seed (base model: 65.9, 81.8, 76.7, 71.5; mean 74.0). Losses are the means of the first and last 5 steps.
+Measured on the shared 2-core CPU machine (OMP_NUM_THREADS=1; wall time per test; with torch's default two threads
+while other jobs shared the cores the LoRA test took 177 s), latent MSE to the layout's mean latent per seed (base
+model: 65.9, 81.8, 76.7, 71.5; mean 74.0). Losses are the means of the first and last 5 steps.
   full fine-tune, lr 1e-3, 15 steps: loss 0.84 -> 0.43, MSE 24.4 (33% of the base's)                   (16 s)
   full fine-tune, lr 1e-3, 60 steps: loss 0.84 -> 0.13, MSE 3.8 (5%)                                  (26 s)
   LoRA rank 8 on CONV_TARGETS + tokens, lr 1e-2 (both), 60 steps: loss 0.85 -> 0.11, MSE 1.4 (0.4-2.1 per seed;
