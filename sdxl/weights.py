@@ -28,6 +28,8 @@ class WeightSpec:
     allow_patterns: tuple[str, ...]
     required_files: tuple[str, ...]  # relative to `folder`; a weight file may be any of the alternatives in a tuple
     purpose: str
+    # (file, sha256) pairs known independently of the hub's metadata; the download checks them too
+    sha256: tuple[tuple[str, str], ...] = ()
 
 
 REFINER_SHARED_COMPONENTS = ("vae", "text_encoder_2")
@@ -130,14 +132,17 @@ SEGMENTER = WeightSpec(
 FACE_DETECTOR = WeightSpec(
     name="yunet",
     folder="face-detection-yunet",
-    # OpenCV's model zoo model (MIT), as OpenCV publishes it on the hub. Repo and revision are not pinned yet: they
-    # could not be checked from the offline machines this was written on (the download logs a warning and verifies
-    # the file against the hub's sha256 like the others).
+    # OpenCV's model zoo model (MIT), as OpenCV publishes it on the hub. The commit is the hub repository's head
+    # ("Added .gitattributes and .gitignore files"), whose tree holds the ONNX (older heads such as 71b890b lack it);
+    # the sha256 and size (232589 bytes) are those in the LFS pointer of
+    # models/face_detection_yunet/face_detection_yunet_2023mar.onnx in opencv/opencv_zoo on GitHub (at commit
+    # 82b38c8f98e7b52aa171400f3e4c722352d0669f): the same file.
     repo_id="opencv/face_detection_yunet",
-    revision=None,
+    revision="3cc26e7f1014a5ee5d74a42acee58bafc9d0a310",
     allow_patterns=("face_detection_yunet_2023mar.onnx",),
     required_files=("face_detection_yunet_2023mar.onnx",),
     purpose="training preprocessing: face detection (optional: OpenCV's Haar cascades are the offline fallback)",
+    sha256=(("face_detection_yunet_2023mar.onnx", "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"),),
 )
 
 PREDICTION_WEIGHTS = (BASE, VAE, REFINER, SAFETY_CHECKER)
