@@ -13,8 +13,8 @@ import json
 import math
 from dataclasses import dataclass
 
-from sdxl import remote
 from sdxl.errors import InputError
+from sdxl.url_policy import redact
 
 TRAINED_FIELD = "replicate_weights"
 LORAS_FIELD = "loras"
@@ -45,7 +45,7 @@ def _redacted(item: object) -> object:
         return {key: _redacted(value) for key, value in item.items()}
     if isinstance(item, list):
         return [_redacted(value) for value in item]
-    return remote.redact(item) if isinstance(item, str) else item
+    return redact(item) if isinstance(item, str) else item
 
 
 def parse_loras(text: str | None, field: str = LORAS_FIELD) -> tuple[LoraInput, ...]:

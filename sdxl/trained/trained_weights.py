@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from sdxl import remote
 from sdxl import weights_cache as wc
 from sdxl.compute import stop_if_cancelled
 from sdxl.errors import InputError
@@ -25,6 +24,7 @@ from sdxl.trained.request import LORAS_FIELD, MAX_LORAS, OWN_FIELD, TRAINED_FIEL
 from sdxl.trained.tokens import Applied, TokenSwap
 from sdxl.trained.trained_tar import OWN_TAG, Trained
 from sdxl.trained.unet_swap import UnetSwap
+from sdxl.url_policy import redact
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class TrainedWeights:
                 self._own_lora = (trained.adapter_name, copy)
                 self.loras.ensure(*self._own_lora, OWN_FIELD)
                 self.loras.deactivate()
-        log.info("own weights from %s loaded in %.1fs", remote.redact(source), time.perf_counter() - started)
+        log.info("own weights from %s loaded in %.1fs", redact(source), time.perf_counter() - started)
 
     def _own_folder(self, stack: contextlib.ExitStack, source: str | Path) -> Path:
         path = Path(source)
