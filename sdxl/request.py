@@ -74,10 +74,13 @@ REPLICATE_WEIGHTS = Spec(
     str, "Replicate LoRA weights to use. Leave blank to use the default weights.", None, optional=True
 )
 DISABLE_SAFETY_CHECKER = Spec(bool, "Disable safety checker for generated images.", False)
+MAX_LORAS = 4
+EXTRA_SCALE_RANGE = (-2.0, 2.0)
 LORAS = Spec(
     str,
     'Extra LoRAs (beyond the hosted model): a JSON list of {"url": ..., "scale": ...}, diffusers/peft or kohya '
-    "(A1111/ComfyUI) SDXL LoRA safetensors files, at most 4, scale from -2 to 2",
+    f"(A1111/ComfyUI) SDXL LoRA safetensors files, at most {MAX_LORAS}, scale from {EXTRA_SCALE_RANGE[0]:g} to "
+    f"{EXTRA_SCALE_RANGE[1]:g}",
     "",
 )
 PROMPT_WEIGHTING = Spec(

@@ -146,7 +146,7 @@ def test_rewrite_whole_words(text, expected):
         ('{"url": "https://x"}', "loras", "must be a JSON list"),
         ('[{"url": 3}]', "loras[0]", "must be an object"),
         ('[{"url": "https://x", "weight": 1}]', "loras[0]", "must be an object"),
-        ('[{"url": "https://x", "scale": "big"}]', "loras[0].scale", "not a number"),
+        ('[{"url": "https://x", "scale": "big"}]', "loras[0].scale", "not a finite number"),
         ('[{"url": "https://x", "scale": 9}]', "loras[0].scale", "out of range"),
         ('[{"url": "https://x"}, {"url": "https://x"}]', "loras", "twice"),
         (json.dumps([{"url": f"https://x/{i}"} for i in range(5)]), "loras", "at most 4"),

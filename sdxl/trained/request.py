@@ -10,27 +10,17 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 
 from sdxl.errors import InputError
+from sdxl.request import EXTRA_SCALE_RANGE, LORA_SCALE, MAX_LORAS
 from sdxl.url_policy import redact
+from sdxl.validation import check_number
 
 TRAINED_FIELD = "replicate_weights"
 LORAS_FIELD = "loras"
 OWN_FIELD = "weights"  # the model's own weights (Cog's COG_WEIGHTS / setup(weights))
-MAX_LORAS = 4
 MAX_LORAS_CHARS = 16 << 10  # four entries with long presigned URLs fit; checked before the JSON is parsed
-LORA_SCALE_RANGE = (0.0, 1.0)
-EXTRA_SCALE_RANGE = (-2.0, 2.0)
-
-
-def _check_scale(name: str, value, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InputError(name, f"{value!r} is not a number")
-    if not low <= value <= high:
-        raise InputError(name, f"{value} is out of range; allowed: {low} to {high}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -76,13 +66,13 @@ def parse_loras(text: str | None, field: str = LORAS_FIELD) -> tuple[LoraInput, 
 def _lora_input(name: str, item: object) -> LoraInput:
     if not isinstance(item, dict) or not isinstance(item.get("url"), str) or set(item) - {"url", "scale"}:
         raise InputError(name, f'{_redacted(item)!r} must be an object {{"url": "https://...", "scale": 0.8}}')
-    return LoraInput(item["url"].strip(), _check_scale(f"{name}.scale", item.get("scale", 1.0), *EXTRA_SCALE_RANGE))
+    return LoraInput(item["url"].strip(), check_number(f"{name}.scale", item.get("scale", 1.0), *EXTRA_SCALE_RANGE))
 
 
 @dataclass(frozen=True)
 class AdapterRequest:
     replicate_weights: str | None = None
-    lora_scale: float = 0.6
+    lora_scale: float = LORA_SCALE.default
     loras: tuple[LoraInput, ...] = ()
 
     def __post_init__(self):
@@ -90,4 +80,4 @@ class AdapterRequest:
             raise InputError(TRAINED_FIELD, f"{self.replicate_weights!r} is not a URL")
         if isinstance(self.replicate_weights, str) and not self.replicate_weights.strip():
             object.__setattr__(self, "replicate_weights", None)  # an empty string from a form means "none"
-        _check_scale("lora_scale", self.lora_scale, *LORA_SCALE_RANGE)
+        LORA_SCALE.check("lora_scale", self.lora_scale)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from sdxl.formats import EMBEDDING_KEYS
+from sdxl.formats import EMBEDDING_KEYS, whole_word
 from sdxl.request import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class Applied:
         if not self.rewrites:
             return text
         words = sorted(self.rewrites, key=len, reverse=True)
-        pattern = "|".join(re.escape(w) if w.startswith("<") else rf"(?<!\w){re.escape(w)}(?!\w)" for w in words)
+        pattern = "|".join(re.escape(w) if w.startswith("<") else whole_word(w) for w in words)
         return re.sub(pattern, lambda m: self.rewrites[m.group(0)], text)
 
     def rewrite(self, request: GenerationRequest) -> GenerationRequest:
