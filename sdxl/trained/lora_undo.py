@@ -40,6 +40,9 @@ def undo_failed_load(store, name: str, before: tuple[dict[str, type], int]) -> N
                 if isinstance(layer, BaseTunerLayer | AuxiliaryTrainingWrapper):
                     layer.delete_adapter(name, *([None] if isinstance(layer, AuxiliaryTrainingWrapper) else []))
             getattr(model, "peft_config", {}).pop(name, None)
+            if hasattr(model, "peft_config") and not model.peft_config:  # no adapter left: as unload_lora leaves it
+                del model.peft_config
+                model._hf_peft_config_loaded = None
         _unwrap_new_wrappers(store.modules, before[0])
     except Exception:
         log.exception("could not take the failed adapter %s out; unloading every LoRA", name)
