@@ -15,11 +15,11 @@ import torch
 from bench_measure import expected_unet_calls, lora_switcher, side_by_side, timed, two_cached_loras, unet_counter
 
 from sdxl import weights
-from sdxl.architectures import ARCHITECTURES
 from sdxl.generation import generate
 from sdxl.loading import load_pipelines
+from sdxl.random_weights import write_random_weights
+from sdxl.random_weights.architectures import ARCHITECTURES
 from sdxl.request import REFINE_MODES, GenerationRequest
-from sdxl.tiny_weights import write_random_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("benchmark")

@@ -2,7 +2,7 @@ import logging
 
 import pytest
 
-from sdxl.tiny_weights import write_tiny_weights
+from sdxl.random_weights import write_tiny_weights
 
 
 def pytest_addoption(parser):
@@ -45,7 +45,7 @@ def listener():
 @pytest.fixture
 def files():
     """A loopback file server that records who fetched what."""
-    from tests.file_input_servers import FileServer
+    from sdxl.testing.file_server import FileServer
 
     server = FileServer()
     yield server

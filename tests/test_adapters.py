@@ -10,10 +10,10 @@ from sdxl import adapters as ad
 from sdxl import remote
 from sdxl import weights_cache as wc
 from sdxl.adapters import AdapterRequest, Adapters, Applied, LoraInput, parse_loras
-from sdxl.architectures import CLIP_VOCAB_SIZE, TINY
 from sdxl.errors import InputError
 from sdxl.generation import generate
 from sdxl.loading import load_pipelines
+from sdxl.random_weights.architectures import CLIP_VOCAB_SIZE, TINY
 from sdxl.request import GenerationRequest
 from tests import weights_helpers as wh
 

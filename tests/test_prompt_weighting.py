@@ -14,9 +14,9 @@ from sdxl import prompt_weighting as pw
 from sdxl import remote
 from sdxl import weights_cache as wc
 from sdxl.adapters import AdapterRequest, Adapters
-from sdxl.architectures import TINY
 from sdxl.errors import InputError
 from sdxl.generation import generate
+from sdxl.random_weights.architectures import TINY
 from sdxl.request import GenerationRequest
 from tests import weights_helpers as wh
 
