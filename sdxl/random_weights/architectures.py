@@ -88,12 +88,16 @@ def _vae(blocks, layers_per_block, groups, force_upcast=False) -> dict:
 
 
 # (channels, transformer depth (0 = no attention), attention heads) per UNet level.
+# Tiny: SDXL's three levels, attention only at the lowest resolution (1/32 of the image side, 1,024 tokens at
+# 1024 px), so a 1024 px, 50-step text-to-image (scripts/run.sh's defaults) takes ~6 CPU-seconds of UNet work:
+# 0.12 s per CFG step at a 128x128 latent, against 1.95 s with attention at 1/16 (measured on one core).
+TINY_UNET_LEVELS = ((8, 0, 2), (16, 0, 2), (32, 2, 2))
 TINY = Architecture(
     name="tiny",
     te1=_clip_text(32, 37, 4, 3),
     te2=_clip_text(48, 53, 4, 3, projection_dim=32),
-    base_unet=_unet(((32, 0, 2), (64, 2, 4)), 32 + 48, 6, 8, 32, norm_num_groups=1, sample_size=16),
-    refiner_unet=_unet(((32, 0, 2), (64, 2, 4)), 48, 5, 8, 32, norm_num_groups=1, sample_size=16),
+    base_unet=_unet(TINY_UNET_LEVELS, 32 + 48, 6, 8, 32, norm_num_groups=1, sample_size=16),
+    refiner_unet=_unet(TINY_UNET_LEVELS, 48, 5, 8, 32, norm_num_groups=1, sample_size=16),
     vae=_vae((8, 16, 16, 16), 1, 8),
     safety_vision=_clip_vision(16, 37, 2, 2, 32, 8),
     safety_projection=16,
