@@ -1,8 +1,16 @@
 import logging
+import os
 
 import pytest
 
-from sdxl.random_weights import write_tiny_weights
+# Before torch loads MKL: its default code paths may round differently with the memory alignment of their inputs, so
+# two loads of the same weights (mmap-backed in diffusers, copied in ours) can differ in the last bit (2e-7 to 5e-7 after
+# one attention projection of the tiny UNet), enough to move a pixel by 1 of 255 where tests compare with diffusers bit
+# for bit. MKL's reproducible AVX2 branch
+# (strict mode) does not depend on alignment. Test processes and the servers they start inherit it.
+os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
+
+from sdxl.random_weights import write_tiny_weights  # noqa: E402
 
 
 def pytest_addoption(parser):
