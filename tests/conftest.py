@@ -10,8 +10,8 @@ import pytest
 # MKL's strict reproducible branch does not depend on alignment.
 os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
 # OpenMP threads that sleep at a barrier instead of spinning: tests run a server, its worker and the test process on
-# the same cores, where spinning threads wait for each other at every operation (a tiny 1024 px generation at load ~7
-# on 2 cores: 35 s spinning, 6 s sleeping).
+# the same cores, where spinning threads wait for each other at every operation (11 steps of a small UNet at 1024 px,
+# load ~7 on 2 cores: 35 s spinning, 6 s sleeping).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from sdxl.random_weights import write_tiny_weights  # noqa: E402
