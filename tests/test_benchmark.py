@@ -23,8 +23,8 @@ from gpu_plan import Config, allowed_until, estimate, steps_for  # noqa: E402
 
 ALL_ROWS = ["1", "2a", "2b", "3", "4", "5a", "5b", "5c", "5d", "6a", "6b", "6c"]
 STARTUP_SLACK_S = 10  # python start of the parent and the shell's own steps, outside the measured budget
-DEVICE_BUDGET_S = 400  # measured: 94 s wall at load ~7 on this 2-core machine, 109 s at load ~11 (all 12 rows)
-SMALL_BUDGET_S = 60  # measured: 28 s wall alone at load ~3, 45 s beside the other commands
+DEVICE_BUDGET_S = 400  # measured: 53 s beside the other commands at load ~3 (94 s alone at load ~7, old tiny)
+SMALL_BUDGET_S = 60  # measured: 19-28 s wall alone, and within the 53 s of the whole module, at load ~2-3
 
 
 @dataclass
