@@ -15,18 +15,24 @@ from cog import BaseRunner, Input, Path
 from cog_inputs import FileInput, guard_worker_egress
 from cog_scratch import discard_finished_request_folders
 from sdxl import file_inputs, infotext
+from sdxl import request as spec
 from sdxl.adapters import AdapterRequest, Adapters, parse_loras
 from sdxl.generation import generate
-from sdxl.images import MAX_SIDE, MIN_SIDE, load_image, load_mask
+from sdxl.images import load_image, load_mask
 from sdxl.loading import load_pipelines
-from sdxl.outputs import DEFAULT_FORMAT, DEFAULT_QUALITY, FORMATS, QUALITY_RANGE, OutputOptions, save_images
-from sdxl.request import DEFAULT_PROMPT, MAX_OUTPUTS, MAX_STEPS, REFINE_MODES, SEED_RANGE, GenerationRequest
-from sdxl.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from sdxl.outputs import OutputOptions, save_images
+from sdxl.request import GenerationRequest
+from sdxl.validation import Spec
 from sdxl.weights import random_architecture, weights_dir
 
 log = logging.getLogger("predict")
 
 PROGRESS_EVERY = 10  # log denoising progress on the first step, every N steps and the last
+
+
+def field(described: Spec):
+    """Cog's Input for an input the library describes (sdxl.request): description, default, bounds, choices."""
+    return Input(**described.declared())
 
 
 def log_progress(stage: str, step: int, steps: int) -> None:
@@ -70,112 +76,36 @@ class Runner(BaseRunner):
 
     def run(
         self,
-        prompt: str = Input(description="Input prompt", default=DEFAULT_PROMPT),
-        negative_prompt: str = Input(description="Input Negative Prompt", default=""),
-        image: Optional[FileInput] = Input(description="Input image for img2img or inpaint mode", default=None),
-        mask: Optional[FileInput] = Input(
-            description="Input mask for inpaint mode. Black areas will be preserved, white areas will be inpainted.",
-            default=None,
-        ),
-        width: int = Input(
-            description=f"Width of output image (a multiple of 8 from {MIN_SIDE} to {MAX_SIDE})",
-            default=1024,
-            ge=MIN_SIDE,
-            le=MAX_SIDE,
-        ),
-        height: int = Input(
-            description=f"Height of output image (a multiple of 8 from {MIN_SIDE} to {MAX_SIDE})",
-            default=1024,
-            ge=MIN_SIDE,
-            le=MAX_SIDE,
-        ),
-        num_outputs: int = Input(description="Number of images to output.", default=1, ge=1, le=MAX_OUTPUTS),
-        scheduler: str = Input(description="scheduler", default=DEFAULT_SCHEDULER, choices=list(SCHEDULERS)),
-        num_inference_steps: int = Input(description="Number of denoising steps", default=50, ge=1, le=MAX_STEPS),
-        guidance_scale: float = Input(description="Scale for classifier-free guidance", default=7.5, ge=1, le=50),
-        prompt_strength: float = Input(
-            description="Prompt strength when using img2img / inpaint. 1.0 corresponds to full destruction of "
-            "information in image",
-            default=0.8,
-            ge=0.0,
-            le=1.0,
-        ),
-        seed: Optional[int] = Input(
-            description="Random seed. Leave blank to randomize the seed",
-            default=None,
-            ge=SEED_RANGE[0],
-            le=SEED_RANGE[1],
-        ),
-        refine: str = Input(description="Which refine style to use", default="no_refiner", choices=list(REFINE_MODES)),
-        high_noise_frac: float = Input(
-            description="For expert_ensemble_refiner, the fraction of noise to use", default=0.8, ge=0.0, le=1.0
-        ),
-        refine_steps: Optional[int] = Input(
-            description="For base_image_refiner, the number of steps to refine, defaults to num_inference_steps",
-            default=None,
-            ge=1,
-            le=MAX_STEPS,
-        ),
-        apply_watermark: bool = Input(
-            description="Applies a watermark to enable determining if an image is generated in downstream "
-            "applications. If you have other provisions for generating or deploying images safely, you can use this "
-            "to disable watermarking.",
-            default=True,
-        ),
-        lora_scale: float = Input(
-            description="LoRA additive scale. Only applicable on trained models.", default=0.6, ge=0.0, le=1.0
-        ),
-        replicate_weights: Optional[str] = Input(
-            description="Replicate LoRA weights to use. Leave blank to use the default weights.", default=None
-        ),
-        disable_safety_checker: bool = Input(description="Disable safety checker for generated images.", default=False),
-        loras: str = Input(
-            description='Extra LoRAs (beyond the hosted model): a JSON list of {"url": ..., "scale": ...}, diffusers/peft'
-            " or kohya (A1111/ComfyUI) SDXL LoRA safetensors files, at most 4, scale from -2 to 2",
-            default="",
-        ),
-        prompt_weighting: bool = Input(
-            description="Beyond the hosted model: read compel's weighting syntax in prompt and negative_prompt "
-            "(word+, word-, (words)1.3, (...).blend(), (...).and()) and encode prompts past 77 tokens in chunks "
-            "instead of cutting them off",
-            default=False,
-        ),
-        output_format: str = Input(
-            description="Beyond the hosted model: format of the output images",
-            default=DEFAULT_FORMAT,
-            choices=list(FORMATS),
-        ),
-        output_quality: int = Input(
-            description="Beyond the hosted model: quality of webp and jpg outputs (png is lossless)",
-            default=DEFAULT_QUALITY,
-            ge=QUALITY_RANGE[0],
-            le=QUALITY_RANGE[1],
-        ),
+        prompt: str = field(spec.PROMPT),
+        negative_prompt: str = field(spec.NEGATIVE_PROMPT),
+        image: Optional[FileInput] = field(spec.IMAGE),
+        mask: Optional[FileInput] = field(spec.MASK),
+        width: int = field(spec.WIDTH),
+        height: int = field(spec.HEIGHT),
+        num_outputs: int = field(spec.NUM_OUTPUTS),
+        scheduler: str = field(spec.SCHEDULER),
+        num_inference_steps: int = field(spec.NUM_INFERENCE_STEPS),
+        guidance_scale: float = field(spec.GUIDANCE_SCALE),
+        prompt_strength: float = field(spec.PROMPT_STRENGTH),
+        seed: Optional[int] = field(spec.SEED),
+        refine: str = field(spec.REFINE),
+        high_noise_frac: float = field(spec.HIGH_NOISE_FRAC),
+        refine_steps: Optional[int] = field(spec.REFINE_STEPS),
+        apply_watermark: bool = field(spec.APPLY_WATERMARK),
+        lora_scale: float = field(spec.LORA_SCALE),
+        replicate_weights: Optional[str] = field(spec.REPLICATE_WEIGHTS),
+        disable_safety_checker: bool = field(spec.DISABLE_SAFETY_CHECKER),
+        loras: str = field(spec.LORAS),
+        prompt_weighting: bool = field(spec.PROMPT_WEIGHTING),
+        output_format: str = field(spec.OUTPUT_FORMAT),
+        output_quality: int = field(spec.OUTPUT_QUALITY),
     ) -> list[Path]:
+        inputs = dict(locals())  # every input by name, before anything else is bound here
         self._discard_previous_outputs()
         options = OutputOptions(output_format, output_quality)
         extra = AdapterRequest(replicate_weights=replicate_weights, lora_scale=lora_scale, loras=parse_loras(loras))
         input_image, input_mask = read_input_images(image, mask)
-        request = GenerationRequest(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            image=input_image,
-            mask=input_mask,
-            width=width,
-            height=height,
-            num_outputs=num_outputs,
-            scheduler=scheduler,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            prompt_strength=prompt_strength,
-            seed=seed,
-            refine=refine,
-            high_noise_frac=high_noise_frac,
-            refine_steps=refine_steps,
-            apply_watermark=apply_watermark,
-            disable_safety_checker=disable_safety_checker,
-            prompt_weighting=prompt_weighting,
-        ).with_seed()
+        request = GenerationRequest.from_inputs(inputs, image=input_image, mask=input_mask).with_seed()
         log.info("Using seed: %d", request.seed)
         with self.adapters.applied(extra) as applied:
             result = generate(self.pipes, applied.rewrite(request), on_step=log_progress)

@@ -1,6 +1,6 @@
 """A training as a batch job (the Kubernetes Job in deploy/kubernetes/training): the same code path as Cog's
-POST /trainings (train.py's run_training: preprocess the archive, train data-parallel over every visible GPU with
-accelerate), writing trained_model.tar to a volume instead of returning it over HTTP.
+POST /trainings (sdxl.training.job.train_from_archive: preprocess the archive, train data-parallel over every
+visible GPU with accelerate), writing trained_model.tar to a volume instead of returning it over HTTP.
 
     python deploy/train_job.py --input-images /data/input_images.zip --config /config/training.json \
         --output /data/out/trained_model.tar
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
     from sdxl import weights
     from sdxl.errors import InputError
     from sdxl.training.config import TrainingConfig
-    from train import run_training
+    from sdxl.training.job import train_from_archive
 
     try:
         config = TrainingConfig(**json.loads(args.config.read_text()))
@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
     if not args.input_images.is_file():
         print(f"error: --input-images {args.input_images} is not a file", file=sys.stderr)
         return 2
-    tar = run_training(config, args.input_images, weights.weights_dir())
+    tar = train_from_archive(config, args.input_images, weights.weights_dir())
     args.output.parent.mkdir(parents=True, exist_ok=True)
     partial = args.output.with_name(args.output.name + ".part")
     shutil.copyfile(tar, partial)

@@ -1,4 +1,4 @@
-"""Fetch the production weights into the weights folder (needs internet; about 14 GB for prediction).
+"""Fetch the production weights into the weights folder (needs internet; 12.8 GB for prediction).
 
     python scripts/download_weights.py                 # prediction weights into ./weights (or $SDXL_WEIGHTS_DIR)
     python scripts/download_weights.py --training      # also the preprocessing models the trainer uses (BLIP,
@@ -6,13 +6,13 @@
     python scripts/download_weights.py --dry-run       # say what would be fetched
 
 Each model comes from the revision pinned in sdxl/weights.py. Downloads resume where they stopped (huggingface_hub
-keeps partial files), show progress, and every large file is checked against the hub's sha256 before setup may use it.
+keeps partial files), show progress, and every file is checked against the hub's checksums (sha256 for large files)
+before setup may use it.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 from pathlib import Path
@@ -24,21 +24,35 @@ from sdxl import weights  # noqa: E402
 log = logging.getLogger("download_weights")
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def verify(spec: weights.WeightSpec, folder: Path, api=None) -> list[str]:
+    """Files the spec fetches that differ from the hub's at the pinned revision, or that the folder lacks.
+
+    huggingface_hub's own check (HfApi.verify_repo_checksums): LFS files against their sha256, the others against
+    their git blob hash. Files in `folder` that the spec does not fetch (the hub's other files, model.safetensors
+    converted from a pickle) are not judged."""
+    from fnmatch import fnmatch
+
+    from huggingface_hub import HfApi
+
+    result = (api or HfApi()).verify_repo_checksums(spec.repo_id, revision=spec.revision, local_dir=folder)
+    bad = {mismatch["path"] for mismatch in result.mismatches} | set(result.missing_paths)
+    log.info("%s: %d file(s) checked against the hub's checksums", spec.name, result.checked_count)
+    return sorted(path for path in bad if any(fnmatch(path, pattern) for pattern in spec.allow_patterns))
 
 
-def verify(folder: Path, expected: dict[str, str]) -> list[str]:
-    """Names of files whose sha256 differs from `expected` (relative path -> sha256); missing files count too."""
+def pinned_mismatches(spec: weights.WeightSpec, folder: Path) -> list[str]:
+    """Files whose sha256 differs from the one sdxl/weights.py pins for them (known apart from the hub), or missing."""
+    import hashlib
+
     bad = []
-    for relative, sha in sorted(expected.items()):
+    for relative, sha256 in spec.sha256:
         path = folder / relative
-        if not path.is_file() or sha256_of(path) != sha:
+        if not path.is_file():
             bad.append(relative)
+            continue
+        with open(path, "rb") as file:
+            if hashlib.file_digest(file, "sha256").hexdigest() != sha256:
+                bad.append(relative)
     return bad
 
 
@@ -55,20 +69,6 @@ def convert_pickle_to_safetensors(folder: Path, name: str = "pytorch_model.bin")
     save_file({key: tensor.contiguous() for key, tensor in state.items()}, folder / "model.safetensors")
     source.unlink()
     log.info("converted %s to model.safetensors", source)
-
-
-def expected_hashes(spec: weights.WeightSpec) -> dict[str, str]:
-    """sha256 of every LFS file the spec fetches, from the hub's metadata at the pinned revision."""
-    from fnmatch import fnmatch
-
-    from huggingface_hub import HfApi
-
-    info = HfApi().model_info(spec.repo_id, revision=spec.revision, files_metadata=True)
-    return {
-        sibling.rfilename: sibling.lfs.sha256
-        for sibling in info.siblings
-        if sibling.lfs is not None and any(fnmatch(sibling.rfilename, pattern) for pattern in spec.allow_patterns)
-    }
 
 
 def check_face_detector(path: Path) -> None:
@@ -91,10 +91,7 @@ def download(spec: weights.WeightSpec, root: Path) -> None:
     snapshot_download(
         spec.repo_id, revision=spec.revision, allow_patterns=list(spec.allow_patterns), local_dir=folder, max_workers=8
     )
-    expected = expected_hashes(spec)
-    if not expected:
-        log.warning("%s: the hub lists no sha256 for its files; they are not verified", spec.name)
-    bad = verify(folder, expected)
+    bad = verify(spec, folder) + pinned_mismatches(spec, folder)
     if bad:
         raise SystemExit(f"{spec.name}: checksum mismatch for {', '.join(bad)}; delete them and run this again")
     if spec is weights.FACE_DETECTOR:

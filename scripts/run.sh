@@ -19,7 +19,7 @@ if [ -z "${SDXL_WEIGHTS_DIR:-}" ]; then
     cat >&2 <<MSG
 No production weights in ./weights: using the TINY RANDOM test weights in $SDXL_WEIGHTS_DIR.
 They exercise every code path but draw coloured noise, not pictures. For real images run
-  .venv/bin/python scripts/download_weights.py   (needs internet, about 14 GB; a GPU is strongly advised)
+  .venv/bin/python scripts/download_weights.py   (needs internet, about 13 GB; a GPU is strongly advised)
 MSG
   fi
 fi

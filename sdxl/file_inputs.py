@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from urllib.parse import unquote_to_bytes, urlsplit
 
-from sdxl import remote
+from sdxl import remote, settings
 from sdxl.errors import InputError
 
 MAX_IMAGE_ENV = "SDXL_MAX_IMAGE_BYTES"  # image and mask: URL body or decoded data: URI
@@ -49,7 +49,7 @@ class FileInputLimits:
 
     @classmethod
     def for_images(cls) -> FileInputLimits:
-        max_bytes = _env_int(MAX_IMAGE_ENV, DEFAULT_MAX_IMAGE_BYTES)
+        max_bytes = settings.positive_int(MAX_IMAGE_ENV, DEFAULT_MAX_IMAGE_BYTES, "number of bytes")
         timeouts = remote.timeouts_from_env()
         timeouts["deadline"] = min(timeouts["deadline"], IMAGE_FETCH_DEADLINE)
         fetch = remote.FetchLimits(max_bytes=max_bytes, **timeouts)
@@ -57,17 +57,8 @@ class FileInputLimits:
 
     @classmethod
     def for_archives(cls) -> FileInputLimits:
-        max_bytes = _env_int(MAX_ARCHIVE_ENV, DEFAULT_MAX_ARCHIVE_BYTES)
+        max_bytes = settings.positive_int(MAX_ARCHIVE_ENV, DEFAULT_MAX_ARCHIVE_BYTES, "number of bytes")
         return cls(max_bytes, remote.FetchLimits(max_bytes=max_bytes, **remote.timeouts_from_env()))
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{name}={value!r} is not allowed; use a positive number of bytes")
-    return int(value)
 
 
 def decode_data_uri(uri: str, field: str, directory: Path, max_bytes: int) -> Path:

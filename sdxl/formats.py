@@ -10,6 +10,10 @@ Added by this trainer, ignored by the hosted predictor:
   lora_kohya.safetensors       the UNet LoRA in the kohya layout A1111 / Forge / ComfyUI load (LoRA runs)
   embeddings_sdxl.safetensors  the learned tokens as an SDXL embedding file (clip_l, clip_g)
   report/                      loss.png, samples.png, report.json: how the run went (when a report was made)
+
+The client's upload (input_images): a zip or tar of images, optionally with caption.csv (an image column and a
+caption column, matched by file name). Preprocessing turns it into the training folder the training engine reads:
+  NNNN.src.png  NNNN.mask.png  captions.csv (image_file,mask_file,caption; file names relative to the folder)
 """
 
 from __future__ import annotations
@@ -37,6 +41,31 @@ SDXL_EMBEDDING_KEYS = dict(zip(EMBEDDING_KEYS, ("clip_l", "clip_g")))
 
 NEW_TOKEN = re.compile(r"<s(\d+)>")  # the trainer's new tokens: <s0>, <s1>, ...
 
+# The upload: its archive types (input_images_filetype; "infer" tells zip from tar by content) and caption.csv.
+ARCHIVE_TYPES = ("infer", "zip", "tar")
+UPLOAD_CAPTIONS_FILE = "caption.csv"
+UPLOAD_IMAGE_COLUMNS = ("image_file", "image", "file_name", "filename", "file")  # the first one present is used
+UPLOAD_CAPTION_COLUMNS = ("caption", "text")
+
+# The training folder preprocessing writes and the training engine reads.
+CAPTIONS_FILE = "captions.csv"
+CAPTIONS_COLUMNS = ("image_file", "mask_file", "caption")
+
+
+def training_image_names(index: int) -> tuple[str, str]:
+    """The training folder's image and mask file names of example `index`."""
+    return f"{index:04d}.src.png", f"{index:04d}.mask.png"
+
 
 def new_token(index: int) -> str:
     return f"<s{index}>"
+
+
+def whole_word(word: str) -> str:
+    """A regex for `word` as a whole word: not inside a longer word ("TOK" matches "TOK," but not "TOKYO" or
+    "my_TOK"). The trained word is replaced this way in captions (training) and prompts (prediction)."""
+    return rf"(?<!\w){re.escape(word)}(?!\w)"
+
+
+def contains_word(text: str, word: str) -> bool:
+    return re.search(whole_word(word), text) is not None

@@ -16,13 +16,11 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sdxl.errors import InputError
+from sdxl.validation import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE
 
 log = logging.getLogger(__name__)
 
 MAX_INPUT_PIXELS = 4096 * 4096  # checked from the header, before any pixel is decoded
-SIZE_MULTIPLE = 8
-MIN_SIDE = 64
-MAX_SIDE = 2048
 ACCEPTED = "PNG, JPEG or WebP"
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
@@ -107,15 +105,6 @@ def load_image(path: Path | str, field: str = "image") -> Image.Image:
 def load_mask(path: Path | str, field: str = "mask") -> Image.Image:
     """A greyscale mask: white (255) is repainted, black (0) kept."""
     return _read(path, field).convert("L")
-
-
-def check_side(field: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InputError(field, f"{value!r} is not an integer")
-    if value % SIZE_MULTIPLE or not MIN_SIDE <= value <= MAX_SIDE:
-        raise InputError(
-            field, f"{value} is not allowed; use a multiple of {SIZE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}"
-        )
 
 
 def img2img_size(image: Image.Image) -> tuple[int, int]:

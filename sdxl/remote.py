@@ -1,21 +1,16 @@
 """Fetch a client-given URL without letting it reach inside our network, or hold a request past its deadline.
 
-Every URL a request names (trained weights, LoRAs) is hostile input:
-1. only https (plain http only for loopback, and only when SDXL_ALLOW_LOOPBACK_HTTP=1, for tests);
-2. the host is resolved first and every address it resolves to is checked: private, loopback (unless that
-   setting), link-local, site-local, multicast, reserved, unspecified and other non-global addresses are refused
-   before any connection, and so are IPv6 forms that carry a refused IPv4 address (IPv4-mapped/compatible, 6to4,
-   NAT64) and Teredo tunnels; one refused address refuses the host. The connection then goes to the checked
-   addresses, tried in the resolver's order (TLS still verifies the host name), so a second DNS answer cannot swap
-   in another address;
-3. redirects are followed by hand, each hop checked again, at most MAX_REDIRECTS;
-4. one deadline for the whole download (redirects and ranges included) that holds whatever the sender does: the
+1. the URL and every address its host resolves to are checked first (sdxl.url_policy): only public addresses, and
+   https only; the connection then goes to the checked addresses, tried in the resolver's order (TLS still verifies
+   the host name), so a second DNS answer cannot swap in another address;
+2. redirects are followed by hand, each hop checked again, at most MAX_REDIRECTS;
+3. one deadline for the whole download (redirects and ranges included) that holds whatever the sender does: the
    name lookup and every socket operation (connect, TLS handshake, send, each read) wait at most
    min(their timeout, the time left);
    a size cap checked on Content-Length and while streaming;
-5. a large body from a server that advertises `Accept-Ranges: bytes` is fetched in parallel ranges, each checked;
-6. the body lands in a temporary file that is removed on any failure;
-7. URLs in logs and errors go through `redact`: presigned URLs carry credentials in their query strings.
+4. a large body from a server that advertises `Accept-Ranges: bytes` is fetched in parallel ranges, each checked;
+5. the body lands in a temporary file that is removed on any failure;
+6. URLs in logs and errors go through `redact`: presigned URLs carry credentials in their query strings.
 """
 
 from __future__ import annotations
@@ -23,7 +18,6 @@ from __future__ import annotations
 import functools
 import http.client
 import io
-import ipaddress
 import logging
 import os
 import socket
@@ -31,26 +25,22 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import urljoin
 
-from sdxl.errors import InputError
+# The URL checks live in sdxl.url_policy; their names stay importable from here, where callers have always found them.
+from sdxl.url_policy import ALLOW_LOOPBACK_ENV as ALLOW_LOOPBACK_ENV
+from sdxl.url_policy import FetchError, Resolver, Target, check_url, redact, system_resolver
+from sdxl.url_policy import loopback_allowed as loopback_allowed
+from sdxl.url_policy import refusal as refusal
 
 log = logging.getLogger(__name__)
 
-ALLOW_LOOPBACK_ENV = "SDXL_ALLOW_LOOPBACK_HTTP"
 MAX_REDIRECTS = 5
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 USER_AGENT = "sdxl-cog/0.1"
-
-Resolver = Callable[[str, int], list[str]]
-
-
-class FetchError(InputError):
-    """A URL the client gave could not be fetched; the message says why and names the input field."""
 
 
 class _Aborted(FetchError):
@@ -86,149 +76,6 @@ def timeouts_from_env() -> dict[str, float]:
 
 def human_size(count: int) -> str:
     return f"{count} bytes" if count < 10**6 else f"{count / 1e6:,.1f} MB"
-
-
-def loopback_allowed() -> bool:
-    return os.environ.get(ALLOW_LOOPBACK_ENV) == "1"
-
-
-def redact(url: object) -> str:
-    """A URL fit for logs and error messages: no query string or fragment (presigned URLs carry credentials
-    there) and no user:password@. Plain string work, so that it never fails on a malformed URL."""
-    text = str(url).strip()
-    cut = min((i for i in (text.find("?"), text.find("#")) if i >= 0), default=len(text))
-    base, rest = text[:cut], text[cut:]
-    scheme, separator, after = base.partition("://")
-    if separator:
-        authority, slash, path = after.partition("/")
-        if "@" in authority:
-            authority = "***@" + authority.rpartition("@")[2]
-        base = f"{scheme}{separator}{authority}{slash}{path}"
-    return base + ("?..." if rest else "")
-
-
-_redact = redact  # the name this module used before
-
-
-def system_resolver(host: str, port: int) -> list[str]:
-    """Every address the host resolves to, in the resolver's order of preference (RFC 6724), without repeats."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(info[4][0] for info in infos))
-
-
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052's well-known prefix: the last 32 bits are the IPv4 host
-_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # SIIT, RFC 2765
-_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated ::a.b.c.d
-
-
-def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Address] | None:
-    """The IPv4 address an IPv6 address reaches through a translator or tunnel, and the form that carries it."""
-    if ip.sixtofour is not None:
-        return "a 6to4 address", ip.sixtofour
-    low = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    if ip in _NAT64:
-        return "a NAT64 address", low
-    if ip in _IPV4_TRANSLATED:
-        return "an IPv4-translated address", low
-    if ip in _IPV4_COMPATIBLE and int(ip) > 1:  # not :: or ::1
-        return "an IPv4-compatible address", low
-    return None
-
-
-def refusal(address: str, allow_loopback: bool) -> str | None:
-    """Why we must not connect to this address, or None when it is a public (global unicast) address."""
-    try:
-        ip = ipaddress.ip_address(address.split("%")[0])  # drop an IPv6 zone id
-    except ValueError:
-        return "not an IP address"
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped  # ::ffff:10.0.0.1 is 10.0.0.1
-        elif ip.teredo is not None:  # a tunnel through a relay to the IPv4 host it embeds: no public weights host
-            server, client = ip.teredo
-            return f"a Teredo tunnel address (server {server}, client {client})"
-        elif embedded := _embedded_ipv4(ip):
-            form, inner = embedded
-            reason = refusal(str(inner), allow_loopback=False)  # a translator must not reach our loopback either
-            if reason:
-                return f"{form} embedding {inner}, {reason}"
-            if ip in _NAT64:
-                return None  # DNS64 answers this for a public IPv4-only host; the gateway connects to that host
-    if ip.is_loopback:
-        return None if allow_loopback else "a loopback address"
-    for kind in ("unspecified", "link_local", "site_local", "multicast", "reserved", "private"):
-        if getattr(ip, f"is_{kind}", False):  # site-local (fec0::/10, deprecated) is IPv6 only
-            return f"a {kind.replace('_', '-')} address"
-    if not ip.is_global:  # shared address space (100.64/10), documentation ranges, ...
-        return "not a public address"
-    return None
-
-
-@dataclass(frozen=True)
-class Target:
-    """One checked hop: where to connect (checked IPs, tried in order) and what to ask for."""
-
-    scheme: str
-    host: str
-    port: int
-    address: str  # the first of `addresses`
-    path: str
-    url: str
-    addresses: tuple[str, ...] = ()  # every address the host resolved to, each checked; empty: `address` only
-
-
-def _split(url: object, field: str):
-    """Parse the URL text; refuse what HTTP cannot carry. Returns (parts, port)."""
-    if not isinstance(url, str) or not url.strip():
-        shown = repr(url) if isinstance(url, str) else f"a {type(url).__name__}"
-        raise FetchError(field, f"{shown} is not a URL; give an https:// URL")
-    text = url.strip()
-    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in text):
-        raise FetchError(field, f"{redact(text)} holds spaces or control characters; percent-encode them")
-    try:
-        parts = urlsplit(text)
-        return parts, parts.port
-    except ValueError as error:
-        raise FetchError(field, f"{redact(text)} is not a valid URL ({error})") from None
-
-
-def _resolve_and_check(host: str, port: int, field: str, resolver: Resolver, allow_loopback: bool) -> list[str]:
-    try:
-        addresses = resolver(host, port)
-    except (OSError, UnicodeError) as error:
-        raise FetchError(field, f"cannot resolve {host!r}: {error}") from None
-    if not addresses:
-        raise FetchError(field, f"{host!r} resolves to no address")
-    for address in addresses:
-        reason = refusal(address, allow_loopback)
-        if reason:
-            raise FetchError(field, f"refused: {host} resolves to {address}, {reason}")
-    return list(addresses)
-
-
-def check_url(url: str, field: str, resolver: Resolver = system_resolver) -> Target:
-    """Parse, resolve and check a URL; nothing is connected to. Raises FetchError naming `field`."""
-    allow_loopback = loopback_allowed()
-    parts, port = _split(url, field)
-    scheme = parts.scheme.lower()
-    if scheme not in ("https", "http"):
-        raise FetchError(
-            field, f"the URL scheme {scheme + ':' if scheme else '(none)'} is not allowed; give an https:// URL"
-        )
-    if scheme == "http" and not allow_loopback:
-        raise FetchError(field, "plain http is not allowed; give an https:// URL")
-    if parts.username is not None or parts.password is not None:
-        raise FetchError(field, "credentials in the URL are not allowed")
-    host = parts.hostname
-    if not host:
-        raise FetchError(field, f"{redact(url)} has no host")
-    port = port or (443 if scheme == "https" else 80)
-    addresses = _resolve_and_check(host, port, field, resolver, allow_loopback)
-    if scheme == "http" and not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
-        raise FetchError(field, "plain http is allowed for loopback test servers only; give an https:// URL")
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    path = "".join(c if c.isascii() else quote(c) for c in path)  # an IRI's path, as browsers send it
-    return Target(scheme, host, port, addresses[0], path, url.strip(), tuple(addresses))
 
 
 class _Clock:
@@ -457,38 +304,34 @@ def _copy_body(response, file, offset: int, length: int | None, ctx: _Download) 
     written = 0
     while True:
         try:
-            chunk = response.read(ctx.limits.chunk_bytes)
+            chunk = response.read(ctx.clock.limits.chunk_bytes)
         except (OSError, http.client.HTTPException) as error:
             message = _describe(error, ctx.clock)
-            raise FetchError(ctx.field, f"download failed after {written} bytes: {message}") from None
+            raise FetchError(ctx.clock.field, f"download failed after {written} bytes: {message}") from None
         if not chunk:
             break
         written += len(chunk)
-        if offset + written > ctx.limits.max_bytes:
-            raise FetchError(ctx.field, f"the file is larger than the {human_size(ctx.limits.max_bytes)} allowed")
+        if offset + written > ctx.clock.limits.max_bytes:
+            raise FetchError(
+                ctx.clock.field, f"the file is larger than the {human_size(ctx.clock.limits.max_bytes)} allowed"
+            )
         if length is not None and written > length:
-            raise FetchError(ctx.field, "the server sent more bytes than it announced")
+            raise FetchError(ctx.clock.field, "the server sent more bytes than it announced")
         os.pwrite(file.fileno(), chunk, offset + written - len(chunk))
         ctx.progress.add(len(chunk))
     if length is not None and written != length:
-        raise FetchError(ctx.field, f"the connection closed after {written} of {length} bytes")
+        raise FetchError(ctx.clock.field, f"the connection closed after {written} of {length} bytes")
     return written
 
 
 @dataclass
 class _Download:
+    """One download's state, shared by its parallel parts (the clock knows the field and the limits)."""
+
     url: str
     clock: _Clock
     resolver: Resolver
     progress: _Progress
-
-    @property
-    def field(self) -> str:
-        return self.clock.field
-
-    @property
-    def limits(self) -> FetchLimits:
-        return self.clock.limits
 
 
 def _content_length(response, ctx: _Download) -> int | None:
@@ -496,11 +339,12 @@ def _content_length(response, ctx: _Download) -> int | None:
     if value is None:
         return None
     if not value.strip().isdigit():
-        raise FetchError(ctx.field, f"the server sent an invalid Content-Length {value!r}")
+        raise FetchError(ctx.clock.field, f"the server sent an invalid Content-Length {value!r}")
     length = int(value)
-    if length > ctx.limits.max_bytes:
+    if length > ctx.clock.limits.max_bytes:
         raise FetchError(
-            ctx.field, f"the file is {human_size(length)}, larger than the {human_size(ctx.limits.max_bytes)} allowed"
+            ctx.clock.field,
+            f"the file is {human_size(length)}, larger than the {human_size(ctx.clock.limits.max_bytes)} allowed",
         )
     return length
 
@@ -513,7 +357,7 @@ def _fetch_range(ctx: _Download, file, start: int, end: int, total: int) -> None
             expected = f"bytes {start}-{end}/{total}"
             if response.status != 206 or response.getheader("Content-Range", "").strip() != expected:
                 raise FetchError(
-                    ctx.field,
+                    ctx.clock.field,
                     f"the server answered a range request with HTTP {response.status} "
                     f"{response.getheader('Content-Range')!r}, expected 206 {expected!r}",
                 )
@@ -526,7 +370,7 @@ def _fetch_range(ctx: _Download, file, start: int, end: int, total: int) -> None
 
 
 def _parallel(ctx: _Download, file, total: int) -> None:
-    parts = max(1, min(ctx.limits.parallel_parts, total // ctx.limits.chunk_bytes))
+    parts = max(1, min(ctx.clock.limits.parallel_parts, total // ctx.clock.limits.chunk_bytes))
     bounds = [(total * i // parts, total * (i + 1) // parts - 1) for i in range(parts)]
     log.info("downloading %s in %d parallel ranges", ctx.progress.name, parts)
     pool = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="fetch")

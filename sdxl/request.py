@@ -1,17 +1,19 @@
-"""A validated, frozen generation request: every check a client can fail lives here, with the field's name."""
+"""The predictor's inputs, each described once (`Spec`: what predict.py declares and what is checked), and the
+validated, frozen generation request: every check a client can fail lives here, with the field's name."""
 
 from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
 from PIL import Image
 
 from sdxl.errors import InputError
-from sdxl.images import check_side
+from sdxl.outputs import DEFAULT_FORMAT, DEFAULT_QUALITY, FORMATS, QUALITY_RANGE
 from sdxl.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from sdxl.validation import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, Spec, check_fields, described
 
 DEFAULT_PROMPT = "An astronaut riding a rainbow unicorn"
 REFINE_MODES = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
@@ -25,13 +27,69 @@ SEED_RANGE = (0, 2**32 - 1)  # random seeds are drawn from all of it
 # so it runs int(refiner_steps * 0.3) steps, as the hosted model does.
 BASE_IMAGE_REFINER_STRENGTH = 0.3
 
-
-def _check_number(name: str, value, low, high, kind=float) -> None:
-    number_types = (int,) if kind is int else (int, float)
-    if isinstance(value, bool) or not isinstance(value, number_types) or (kind is float and not math.isfinite(value)):
-        raise InputError(name, f"{value!r} is not {'an integer' if kind is int else 'a number'}")
-    if not low <= value <= high:
-        raise InputError(name, f"{value} is out of range; allowed: {low} to {high}")
+# The predictor's inputs (the hosted stability-ai/sdxl's names, defaults and descriptions), in the order predict.py
+# declares them. The bounds declared here are the ones checked: GenerationRequest's fields carry these specs.
+_SIZE = f"of output image (a multiple of 8 from {MIN_SIDE} to {MAX_SIDE})"
+PROMPT = Spec(str, "Input prompt", DEFAULT_PROMPT, max_chars=MAX_PROMPT_CHARS)
+NEGATIVE_PROMPT = Spec(str, "Input Negative Prompt", "", max_chars=MAX_PROMPT_CHARS)
+IMAGE = Spec(object, "Input image for img2img or inpaint mode", optional=True)
+MASK = Spec(
+    object,
+    "Input mask for inpaint mode. Black areas will be preserved, white areas will be inpainted.",
+    optional=True,
+)
+WIDTH = Spec(int, f"Width {_SIZE}", 1024, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
+HEIGHT = Spec(int, f"Height {_SIZE}", 1024, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
+NUM_OUTPUTS = Spec(int, "Number of images to output.", 1, ge=1, le=MAX_OUTPUTS)
+SCHEDULER = Spec(str, "scheduler", DEFAULT_SCHEDULER, choices=tuple(SCHEDULERS))
+NUM_INFERENCE_STEPS = Spec(int, "Number of denoising steps", 50, ge=1, le=MAX_STEPS)
+GUIDANCE_SCALE = Spec(float, "Scale for classifier-free guidance", 7.5, ge=1, le=50)
+PROMPT_STRENGTH = Spec(
+    float,
+    "Prompt strength when using img2img / inpaint. 1.0 corresponds to full destruction of information in image",
+    0.8,
+    ge=0.0,
+    le=1.0,
+)
+SEED = Spec(int, "Random seed. Leave blank to randomize the seed", None, ge=SEED_RANGE[0], le=SEED_RANGE[1],
+            optional=True)  # fmt: skip
+REFINE = Spec(str, "Which refine style to use", "no_refiner", choices=REFINE_MODES)
+HIGH_NOISE_FRAC = Spec(float, "For expert_ensemble_refiner, the fraction of noise to use", 0.8, ge=0.0, le=1.0)
+REFINE_STEPS = Spec(
+    int,
+    "For base_image_refiner, the number of steps to refine, defaults to num_inference_steps",
+    None,
+    ge=1,
+    le=MAX_STEPS,
+    optional=True,
+)
+APPLY_WATERMARK = Spec(
+    bool,
+    "Applies a watermark to enable determining if an image is generated in downstream applications. If you have "
+    "other provisions for generating or deploying images safely, you can use this to disable watermarking.",
+    True,
+)
+LORA_SCALE = Spec(float, "LoRA additive scale. Only applicable on trained models.", 0.6, ge=0.0, le=1.0)
+REPLICATE_WEIGHTS = Spec(
+    str, "Replicate LoRA weights to use. Leave blank to use the default weights.", None, optional=True
+)
+DISABLE_SAFETY_CHECKER = Spec(bool, "Disable safety checker for generated images.", False)
+LORAS = Spec(
+    str,
+    'Extra LoRAs (beyond the hosted model): a JSON list of {"url": ..., "scale": ...}, diffusers/peft or kohya '
+    "(A1111/ComfyUI) SDXL LoRA safetensors files, at most 4, scale from -2 to 2",
+    "",
+)
+PROMPT_WEIGHTING = Spec(
+    bool,
+    "Beyond the hosted model: read compel's weighting syntax in prompt and negative_prompt (word+, word-, "
+    "(words)1.3, (...).blend(), (...).and()) and encode prompts past 77 tokens in chunks instead of cutting them off",
+    False,
+)
+OUTPUT_FORMAT = Spec(str, "Beyond the hosted model: format of the output images", DEFAULT_FORMAT,
+                     choices=tuple(FORMATS))  # fmt: skip
+OUTPUT_QUALITY = Spec(int, "Beyond the hosted model: quality of webp and jpg outputs (png is lossless)",
+                      DEFAULT_QUALITY, ge=QUALITY_RANGE[0], le=QUALITY_RANGE[1])  # fmt: skip
 
 
 def random_seed() -> int:
@@ -40,54 +98,35 @@ def random_seed() -> int:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    prompt: str = DEFAULT_PROMPT
-    negative_prompt: str = ""
-    image: Optional[Image.Image] = field(default=None, repr=False)
+    prompt: str = described(PROMPT)
+    negative_prompt: str = described(NEGATIVE_PROMPT)
+    image: Optional[Image.Image] = field(default=None, repr=False)  # image and mask are checked together below
     mask: Optional[Image.Image] = field(default=None, repr=False)
-    width: int = 1024
-    height: int = 1024
-    num_outputs: int = 1
-    scheduler: str = DEFAULT_SCHEDULER
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    prompt_strength: float = 0.8
-    seed: Optional[int] = None
-    refine: str = "no_refiner"
-    high_noise_frac: float = 0.8
-    refine_steps: Optional[int] = None
-    apply_watermark: bool = True
-    disable_safety_checker: bool = False
-    prompt_weighting: bool = False  # beyond the hosted model: compel's weighting syntax and prompts past 77 tokens
+    width: int = described(WIDTH)
+    height: int = described(HEIGHT)
+    num_outputs: int = described(NUM_OUTPUTS)
+    scheduler: str = described(SCHEDULER)
+    num_inference_steps: int = described(NUM_INFERENCE_STEPS)
+    guidance_scale: float = described(GUIDANCE_SCALE)
+    prompt_strength: float = described(PROMPT_STRENGTH)
+    seed: Optional[int] = described(SEED)
+    refine: str = described(REFINE)
+    high_noise_frac: float = described(HIGH_NOISE_FRAC)
+    refine_steps: Optional[int] = described(REFINE_STEPS)
+    apply_watermark: bool = described(APPLY_WATERMARK)
+    disable_safety_checker: bool = described(DISABLE_SAFETY_CHECKER)
+    prompt_weighting: bool = described(PROMPT_WEIGHTING)  # beyond the hosted model: compel's syntax, long prompts
 
     def __post_init__(self):
-        for name in ("prompt", "negative_prompt"):
-            if not isinstance(getattr(self, name), str):
-                raise InputError(name, f"{getattr(self, name)!r} is not a string")
-            if len(getattr(self, name)) > MAX_PROMPT_CHARS:
-                raise InputError(
-                    name, f"is {len(getattr(self, name)):,} characters long; at most {MAX_PROMPT_CHARS:,} are accepted"
-                )
-        if not isinstance(self.prompt_weighting, bool):
-            raise InputError("prompt_weighting", f"{self.prompt_weighting!r} is not true or false")
+        check_fields(self)
         if self.prompt_weighting:
             from sdxl.prompt_weighting import check_syntax  # compel loads only for requests that use it
 
             check_syntax(self.prompt, self.negative_prompt)
-        check_side("width", self.width)
-        check_side("height", self.height)
-        _check_number("num_outputs", self.num_outputs, 1, MAX_OUTPUTS, int)
-        _check_number("num_inference_steps", self.num_inference_steps, 1, MAX_STEPS, int)
-        _check_number("guidance_scale", self.guidance_scale, 1, 50)
-        _check_number("prompt_strength", self.prompt_strength, 0, 1)
-        _check_number("high_noise_frac", self.high_noise_frac, 0, 1)
-        if self.seed is not None:
-            _check_number("seed", self.seed, *SEED_RANGE, int)
-        if self.refine_steps is not None:
-            _check_number("refine_steps", self.refine_steps, 1, MAX_STEPS, int)
-        if self.scheduler not in SCHEDULERS:
-            raise InputError("scheduler", f"{self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-        if self.refine not in REFINE_MODES:
-            raise InputError("refine", f"{self.refine!r} is not one of {', '.join(REFINE_MODES)}")
+        self._check_images()
+        self._check_steps_run()
+
+    def _check_images(self) -> None:
         if self.mask is not None and self.image is None:
             raise InputError("mask", "a mask needs an image to inpaint; send `image` too, or drop `mask`")
         if self.mask is not None and self.mask.size != self.image.size:
@@ -96,6 +135,8 @@ class GenerationRequest:
                 f"its size {self.mask.size[0]}x{self.mask.size[1]} differs from the image's "
                 f"{self.image.size[0]}x{self.image.size[1]}; send a mask of the same size",
             )
+
+    def _check_steps_run(self) -> None:
         if self.image is not None and int(self.num_inference_steps * self.prompt_strength) < 1:
             raise InputError(
                 "prompt_strength",
@@ -108,6 +149,13 @@ class GenerationRequest:
                 f"{self.refiner_steps} steps at the refiner's strength {BASE_IMAGE_REFINER_STRENGTH} run no step; "
                 f"use at least {math.ceil(1 / BASE_IMAGE_REFINER_STRENGTH)}",
             )
+
+    @classmethod
+    def from_inputs(cls, inputs: dict, **decoded) -> GenerationRequest:
+        """The request from the predictor's inputs by name (inputs that are not the request's, such as loras, are
+        left out); `decoded` gives the images read from the file inputs."""
+        names = [f.name for f in fields(cls) if f.name in inputs and f.name not in decoded]
+        return cls(**{name: inputs[name] for name in names}, **decoded)
 
     @property
     def refiner_steps(self) -> int:

@@ -326,15 +326,15 @@ def test_weights_cache_refuses_a_planted_folder(tmp_path, monkeypatch):
 
 
 def test_training_results_folder_refuses_a_planted_symlink(tmp_path, monkeypatch):
-    import train
+    from sdxl.training import job
 
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "precious").write_text("keep")
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    (tmp_path / train.RESULTS_DIR).symlink_to(victim)
+    (tmp_path / job.RESULTS_DIR).symlink_to(victim)
     with pytest.raises(UnsafeFolderError, match="symbolic link.*TMPDIR"):
-        train._fresh_result_dir()
+        job.fresh_result_dir()
     assert (victim / "precious").read_text() == "keep"  # the old code emptied the symlink's target
 
 

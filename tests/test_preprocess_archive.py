@@ -52,7 +52,7 @@ def test_explicit_filetype_is_used_and_checked(tmp_path):
     assert detect_filetype(zipped, "zip") == "zip"
     with pytest.raises(InputError, match=r"input_images: is not a tar archive.*looks like a zip"):
         detect_filetype(zipped, "tar")
-    with pytest.raises(InputError, match=r"input_images_filetype: 'rar' is not allowed; use one of zip, tar, infer"):
+    with pytest.raises(InputError, match=r"input_images_filetype: 'rar' is not one of infer, zip, tar"):
         detect_filetype(zipped, "rar")
 
 

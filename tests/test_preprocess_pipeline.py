@@ -95,14 +95,15 @@ def test_same_inputs_same_training_set(tiny_weights_dir, upload, tmp_path):
         (dict(resolution=32), "resolution", "32 is not allowed"),
         (dict(caption_prefix="a photo of a dog, "), "caption_prefix", "does not contain token_string 'TOK'"),
         (dict(caption_prefix="a photo of TOKyo, "), "caption_prefix", "does not contain token_string 'TOK' as a word"),
-        (dict(token_string="two words"), "token_string", "'two words' is not allowed"),
-        (dict(clipseg_temperature=0), "clipseg_temperature", "0 is not allowed; use a positive number"),
-        (dict(clipseg_temperature=float("nan")), "clipseg_temperature", "nan is not allowed"),
-        (dict(filetype="rar"), "input_images_filetype", "'rar' is not allowed; use one of zip, tar, infer"),
+        (dict(token_string="two words"), "token_string", "'two words' is not one word"),
+        (dict(clipseg_temperature=0), "clipseg_temperature", "0 is out of range; allowed: above 0.0 up to 10.0"),
+        (dict(clipseg_temperature=float("nan")), "clipseg_temperature", "nan is not a finite number"),
+        (dict(filetype="rar"), "input_images_filetype", "'rar' is not one of infer, zip, tar"),
+        (dict(caption_prefix=""), "caption_prefix", "'' does not contain token_string 'TOK' as a word"),
         (
             dict(use_face_detection_instead="yes"),
             "use_face_detection_instead",
-            "'yes' is not allowed; use true or false",
+            "'yes' is not true or false",
         ),
     ],
 )
@@ -114,8 +115,10 @@ def test_bad_inputs_fail_before_anything_is_read(tmp_path, options, field, messa
 
 
 def test_token_string_other_than_tok():
-    config = PreprocessConfig(resolution=RESOLUTION, token_string="<sks>", caption_prefix="a photo of <sks> ")
+    config = PreprocessConfig(resolution=RESOLUTION, token_string="sks", caption_prefix="a photo of sks ")
     assert config.target_prompt is None
+    with pytest.raises(InputError, match="token_string: '<sks>' is not one word"):  # <...> is for the new tokens
+        PreprocessConfig(resolution=RESOLUTION, token_string="<sks>", caption_prefix="a photo of <sks> ")
 
 
 @pytest.mark.parametrize(

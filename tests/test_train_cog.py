@@ -106,6 +106,9 @@ def test_train_returns_the_tar_and_removes_scratch(stub_preprocess, tmp_path):
     "inputs, field",
     [
         (dict(caption_prefix="a photo of, "), "caption_prefix"),
+        # The contract: caption_prefix "must contain token_string"; an empty one was accepted here and refused only
+        # by the preprocessing, after the archive was fetched. Now one definition refuses it before any work.
+        (dict(caption_prefix=""), "caption_prefix"),
         (dict(resolution=500), "resolution"),
         (dict(resolution=8192), "resolution"),
         (dict(lr_scheduler="cosine"), "lr_scheduler"),
@@ -139,6 +142,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _post_training(base: str, inputs: dict) -> dict:
+    body = json.dumps({"input": inputs}).encode()
+    request = urllib.request.Request(
+        f"{base}/trainings", data=body, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=600) as response:
+        return json.load(response)
 
 
 def _zip_of_images(n: int = 2, size: int = 64) -> bytes:
@@ -181,12 +193,14 @@ def test_post_trainings_on_the_cog_server_returns_the_tar(tiny_weights_dir, tmp_
             assert time.time() < deadline and server.poll() is None, "the train-mode server did not become ready"
             time.sleep(0.5)
         archive = "data:application/zip;base64," + base64.b64encode(_zip_of_images()).decode()
-        body = json.dumps({"input": {"input_images": archive, **TINY_INPUTS}}).encode()
-        request = urllib.request.Request(
-            f"{base}/trainings", data=body, headers={"Content-Type": "application/json"}, method="POST"
-        )
-        with urllib.request.urlopen(request, timeout=600) as response:
-            result = json.load(response)
+        # caption_prefix="" (the contract: it "must contain token_string") fails before any work: no archive read,
+        # no scratch or results folder made. It used to pass validation and fail in the preprocessing.
+        refused = _post_training(base, {"input_images": archive, **TINY_INPUTS, "caption_prefix": ""})
+        assert refused["status"] == "failed"
+        assert "caption_prefix: '' does not contain token_string 'TOK' as a word" in refused["error"]
+        assert "extracted" not in refused["logs"] and not [p for p in tmp_path.iterdir() if p.name.startswith("sdxl-")]
+        # The same server then trains (it stayed READY).
+        result = _post_training(base, {"input_images": archive, **TINY_INPUTS})
         assert result["status"] == "succeeded", result.get("error") or result.get("logs", "")[-2000:]
         tar_bytes = base64.b64decode(result["output"]["weights"].split(",", 1)[1])
         with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:

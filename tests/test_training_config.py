@@ -39,9 +39,9 @@ def test_defaults_are_the_contracts():
 @pytest.mark.parametrize(
     "field, value, expected",
     [
-        ("resolution", 500, "not a multiple of 8; use 496 or 504"),
-        ("resolution", 32, "out of range; allowed: 64 to 2048"),
-        ("resolution", 4096, "out of range"),
+        ("resolution", 500, "500 is not allowed; use a multiple of 8 from 64 to 2048, e.g. 496 or 504"),
+        ("resolution", 32, "32 is not allowed; use a multiple of 8 from 64 to 2048"),
+        ("resolution", 4096, "4096 is not allowed"),
         ("resolution", 512.0, "not an integer"),
         ("lr_scheduler", "cosine", "not one of constant, linear"),
         ("input_images_filetype", "rar", "not one of infer, zip, tar"),
@@ -49,7 +49,7 @@ def test_defaults_are_the_contracts():
         ("max_train_steps", 0, "out of range"),
         ("num_train_epochs", -1, "out of range"),
         ("lora_rank", 0, "out of range"),
-        ("lora_lr", 0.0, "out of range"),
+        ("lora_lr", 0.0, "0.0 is out of range; allowed: above 0.0 up to 1.0"),
         ("unet_learning_rate", float("nan"), "not a finite number"),
         ("ti_lr", -1e-4, "out of range"),
         ("lr_warmup_steps", -1, "out of range"),
@@ -63,6 +63,9 @@ def test_defaults_are_the_contracts():
         ("token_string", "<s0>", "not one word"),
         ("caption_prefix", "a photo of, ", "does not contain token_string 'TOK'"),
         ("caption_prefix", "a photo of TOKYO, ", "does not contain token_string 'TOK'"),
+        ("caption_prefix", "", "'' does not contain token_string 'TOK' as a word"),
+        ("caption_prefix", None, "None is not a string"),
+        ("mask_target_prompts", 3, "3 is not a string"),
     ],
 )
 def test_bad_inputs_name_field_value_and_allowed(field, value, expected):
@@ -75,7 +78,10 @@ def test_bad_inputs_name_field_value_and_allowed(field, value, expected):
 
 def test_caption_prefix_follows_token_string():
     assert TrainingConfig(token_string="sks", caption_prefix="a photo of sks dog").caption_prefix
-    assert TrainingConfig(caption_prefix="").caption_prefix == ""  # no automatic prefix at all is allowed
+    # The contract: the prefix "must contain token_string". An empty one does not (automatic captions would never
+    # show the trained word); TrainingConfig and the preprocessing refuse it alike (tests/test_train_cog.py).
+    with pytest.raises(InputError, match="caption_prefix: '' does not contain token_string 'sks'"):
+        TrainingConfig(token_string="sks", caption_prefix="")
     with pytest.raises(InputError, match="caption_prefix"):
         TrainingConfig(token_string="sks")  # the default prefix names TOK
 
@@ -99,7 +105,7 @@ def test_max_train_steps_takes_precedence_over_epochs():
 
 
 def test_token_map_and_new_tokens():
-    config = TrainingConfig(token_string="sks", caption_prefix="")
+    config = TrainingConfig(token_string="sks", caption_prefix="sks")
     assert config.new_tokens == ("<s0>", "<s1>")
     assert config.token_map == {"sks": "<s0><s1>"}
 

@@ -2,129 +2,140 @@
 token draws latents much closer to that layout's latents than the base model draws for the same prompt and seeds.
 
 With random tiny weights the VAE is no identity and its latents are broad, so closeness is measured in latent space
-against the training images' latents (what the model can draw), not in pixels. The images are drawn from the exported
-trained_model.tar with diffusers' own loaders, the way the predictor loads it.
+against the training images' mean latent (what the model can draw), not in pixels. The trained_model.tar goes through
+the predictor's own weights path (`replicate_weights` from a loopback server: fetch, checks, LoRA and tokens applied,
+the trained word rewritten), so the proof covers what users get; the base pipeline then samples 4 seeds at 64 px,
+10 steps, guidance 7.5 (the predictor's default).
 
-The fast variant runs in CI; the longer one is marked slow (pytest --run-slow). Measured on the shared 2-core CPU
-machine, with the latent MSE to the layout's mean latent over 4 seeds (base model: 73.6; guidance 7.5: 74.1):
-  full fine-tune, lr 1e-3, 15 steps:  MSE below half the base's                       (209 s wall, shared CPU)
-  full fine-tune, lr 1e-3, 60 steps:  loss 0.84 -> 0.13, MSE 3.5 (guidance 7.5: 5.1)  (294 s wall)
-  LoRA rank 32 + tokens, lr 1e-2, 60 steps: loss 1.00 -> 0.95, MSE 70.8 (guidance 7.5: 93.2), no proof of learning:
-  the tiny UNet's attention projections, the only layers the trainer's LoRA targets (as the hosted trainer's), have too
-  little say in its output. LoRA + tokens is not tested for learning here.
+What the LoRA needed. On the tiny UNet a LoRA on the attention projections (the trainer's targets, as the hosted
+trainer's) cannot learn the layout: rank 32, lr 1e-2, 60 steps: loss 1.00 -> 0.95; rank 64, lr 3e-2, 200 steps:
+1.08 -> 1.03; rank 32 on every linear layer of the transformer blocks (attention, feed-forward, proj_in/out): 1.00 ->
+1.00. The tiny UNet has attention only at its lower level and in its middle block (4x4 cells at 64 px), which evidently
+have little say in its output. The convolutions do: rank 16 on the ResNet blocks (conv1, conv2, conv_shortcut,
+time_emb_proj) 0.87 -> 0.24, on conv_in + conv_out alone 0.95 -> 0.18 (lr 1e-2, 60 steps).
+So the LoRA case trains the attention-free target set below (chosen here, in the test; the trainer keeps its own).
+A LoRA on attention *and* other layers cannot be used this way: diffusers' convert_state_dict_to_diffusers, which the
+trainer's export runs, renames only the to_q/to_k/to_v/to_out.0 keys (to `lora.down`/`lora.up`) and leaves the others
+in peft's `lora_A`/`lora_B`, and the loader then reads the file as peft format and drops the renamed half (the
+predictor refuses it: "only 5760 of the LoRA's 208512 weights match layers of this SDXL model").
+
+Measured on the shared 2-core CPU machine (OMP_NUM_THREADS=1; wall time per test; with torch's default two threads
+while other jobs shared the cores the LoRA test took 177 s), latent MSE to the layout's mean latent per seed (base
+model: 65.9, 81.8, 76.7, 71.5; mean 74.0). Losses are the means of the first and last 5 steps.
+  full fine-tune, lr 1e-3, 15 steps: loss 0.84 -> 0.43, MSE 24.4 (33% of the base's)                   (16 s)
+  full fine-tune, lr 1e-3, 60 steps: loss 0.84 -> 0.13, MSE 3.8 (5%)                                  (26 s)
+  LoRA rank 8 on CONV_TARGETS + tokens, lr 1e-2 (both), 60 steps: loss 0.85 -> 0.11, MSE 1.4 (0.4-2.1 per seed;
+  2% of the base's; 9.5 at the hosted default lora_scale 0.6). Controls: the same tar with its LoRA at scale 0 (the
+  tokens alone) 74.0, so the learning is in the LoRA; its LoRA's up matrices replaced by noise of the same norm (as
+  large a change, in random directions) 97.3, further away than the base. The trained LoRA draws the layout without
+  the token too ("a photo": 1.2): with one caption and no attention in the LoRA, nothing ties it to the word. (49 s)
 """
-
-import csv
-import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from diffusers import AutoencoderKL
 from PIL import Image
-from safetensors.torch import load_file
 
 from sdxl import weights
+from sdxl.training import trainer
 from sdxl.training.config import TrainingConfig
 from sdxl.training.loop import train
+from tests.training_support import PredictorLatents, layout_dataset, with_random_lora
 
 SEEDS = 4
-RED, BLUE = (230, 40, 40), (30, 60, 220)
+PROMPT = "a photo of TOK"
+# The LoRA case's targets: the UNet's input and output convolutions and its ResNet blocks' layers, no attention.
+CONV_TARGETS = ("conv_in", "conv_out", "conv1", "conv2", "conv_shortcut", "time_emb_proj")
 
 
-def _layout_dataset(folder: Path, n: int = 2) -> Path:
-    """n noisy copies of one layout: red left half, blue right half; captions "a photo of TOK"; no masks."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(n):
-        image = np.zeros((64, 64, 3), dtype=np.int64)
-        image[:, :32], image[:, 32:] = RED, BLUE
-        image = np.clip(image + rng.integers(-10, 10, image.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(image).save(folder / f"{i:04d}.src.png")
-        rows.append((f"{i:04d}.src.png", "", "a photo of TOK"))
-    with open(folder / "captions.csv", "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["image_file", "mask_file", "caption"])
-        writer.writerows(rows)
-    return folder
-
-
-def _layout_latent(root: Path, dataset: Path, vae) -> torch.Tensor:
-    """The training images' mean latent, scaled as the UNet sees it."""
+@pytest.fixture(scope="module")
+def layout(tiny_weights_dir, tmp_path_factory):
+    """(the training folder, the training images' mean latent, scaled as the UNet sees it)."""
+    dataset = layout_dataset(tmp_path_factory.mktemp("layout") / "data")
+    vae = AutoencoderKL.from_pretrained(tiny_weights_dir / weights.VAE.folder)
     pixels = [np.asarray(Image.open(p), dtype=np.float32) / 127.5 - 1 for p in sorted(dataset.glob("*.src.png"))]
     with torch.no_grad():
         batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
-        return (vae.encode(batch).latent_dist.mean * vae.config.scaling_factor).mean(0)
+        target = (vae.encode(batch).latent_dist.mean * vae.config.scaling_factor).mean(0)
+    return dataset, target
 
 
-def _distance(root: Path, vae, target: torch.Tensor, tar_path: Path | None, folder: Path) -> float:
-    """Mean squared distance of 'a photo of TOK' latents (4 seeds) to the layout's latent, base or trained model."""
-    pipe = StableDiffusionXLPipeline.from_pretrained(root / weights.BASE.folder, vae=vae, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    prompt = "a photo of TOK"
-    if tar_path is not None:
-        with tarfile.open(tar_path) as tar:
-            tar.extractall(folder, filter="data")
-        if (folder / "lora.safetensors").exists():
-            pipe.load_lora_weights(folder, weight_name="lora.safetensors", use_safetensors=True)
-        else:
-            pipe.unet.load_state_dict(load_file(folder / "unet.safetensors"))
-        rows = load_file(folder / "embeddings.pti")
-        for encoder, tokenizer, key in (
-            (pipe.text_encoder, pipe.tokenizer, "text_encoders_0"),
-            (pipe.text_encoder_2, pipe.tokenizer_2, "text_encoders_1"),
-        ):
-            pipe.load_textual_inversion(rows[key], token=["<s0>", "<s1>"], text_encoder=encoder, tokenizer=tokenizer)
-        prompt = "a photo of <s0><s1>"
-    latents = pipe(
-        prompt=[prompt] * SEEDS,
-        width=64,
-        height=64,
-        num_inference_steps=10,
-        generator=torch.Generator("cpu").manual_seed(0),
-        output_type="latent",
-    ).images
-    return ((latents - target) ** 2).mean().item()
+@pytest.fixture(scope="module")
+def predictor(tiny_weights_dir, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SDXL_ALLOW_LOOPBACK_HTTP", "1")  # the tars come from a server on 127.0.0.1
+        latents = PredictorLatents(tiny_weights_dir, tmp_path_factory.mktemp("weights-cache"))
+        try:
+            yield latents
+        finally:
+            latents.close()
 
 
-def _learns(root: Path, tmp_path: Path, **inputs) -> tuple[float, float, list[float]]:
-    dataset = _layout_dataset(tmp_path / "data")
+def _distances(latents: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    """Mean squared distance of each seed's latent to the layout's."""
+    return ((latents - target) ** 2).mean(dim=(1, 2, 3)).numpy()
+
+
+def _train(root, dataset, tmp_path, **inputs):
     config = TrainingConfig(
         seed=1, resolution=64, train_batch_size=2, lr_scheduler="constant", checkpointing_steps=10_000, verbose=False,
         **inputs,
     )  # fmt: skip
     losses = []
     result = train(config, dataset, root, tmp_path / "run", on_step=lambda info: losses.append(info.loss), report=None)
-    vae = AutoencoderKL.from_pretrained(root / weights.VAE.folder)
-    target = _layout_latent(root, dataset, vae)
-    base = _distance(root, vae, target, None, tmp_path / "base")
-    trained = _distance(root, vae, target, result.tar_path, tmp_path / "trained")
+    return result.tar_path, losses
+
+
+def _learns(root, layout, predictor, tmp_path, **inputs):
+    dataset, target = layout
+    tar, losses = _train(root, dataset, tmp_path, **inputs)
+    base = _distances(predictor.draw(PROMPT, SEEDS), target)
+    trained = _distances(predictor.draw(PROMPT, SEEDS, tar), target)
     return base, trained, losses
 
 
-CASES = {
+FULL_CASES = {
     # name: (inputs, the largest trained / base distance allowed)
     "full fine-tune, fast": (dict(is_lora=False, unet_learning_rate=1e-3, ti_lr=1e-3, max_train_steps=15), 0.5),
 }
-SLOW_CASES = {
+SLOW_FULL_CASES = {
     "full fine-tune": (dict(is_lora=False, unet_learning_rate=1e-3, ti_lr=1e-3, max_train_steps=60), 0.1),
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_training_moves_the_token_towards_the_data(tiny_weights_dir, tmp_path, name):
-    inputs, ratio = CASES[name]
-    base, trained, losses = _learns(tiny_weights_dir, tmp_path, **inputs)
+@pytest.mark.parametrize("name", list(FULL_CASES))
+def test_training_moves_the_token_towards_the_data(tiny_weights_dir, layout, predictor, tmp_path, name):
+    inputs, ratio = FULL_CASES[name]
+    base, trained, losses = _learns(tiny_weights_dir, layout, predictor, tmp_path, **inputs)
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
-    assert trained < ratio * base, (name, base, trained)
+    assert trained.mean() < ratio * base.mean(), (name, base, trained)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(SLOW_CASES))
-def test_longer_training_draws_the_layout(tiny_weights_dir, tmp_path, name):
-    inputs, ratio = SLOW_CASES[name]
-    base, trained, losses = _learns(tiny_weights_dir, tmp_path, **inputs)
+@pytest.mark.parametrize("name", list(SLOW_FULL_CASES))
+def test_longer_training_draws_the_layout(tiny_weights_dir, layout, predictor, tmp_path, name):
+    inputs, ratio = SLOW_FULL_CASES[name]
+    base, trained, losses = _learns(tiny_weights_dir, layout, predictor, tmp_path, **inputs)
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
-    assert trained < ratio * base, (name, base, trained)
+    assert trained.mean() < ratio * base.mean(), (name, base, trained)
+
+
+def test_lora_and_tokens_draw_the_layout(tiny_weights_dir, layout, predictor, tmp_path, monkeypatch):
+    """Pivotal tuning (a UNet LoRA + the new tokens) learns, against two controls a chance effect would pass: the same
+    tar with its LoRA off (tokens only) and with a LoRA as large as the trained one pointing in random directions."""
+    monkeypatch.setattr(trainer, "LORA_TARGET_MODULES", CONV_TARGETS)  # the trainer reads it when the LoRA is made
+    inputs = dict(is_lora=True, lora_rank=8, lora_lr=1e-2, ti_lr=1e-2, max_train_steps=60)
+    base, trained, losses = _learns(tiny_weights_dir, layout, predictor, tmp_path, **inputs)
+    tar = tmp_path / "run" / "trained_model.tar"
+    _, target = layout
+    tokens_only = _distances(predictor.draw(PROMPT, SEEDS, tar, lora_scale=0.0), target)
+    random_lora = _distances(predictor.draw(PROMPT, SEEDS, with_random_lora(tar, tmp_path / "random.tar")), target)
+
+    assert np.mean(losses[-5:]) < 0.25 * np.mean(losses[:5]), losses
+    assert trained.mean() < 0.2 * base.mean(), (base, trained)
+    # Every seed, against every control; the smallest gain is many times the base's spread over seeds.
+    assert (trained < base).all() and (trained < tokens_only).all() and (trained < random_lora).all()
+    assert (base - trained).min() > 5 * base.std(), (base, trained)
+    # A change of the same size in random directions does not draw the layout.
+    assert random_lora.mean() > 0.8 * base.mean(), (base, random_lora)

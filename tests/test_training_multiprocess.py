@@ -25,7 +25,7 @@ def test_two_process_run_writes_one_tar(tiny_weights_dir, tmp_path, capfd):
 
 
 def test_launch_arguments_carry_every_input_and_a_fixed_seed(tmp_path):
-    config = small_config(seed=11, mask_target_prompts=None, caption_prefix="")
+    config = small_config(seed=11, mask_target_prompts=None, caption_prefix=" TOK ")  # spaces survive argv
     arguments = training_arguments(config, tmp_path / "d", tmp_path / "w", tmp_path / "o")
     for name, value in config.to_dict().items():
         index = arguments.index(f"--{name}")

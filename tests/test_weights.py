@@ -1,7 +1,9 @@
 """The tiny weight set: same seed, same bytes; production layout; incomplete folders fail setup clearly."""
 
 import hashlib
+import re
 import shutil
+from fnmatch import fnmatch
 
 import pytest
 
@@ -75,7 +77,19 @@ def test_missing_folder_fails_naming_every_model(tmp_path):
         assert spec.repo_id in str(error.value)
 
 
-def test_registry_pins_revisions_for_prediction_weights():
-    for spec in weights.PREDICTION_WEIGHTS:
-        assert spec.revision and len(spec.revision) == 40, spec.name
+def test_registry_pins_revisions_for_prediction_and_training_weights():
+    for spec in weights.PREDICTION_WEIGHTS + weights.TRAINING_WEIGHTS:
+        assert re.fullmatch(r"[0-9a-f]{40}", spec.revision or ""), spec.name
     assert len({spec.folder for spec in weights.ALL_WEIGHTS}) == len(weights.ALL_WEIGHTS)
+
+
+@pytest.mark.parametrize("spec", weights.ALL_WEIGHTS, ids=lambda spec: spec.name)
+def test_download_fetches_every_required_file(spec):
+    # A required file is fetched by an allow pattern (either side may be the glob), or is the model.safetensors
+    # that the download converts from a fetched pytorch_model.bin.
+    def fetched(required):
+        if required == "model.safetensors" and "pytorch_model.bin" in spec.allow_patterns:
+            return True
+        return any(fnmatch(allowed, required) or fnmatch(required, allowed) for allowed in spec.allow_patterns)
+
+    assert [required for required in spec.required_files if not fetched(required)] == []

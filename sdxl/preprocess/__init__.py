@@ -5,6 +5,7 @@ uniform) -> crop (square, around the salient region or the faces). `pipeline.pre
 writes the training set. Nothing here imports cog.
 """
 
-from sdxl.preprocess.pipeline import CAPTIONS_COLUMNS, CAPTIONS_FILE, PreprocessConfig, preprocess
+from sdxl.formats import CAPTIONS_COLUMNS, CAPTIONS_FILE
+from sdxl.preprocess.pipeline import PreprocessConfig, preprocess
 
 __all__ = ["CAPTIONS_COLUMNS", "CAPTIONS_FILE", "PreprocessConfig", "preprocess"]

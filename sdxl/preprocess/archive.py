@@ -26,18 +26,16 @@ from typing import BinaryIO
 from PIL import Image
 
 from sdxl.errors import InputError
+from sdxl.formats import ARCHIVE_TYPES, UPLOAD_CAPTION_COLUMNS, UPLOAD_CAPTIONS_FILE, UPLOAD_IMAGE_COLUMNS
 from sdxl.images import ACCEPTED, ImageTooLarge, decode, flatten, open_checked, sniff_format
 from sdxl.safe_tar import TarHeaderRefused, is_tar, open_tar
 from sdxl.training.budget import DEFAULT_MAX_IMAGES, MAX_IMAGES_ENV, max_training_images
+from sdxl.validation import check_choice
 
 log = logging.getLogger(__name__)
 
 ARCHIVE_FIELD = "input_images"
 FILETYPE_FIELD = "input_images_filetype"
-FILETYPES = ("zip", "tar", "infer")
-CAPTION_FILE = "caption.csv"
-IMAGE_COLUMNS = ("image_file", "image", "file_name", "filename", "file")
-CAPTION_COLUMNS = ("caption", "text")
 CHUNK = 1 << 20
 
 
@@ -116,8 +114,7 @@ def _sniff(path: Path) -> str | None:
 
 def detect_filetype(path: Path | str, filetype: str = "infer") -> str:
     """'zip' or 'tar'. An explicit `filetype` wins over the content, but must still open as that type."""
-    if filetype not in FILETYPES:
-        raise InputError(FILETYPE_FIELD, f"{filetype!r} is not allowed; use one of {', '.join(FILETYPES)}")
+    check_choice(FILETYPE_FIELD, filetype, ARCHIVE_TYPES)
     path = Path(path)
     if not path.is_file():
         raise _reject(f"{path} is not a file")
@@ -195,6 +192,17 @@ def _zip_kind(info: zipfile.ZipInfo) -> str:
     return "file"
 
 
+def _extract_entry(name: str, kind: str, open_source, dest: Path, budget: _Budget) -> None:
+    """One archive entry: counted, its path checked, refused unless a regular file or a folder; a file is written."""
+    budget.entry()
+    rel = _safe_relpath(name)
+    if kind not in ("file", "dir"):
+        raise _reject(f"entry {name!r} is a {kind}; only regular files and folders are allowed")
+    if rel is not None and kind == "file":
+        with open_source() as source:
+            _write(source, dest, rel, budget)
+
+
 def _extract_zip(path: Path, dest: Path, budget: _Budget) -> None:
     with zipfile.ZipFile(path) as archive:
         infos = archive.infolist()
@@ -206,14 +214,7 @@ def _extract_zip(path: Path, dest: Path, budget: _Budget) -> None:
                 f"expands to more than {budget.limits.max_total_bytes:,} bytes uncompressed (it declares {declared:,})"
             )
         for info in infos:
-            budget.entry()
-            kind = _zip_kind(info)
-            rel = _safe_relpath(info.filename)
-            if kind not in ("file", "dir"):
-                raise _reject(f"entry {info.filename!r} is a {kind}; only regular files and folders are allowed")
-            if rel is not None and kind == "file":
-                with archive.open(info) as source:
-                    _write(source, dest, rel, budget)
+            _extract_entry(info.filename, _zip_kind(info), lambda info=info: archive.open(info), dest, budget)
 
 
 def _tar_kind(member: tarfile.TarInfo) -> str:
@@ -231,14 +232,9 @@ def _tar_kind(member: tarfile.TarInfo) -> str:
 def _extract_tar(path: Path, dest: Path, budget: _Budget) -> None:
     with open_tar(path, "r:*") as archive:  # extension headers capped before tarfile reads them
         for member in archive:  # streamed: a million-entry tar stops at the limit, not after listing everything
-            budget.entry()
-            kind = _tar_kind(member)
-            rel = _safe_relpath(member.name)
-            if kind not in ("file", "dir"):
-                raise _reject(f"entry {member.name!r} is a {kind}; only regular files and folders are allowed")
-            if rel is not None and kind == "file":
-                source = archive.extractfile(member)
-                _write(source, dest, rel, budget)
+            _extract_entry(
+                member.name, _tar_kind(member), lambda member=member: archive.extractfile(member), dest, budget
+            )
 
 
 def extract(path: Path | str, dest: Path, *, filetype: str = "infer", limits: ArchiveLimits = DEFAULT_LIMITS) -> str:
@@ -332,12 +328,12 @@ def _normalise(name: str) -> str:
 
 def _caption_columns(fieldnames) -> tuple[str, str]:
     columns = {(name or "").strip().lower(): name for name in fieldnames or []}
-    image_column = next((columns[c] for c in IMAGE_COLUMNS if c in columns), None)
-    caption_column = next((columns[c] for c in CAPTION_COLUMNS if c in columns), None)
+    image_column = next((columns[c] for c in UPLOAD_IMAGE_COLUMNS if c in columns), None)
+    caption_column = next((columns[c] for c in UPLOAD_CAPTION_COLUMNS if c in columns), None)
     if image_column is None or caption_column is None:
         raise _reject(
-            f"{CAPTION_FILE} has the columns {fieldnames}; it needs an image column (one of"
-            f" {', '.join(IMAGE_COLUMNS)}) and a caption column (one of {', '.join(CAPTION_COLUMNS)})"
+            f"{UPLOAD_CAPTIONS_FILE} has the columns {fieldnames}; it needs an image column (one of"
+            f" {', '.join(UPLOAD_IMAGE_COLUMNS)}) and a caption column (one of {', '.join(UPLOAD_CAPTION_COLUMNS)})"
         )
     return image_column, caption_column
 
@@ -347,11 +343,11 @@ def _caption_rows(reader: csv.DictReader, limits: ArchiveLimits) -> Iterator[tup
     image_column, caption_column = _caption_columns(reader.fieldnames)
     for count, row in enumerate(reader, start=1):
         if count > limits.max_images:
-            raise _reject(f"{CAPTION_FILE} has more than {limits.max_images:,} rows (one per image at most)")
+            raise _reject(f"{UPLOAD_CAPTIONS_FILE} has more than {limits.max_images:,} rows (one per image at most)")
         caption = (row.get(caption_column) or "").strip()
         if len(caption) > limits.max_caption_chars:
             raise _reject(
-                f"{CAPTION_FILE} line {reader.line_num}: the caption has {len(caption):,} characters;"
+                f"{UPLOAD_CAPTIONS_FILE} line {reader.line_num}: the caption has {len(caption):,} characters;"
                 f" at most {limits.max_caption_chars:,} are accepted"
             )
         yield row.get(image_column) or "", caption
@@ -363,7 +359,7 @@ def read_caption_csv(path: Path, limits: ArchiveLimits = DEFAULT_LIMITS) -> dict
     size = path.stat().st_size
     if size > limits.max_caption_csv_bytes:
         raise _reject(
-            f"{CAPTION_FILE} is {size:,} bytes; at most {limits.max_caption_csv_bytes:,} are accepted"
+            f"{UPLOAD_CAPTIONS_FILE} is {size:,} bytes; at most {limits.max_caption_csv_bytes:,} are accepted"
             f" (one row per image, captions up to {limits.max_caption_chars:,} characters)"
         )
     captions: dict[str, str] = {}
@@ -373,9 +369,9 @@ def read_caption_csv(path: Path, limits: ArchiveLimits = DEFAULT_LIMITS) -> dict
                 if _normalise(image) and caption:
                     captions[_normalise(image)] = caption
     except UnicodeDecodeError:
-        raise _reject(f"{CAPTION_FILE} is not UTF-8 text") from None
+        raise _reject(f"{UPLOAD_CAPTIONS_FILE} is not UTF-8 text") from None
     except csv.Error as error:
-        raise _reject(f"{CAPTION_FILE} is not valid CSV ({error})") from None
+        raise _reject(f"{UPLOAD_CAPTIONS_FILE} is not valid CSV ({error})") from None
     return captions
 
 
@@ -395,9 +391,9 @@ def match_captions(image_names: list[str], rows: dict[str, str], csv_folder: str
         if len(candidates) == 1:
             matched[candidates[0]] = caption
         elif candidates:
-            log.warning("%s: %s row %r matches %s; give its path", ARCHIVE_FIELD, CAPTION_FILE, key, candidates)
+            log.warning("%s: %s row %r matches %s; give its path", ARCHIVE_FIELD, UPLOAD_CAPTIONS_FILE, key, candidates)
         else:
-            log.warning("%s: %s row %r matches no image in the archive", ARCHIVE_FIELD, CAPTION_FILE, key)
+            log.warning("%s: %s row %r matches no image in the archive", ARCHIVE_FIELD, UPLOAD_CAPTIONS_FILE, key)
     return matched
 
 
@@ -443,9 +439,9 @@ def read_samples(
     `short_side`, larger images are scaled down to it as they are read."""
     with extracted(path, filetype=filetype, limits=limits, parent=parent) as folder:
         files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        caption_files = [name for name in files if PurePosixPath(name).name.lower() == CAPTION_FILE]
+        caption_files = [name for name in files if PurePosixPath(name).name.lower() == UPLOAD_CAPTIONS_FILE]
         if len(caption_files) > 1:
-            raise _reject(f"has several {CAPTION_FILE} files ({', '.join(caption_files)}); keep one")
+            raise _reject(f"has several {UPLOAD_CAPTIONS_FILE} files ({', '.join(caption_files)}); keep one")
         rows = read_caption_csv(folder / caption_files[0], limits) if caption_files else {}
         images: dict[str, Image.Image] = {}
         for name in _image_names(folder, files, caption_files, limits):
@@ -459,5 +455,7 @@ def read_samples(
             captions = match_captions(list(images), rows, csv_folder)
     if not images:
         raise _reject(f"holds no usable image ({len(files)} files, none a readable {ACCEPTED} image)")
-    log.info("%s: %d images, %d of them captioned by %s", ARCHIVE_FIELD, len(images), len(captions), CAPTION_FILE)
+    log.info(
+        "%s: %d images, %d of them captioned by %s", ARCHIVE_FIELD, len(images), len(captions), UPLOAD_CAPTIONS_FILE
+    )
     return [Sample(name=name, image=image, caption=captions.get(name)) for name, image in images.items()]

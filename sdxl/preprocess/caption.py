@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from PIL import Image
 
 from sdxl import weights
-from sdxl.device import Placement
 from sdxl.preprocess import models
 
 log = logging.getLogger(__name__)
@@ -19,16 +16,10 @@ log = logging.getLogger(__name__)
 MAX_CAPTION_TOKENS = 40  # BLIP's captions are short; this bounds a runaway decode and keeps room in CLIP's 77 tokens
 
 
-@dataclass(frozen=True)
-class Captioner:
-    processor: object
-    model: torch.nn.Module
-
-    @classmethod
-    def load(cls, models_dir: Path | None = None, placement: Placement | None = None) -> Captioner:
-        from transformers import BlipForConditionalGeneration, BlipProcessor
-
-        return cls(*models.load(weights.CAPTIONER, BlipForConditionalGeneration, BlipProcessor, models_dir, placement))
+class Captioner(models.PreprocessModel):
+    weights_spec = weights.CAPTIONER
+    model_class = "BlipForConditionalGeneration"
+    processor_class = "BlipProcessor"
 
     @torch.inference_mode()
     def caption(self, image: Image.Image) -> str:

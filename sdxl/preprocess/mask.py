@@ -11,7 +11,6 @@ Three kinds, exactly one mask per image, in the images' order:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,6 @@ import torch
 from PIL import Image, ImageDraw
 
 from sdxl import weights
-from sdxl.device import Placement
 from sdxl.preprocess import faces as faces_module
 from sdxl.preprocess import models
 from sdxl.preprocess.faces import Box
@@ -39,17 +37,10 @@ def uniform_mask(image: Image.Image) -> Image.Image:
 # --- CLIPSeg --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Segmenter:
-    processor: object
-    model: torch.nn.Module
-
-    @classmethod
-    def load(cls, models_dir: Path | None = None, placement: Placement | None = None) -> Segmenter:
-        from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
-
-        return cls(*models.load(weights.SEGMENTER, CLIPSegForImageSegmentation, CLIPSegProcessor,
-                                models_dir, placement))  # fmt: skip
+class Segmenter(models.PreprocessModel):
+    weights_spec = weights.SEGMENTER
+    model_class = "CLIPSegForImageSegmentation"
+    processor_class = "CLIPSegProcessor"
 
     @torch.inference_mode()
     def mask(self, image: Image.Image, prompt: str, temperature: float = 1.0) -> Image.Image:

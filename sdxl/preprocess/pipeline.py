@@ -4,19 +4,16 @@ Small images are upscaled after the square is cropped, so Swin2SR and every late
 resolution x resolution pixels per image, whatever the upload's shape (the archive reader caps pixels and aspect
 ratio, and scales large images down as it reads them).
 
-It writes the training set the training engine reads (the contract between the two; do not change it):
-    out_dir/NNNN.src.png   RGB, resolution x resolution
-    out_dir/NNNN.mask.png  L (0..255, white = trained on), same size
-    out_dir/captions.csv   columns image_file,mask_file,caption (file names relative to out_dir)
+It writes the training folder the training engine reads, laid out as sdxl.formats says (the contract between the
+two): per image NNNN.src.png (RGB, resolution x resolution) and NNNN.mask.png (L, white = trained on, same size), and
+captions.csv naming them with their captions.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-import math
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -28,16 +25,16 @@ from PIL import Image
 from sdxl import provenance
 from sdxl.device import Placement
 from sdxl.errors import InputError
-from sdxl.images import check_side
+from sdxl.formats import CAPTIONS_COLUMNS, CAPTIONS_FILE, training_image_names
 from sdxl.preprocess import archive, crop, mask
 from sdxl.preprocess.archive import ArchiveLimits, limits_from_env
 from sdxl.preprocess.caption import Captioner, caption_images
 from sdxl.preprocess.upscale import Upscaler, needs_upscaling, upscale_small
+from sdxl.training import config as config_inputs
+from sdxl.validation import described
 
 log = logging.getLogger(__name__)
 
-CAPTIONS_FILE = "captions.csv"
-CAPTIONS_COLUMNS = ("image_file", "mask_file", "caption")
 MIN_IMAGES = 1  # one image is enough for a (pivotal-tuning) LoRA; fewer is the "no usable image" error
 RECOMMENDED_MIN_RESOLUTION = 512
 # Images are worked on at no more than this (or the resolution, if larger) on their short side: the crop ends at the
@@ -45,57 +42,23 @@ RECOMMENDED_MIN_RESOLUTION = 512
 WORKING_SHORT_SIDE = 1024
 
 
-def _require_bool(field: str, value) -> None:
-    if not isinstance(value, bool):
-        raise InputError(field, f"{value!r} is not allowed; use true or false")
-
-
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """The trainer inputs that shape the training set, validated. Field names are the contract's."""
+    """The trainer inputs that shape the training set. Field names are the contract's; each is checked by the one
+    definition the trainer's inputs use (sdxl.training.config), so a value the trainer accepts is accepted here."""
 
-    resolution: int = 512
-    caption_prefix: str = "a photo of TOK, "
-    token_string: str = "TOK"
-    mask_target_prompts: str | None = None
-    crop_based_on_salience: bool = True
-    use_face_detection_instead: bool = False
-    clipseg_temperature: float = 1.0
-    input_images_filetype: str = "infer"
+    resolution: int = described(config_inputs.RESOLUTION)
+    caption_prefix: str = described(config_inputs.CAPTION_PREFIX)
+    token_string: str = described(config_inputs.TOKEN_STRING)
+    mask_target_prompts: str | None = described(config_inputs.MASK_TARGET_PROMPTS)
+    crop_based_on_salience: bool = described(config_inputs.CROP_BASED_ON_SALIENCE)
+    use_face_detection_instead: bool = described(config_inputs.USE_FACE_DETECTION_INSTEAD)
+    clipseg_temperature: float = described(config_inputs.CLIPSEG_TEMPERATURE)
+    input_images_filetype: str = described(config_inputs.INPUT_IMAGES_FILETYPE)
     min_images: int = MIN_IMAGES
 
     def __post_init__(self):
-        # Bounds shared with generation: a multiple of 8 from 64 (tiny test runs) to 2048.
-        check_side("resolution", self.resolution)
-        if not isinstance(self.token_string, str) or not self.token_string or re.search(r"\s", self.token_string):
-            raise InputError("token_string", f"{self.token_string!r} is not allowed; use one word, e.g. TOK")
-        if not isinstance(self.caption_prefix, str) or not re.search(
-            rf"(?<!\w){re.escape(self.token_string)}(?!\w)", self.caption_prefix
-        ):
-            raise InputError(
-                "caption_prefix",
-                f"{self.caption_prefix!r} does not contain token_string {self.token_string!r} as a word;"
-                f" e.g. 'a photo of {self.token_string}, '",
-            )
-        if self.mask_target_prompts is not None and not isinstance(self.mask_target_prompts, str):
-            raise InputError("mask_target_prompts", f"{self.mask_target_prompts!r} is not text")
-        _require_bool("crop_based_on_salience", self.crop_based_on_salience)
-        _require_bool("use_face_detection_instead", self.use_face_detection_instead)
-        temperature = self.clipseg_temperature
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, int | float)
-            or not math.isfinite(temperature)
-            or temperature <= 0
-        ):
-            raise InputError(
-                "clipseg_temperature", f"{temperature!r} is not allowed; use a positive number (0.5 to 1.0 recommended)"
-            )
-        if self.input_images_filetype not in archive.FILETYPES:
-            raise InputError(
-                archive.FILETYPE_FIELD,
-                f"{self.input_images_filetype!r} is not allowed; use one of {', '.join(archive.FILETYPES)}",
-            )
+        config_inputs.check_inputs(self)
         if not isinstance(self.min_images, int) or self.min_images < 1:
             raise ValueError(f"min_images: {self.min_images!r} is not allowed; use a positive integer")
 
@@ -136,7 +99,7 @@ def _write(out_dir: Path, images, masks, captions) -> None:
     try:
         rows = []
         for index, (image, loss_mask, caption) in enumerate(zip(images, masks, captions, strict=True)):
-            image_file, mask_file = f"{index:04d}.src.png", f"{index:04d}.mask.png"
+            image_file, mask_file = training_image_names(index)
             image.save(staging / image_file)
             loss_mask.save(staging / mask_file)
             rows.append((image_file, mask_file, caption))
@@ -151,26 +114,7 @@ def _write(out_dir: Path, images, masks, captions) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def run(
-    config: PreprocessConfig,
-    archive_path: Path | str,
-    out_dir: Path | str,
-    *,
-    models_dir: Path | None = None,
-    placement: Placement | None = None,
-    limits: ArchiveLimits | None = None,
-) -> Path:
-    out_dir = Path(out_dir)
-    limits = limits or limits_from_env()
-    _check_out_dir(out_dir)
-    if config.resolution < RECOMMENDED_MIN_RESOLUTION:
-        log.warning(
-            "resolution %d is below %d: SDXL learns poorly that small", config.resolution, RECOMMENDED_MIN_RESOLUTION
-        )
-    started = time.monotonic()
-
-    # 1. Read the archive: images (EXIF-rotated RGB; large ones scaled down as they are read, to bound memory) and
-    #    caption.csv captions matched by file name.
+def _read_samples(config: PreprocessConfig, archive_path, limits: ArchiveLimits) -> list[archive.Sample]:
     samples = archive.read_samples(
         archive_path,
         filetype=config.input_images_filetype,
@@ -181,36 +125,59 @@ def run(
         raise InputError(
             archive.ARCHIVE_FIELD, f"holds {len(samples)} usable images; at least {config.min_images} are needed"
         )
-    images = [sample.image for sample in samples]
+    return samples
 
-    # 2. Caption what caption.csv did not (BLIP, greedy), prefixed with caption_prefix.
-    captions = caption_images(
-        images,
-        [sample.caption for sample in samples],
-        config.caption_prefix,
-        lambda: Captioner.load(models_dir, placement),
-    )
 
-    # 3. One loss mask per image: CLIPSeg, faces or uniform.
-    masks = _masks(config, images, models_dir, placement)
-
-    # 4. Square crops around the salient region or the faces; masks cropped alike.
+def _square_crops(config: PreprocessConfig, images, masks, models_dir) -> tuple[list, list]:
+    """Square crops around the salient region or the faces, the masks cropped alike: (crops, their masks)."""
     centers = _crop_centers(config, images, masks, models_dir)
     squares = [crop.square(i, m, c) for i, m, c in zip(images, masks, centers, strict=True)]
-    kinds = provenance.mask_kinds(config.use_face_detection_instead, config.target_prompt, masks)
-    sources = [(sample.name, sample.caption) for sample in samples]  # for the report: names and given captions
-    del images, masks, samples  # only the squares are needed from here on
+    return [pair[0] for pair in squares], [pair[1] for pair in squares]
 
-    # 5. Upscale the squares smaller than the resolution (Swin2SR x4, loaded only if needed), then resize the
-    #    squares and their masks to the resolution.
-    crops = [pair[0] for pair in squares]
+
+def _to_resolution(config: PreprocessConfig, crops, masks, models_dir, placement) -> list[tuple[Image.Image, ...]]:
+    """Upscale the crops smaller than the resolution (Swin2SR x4, loaded only if needed), then resize crops and
+    masks to the resolution."""
     if any(needs_upscaling(image, config.resolution) for image in crops):
         crops = upscale_small(crops, config.resolution, Upscaler.load(models_dir, placement))
-    pairs = [crop.resize_pair(i, pair[1], config.resolution) for i, pair in zip(crops, squares, strict=True)]
+    return [crop.resize_pair(i, m, config.resolution) for i, m in zip(crops, masks, strict=True)]
 
+
+def run(
+    config: PreprocessConfig,
+    archive_path: Path | str,
+    out_dir: Path | str,
+    *,
+    models_dir: Path | None = None,
+    placement: Placement | None = None,
+    limits: ArchiveLimits | None = None,
+) -> Path:
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
+    if config.resolution < RECOMMENDED_MIN_RESOLUTION:
+        log.warning(
+            "resolution %d is below %d: SDXL learns poorly that small", config.resolution, RECOMMENDED_MIN_RESOLUTION
+        )
+    started = time.monotonic()
+    # 1. Read the archive: images (EXIF-rotated RGB; large ones scaled down as they are read, to bound memory) and
+    #    caption.csv captions matched by file name.
+    samples = _read_samples(config, archive_path, limits or limits_from_env())
+    images = [sample.image for sample in samples]
+    # 2. Caption what caption.csv did not (BLIP, greedy), prefixed with caption_prefix.
+    captions = caption_images(images, [sample.caption for sample in samples], config.caption_prefix,
+                              lambda: Captioner.load(models_dir, placement))  # fmt: skip
+    # 3. One loss mask per image: CLIPSeg, faces or uniform.
+    masks = _masks(config, images, models_dir, placement)
+    kinds = provenance.mask_kinds(config.use_face_detection_instead, config.target_prompt, masks)
+    # 4. Square crops around the salient region or the faces; masks cropped alike.
+    crops, crop_masks = _square_crops(config, images, masks, models_dir)
+    names, given = [sample.name for sample in samples], [sample.caption for sample in samples]  # for the report
+    del images, masks, samples  # only the squares are needed from here on
+    # 5. Upscale the small squares, then resize squares and masks to the resolution.
+    pairs = _to_resolution(config, crops, crop_masks, models_dir, placement)
     # 6. Write the training set.
     _write(out_dir, [p[0] for p in pairs], [p[1] for p in pairs], captions)
-    provenance.write_provenance(out_dir, [name for name, _ in sources], [given for _, given in sources], kinds)
+    provenance.write_provenance(out_dir, names, given, kinds)
     log.info("preprocess: %d images at %dpx in %s (%.1fs)", len(pairs), config.resolution, out_dir,
              time.monotonic() - started)  # fmt: skip
     return out_dir
@@ -220,28 +187,15 @@ def preprocess(
     archive_path: Path | str,
     out_dir: Path | str,
     *,
-    resolution: int = 512,
-    caption_prefix: str = "a photo of TOK, ",
-    token_string: str = "TOK",
-    mask_target_prompts: str | None = None,
-    crop_based_on_salience: bool = True,
-    use_face_detection_instead: bool = False,
-    clipseg_temperature: float = 1.0,
     filetype: str = "infer",
     models_dir: Path | None = None,
     placement: Placement | None = None,
     limits: ArchiveLimits | None = None,
+    **inputs,
 ) -> Path:
     """Turn the uploaded archive into the training set in `out_dir` (see the module docstring); returns out_dir.
-    Inputs are validated before any file is read. Models come from `models_dir` (the weight folder), offline."""
-    config = PreprocessConfig(
-        resolution=resolution,
-        caption_prefix=caption_prefix,
-        token_string=token_string,
-        mask_target_prompts=mask_target_prompts,
-        crop_based_on_salience=crop_based_on_salience,
-        use_face_detection_instead=use_face_detection_instead,
-        clipseg_temperature=clipseg_temperature,
-        input_images_filetype=filetype,
-    )
+    `inputs` are PreprocessConfig's fields (resolution, caption_prefix, token_string, mask_target_prompts,
+    crop_based_on_salience, use_face_detection_instead, clipseg_temperature), validated before any file is read.
+    Models come from `models_dir` (the weight folder), offline."""
+    config = PreprocessConfig(input_images_filetype=filetype, **inputs)
     return run(config, archive_path, out_dir, models_dir=models_dir, placement=placement, limits=limits)

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from sdxl import weights
-from sdxl.device import Placement
 from sdxl.preprocess import models
 
 log = logging.getLogger(__name__)
@@ -20,17 +17,10 @@ log = logging.getLogger(__name__)
 MAX_OUTPUT_PIXELS = 4096 * 4096
 
 
-@dataclass(frozen=True)
-class Upscaler:
-    processor: object
-    model: torch.nn.Module
-
-    @classmethod
-    def load(cls, models_dir: Path | None = None, placement: Placement | None = None) -> Upscaler:
-        from transformers import Swin2SRForImageSuperResolution, Swin2SRImageProcessor
-
-        return cls(*models.load(weights.UPSCALER, Swin2SRForImageSuperResolution, Swin2SRImageProcessor,
-                                models_dir, placement))  # fmt: skip
+class Upscaler(models.PreprocessModel):
+    weights_spec = weights.UPSCALER
+    model_class = "Swin2SRForImageSuperResolution"
+    processor_class = "Swin2SRImageProcessor"
 
     @property
     def scale(self) -> int:

@@ -22,14 +22,7 @@ from pathlib import Path
 from sdxl import weights
 from sdxl.errors import InputError
 from sdxl.training.config import TrainingConfig
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+from sdxl.training.launch import train_folder
 
 
 def _optional(kind):
@@ -56,53 +49,45 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-checkpoints", action="store_true", help="write no checkpoints (the output folder does not persist)"
     )
+    # Every TrainingConfig field is an option of its own name, typed from the dataclass. Not transformers'
+    # HfArgumentParser: it parses Optional[X] as X, so `--max_train_steps none` (epochs decide) could not be said, and
+    # `--mask_target_prompts none` (as launch.py writes None) would become the prompt "none".
+    from transformers.hf_argparser import string_to_bool  # true/false, yes/no, t/f, y/n, 1/0
+
     hints = typing.get_type_hints(TrainingConfig)
     for f in fields(TrainingConfig):
         kind = hints[f.name]
         optional = typing.get_origin(kind) is typing.Union
         base = typing.get_args(kind)[0] if optional else kind
-        parse = _parse_bool if base is bool else (_optional(base) if optional else base)
+        parse = string_to_bool if base is bool else (_optional(base) if optional else base)
         parser.add_argument(f"--{f.name}", type=parse, default=f.default, help=f"default: {f.default!r}")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, TrainingConfig]:
+    """The command line's options, and the trainer inputs among them validated (InputError names the field)."""
     args = _parser().parse_args(argv)
+    return args, TrainingConfig(**{f.name: getattr(args, f.name) for f in fields(TrainingConfig)})
+
+
+def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
     )
     try:
-        config = TrainingConfig(**{f.name: getattr(args, f.name) for f in fields(TrainingConfig)})
+        args, config = parse_command_line(list(sys.argv[1:] if argv is None else argv))
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    weights_root = args.weights or weights.weights_dir()
-    if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
-        from sdxl.training.launch import run_processes
-
-        run_processes(
-            config,
-            args.dataset,
-            weights_root,
-            args.output_dir,
-            args.num_processes,
-            args.tar,
-            keep_checkpoints=args.keep_checkpoints,
-            write_checkpoints=not args.no_checkpoints,
-        )
-        return 0
-
-    from sdxl.training.loop import train
-
-    train(
+    train_folder(
         config,
         args.dataset,
-        weights_root,
+        args.weights or weights.weights_dir(),
         args.output_dir,
-        tar_path=args.tar,
+        args.num_processes,
+        args.tar,
         keep_checkpoints=args.keep_checkpoints,
         write_checkpoints=not args.no_checkpoints,
     )

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdxl import weights
+from sdxl import settings, weights
 from sdxl.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -31,18 +31,9 @@ TEXT_TOKENS, TEXT_WIDTH, POOLED_WIDTH = 77, 768 + 1280, 1280  # SDXL's concatena
 GIB = 1 << 30
 
 
-def _positive_int_env(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{name}: {value!r} is not allowed; use a positive integer")
-    return int(value)
-
-
 def max_training_images() -> int:
     """The most images a training takes (SDXL_MAX_TRAINING_IMAGES, default 500)."""
-    return _positive_int_env(MAX_IMAGES_ENV, DEFAULT_MAX_IMAGES)
+    return settings.positive_int(MAX_IMAGES_ENV, DEFAULT_MAX_IMAGES)
 
 
 # --- model sizes from the safetensors headers ---------------------------------------------------------------------
@@ -152,7 +143,7 @@ def _free_host_memory() -> int:
 def available_memory(device) -> tuple[int, str]:
     """(bytes, where the number comes from) for the training device."""
     if os.environ.get(MEMORY_ENV, "").strip():
-        return _positive_int_env(MEMORY_ENV, 0), f"setting {MEMORY_ENV}"
+        return settings.positive_int(MEMORY_ENV, 0), f"setting {MEMORY_ENV}"
     if getattr(device, "type", str(device)) == "cuda":
         import torch
 

@@ -66,6 +66,9 @@ def register_hooks(
 
 def save(accelerator, output_dir: Path, step: int, state: dict) -> Path:
     """Every process calls this; the main one publishes the checkpoint and drops older ones."""
+    # Not accelerate's ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=1): it names folders by a
+    # save counter (checkpoint_<n>, not the step that resuming reads), writes in place (a run killed while saving
+    # leaves a half checkpoint that looks complete), and deletes the old checkpoint before the new one is written.
     folder = checkpoints_dir(output_dir)
     final = folder / f"checkpoint-{step}"
     partial = folder / f"checkpoint-{step}.partial"

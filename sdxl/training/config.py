@@ -7,23 +7,17 @@ field, the value given and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 from sdxl.errors import InputError
-from sdxl.formats import new_token
+from sdxl.formats import ARCHIVE_TYPES, contains_word, new_token
 from sdxl.request import SEED_RANGE, random_seed
+from sdxl.validation import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, Spec, check_fields, described
 
 LR_SCHEDULERS = ("constant", "linear")
-FILETYPES = ("infer", "zip", "tar")
-RESOLUTION_RANGE = (64, 2048)
-RESOLUTION_MULTIPLE = 8  # the VAE's spatial factor: latents are resolution / 8
 STEPS_RANGE = (1, 1_000_000)
-BATCH_RANGE = (1, 64)
-RANK_RANGE = (1, 512)
-CLIPSEG_TEMPERATURE_RANGE = (0.0, 10.0)  # exclusive low end: a zero temperature would divide by zero
 TOKEN_STRING_PATTERN = re.compile(r"^[^\s<>]{1,64}$")  # one word; angle brackets are for the new tokens <s0>, <s1>
 NEW_TOKENS_PER_STRING = 2  # <s0><s1> for one token_string, as the hosted trainer does
 
@@ -31,113 +25,100 @@ NEW_TOKENS_PER_STRING = 2  # <s0><s1> for one token_string, as the hosted traine
 RESUME_INDEPENDENT = ("verbose", "checkpointing_steps")
 
 
-def _check_int(name: str, value, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(name, f"{value!r} is not an integer")
-    if not low <= value <= high:
-        raise InputError(name, f"{value} is out of range; allowed: {low} to {high}")
+def _trainer_input(kind: type, description: str, default=None, **allowed) -> Spec:
+    """The hosted trainer's schema declares no bounds; they are checked here (the training fails naming the field)."""
+    return Spec(kind, description, default, declare_bounds=False, **allowed)
 
 
-def _check_float(name: str, value, low: float, high: float, *, low_inclusive: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(name, f"{value!r} is not a finite number")
-    if value > high or value < low or (value == low and not low_inclusive):
-        bound = "from" if low_inclusive else "above"
-        raise InputError(name, f"{value} is out of range; allowed: {bound} {low} up to {high}")
+# The trainer's inputs (the hosted stability-ai/sdxl trainer's names and defaults), in the order train.py declares
+# them: one definition each, for the declaration and for the checks of TrainingConfig and the preprocessing.
+INPUT_IMAGES = Spec(object, "A .zip or .tar file of the training images (optionally a caption.csv)")
+SEED = _trainer_input(int, "Random seed for reproducible training; empty for a random one", None,
+                      ge=SEED_RANGE[0], le=SEED_RANGE[1], optional=True)  # fmt: skip
+RESOLUTION = _trainer_input(int, "Square resolution to train at (multiple of 8)", 512,
+                            ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)  # fmt: skip
+TRAIN_BATCH_SIZE = _trainer_input(int, "Batch size per device", 4, ge=1, le=64)
+NUM_TRAIN_EPOCHS = _trainer_input(int, "Epochs to train; max_train_steps takes precedence", 4000,
+                                  ge=STEPS_RANGE[0], le=STEPS_RANGE[1])  # fmt: skip
+MAX_TRAIN_STEPS = _trainer_input(int, "Training steps; takes precedence over num_train_epochs", 1000,
+                                 ge=STEPS_RANGE[0], le=STEPS_RANGE[1], optional=True)  # fmt: skip
+IS_LORA = _trainer_input(bool, "Train a LoRA; false = full fine-tune of the UNet", True)
+UNET_LEARNING_RATE = _trainer_input(float, "UNet learning rate for a full fine-tune", 1e-6, gt=0.0, le=1.0)
+# 0 freezes the new tokens' embeddings
+TI_LR = _trainer_input(float, "Learning rate of the new tokens' embeddings (textual inversion)", 3e-4, ge=0.0, le=1.0)
+LORA_LR = _trainer_input(float, "LoRA learning rate", 1e-4, gt=0.0, le=1.0)
+LORA_RANK = _trainer_input(int, "LoRA rank", 32, ge=1, le=512)
+LR_SCHEDULER = _trainer_input(str, "Learning rate schedule", "constant", choices=LR_SCHEDULERS)
+LR_WARMUP_STEPS = _trainer_input(int, "Warmup steps of the linear schedule", 100, ge=0, le=STEPS_RANGE[1])
+TOKEN_STRING = _trainer_input(str, "The word that stands for the trained concept", "TOK")
+CAPTION_PREFIX = _trainer_input(str, "Prefix of automatic captions; must contain token_string", "a photo of TOK, ")
+MASK_TARGET_PROMPTS = _trainer_input(
+    str, "What matters in the images (e.g. 'photo of a dog'): CLIPSeg masks the loss to it", None, optional=True
+)
+CROP_BASED_ON_SALIENCE = _trainer_input(
+    bool, "Crop around the salient (masked) region; false = around detected faces", True
+)
+USE_FACE_DETECTION_INSTEAD = _trainer_input(bool, "Face masks instead of CLIPSeg masks", False)
+# exclusive low end: a zero temperature would divide by zero
+CLIPSEG_TEMPERATURE = _trainer_input(float, "Blur of the CLIPSeg mask (0.5 to 1.0 recommended)", 1.0, gt=0.0, le=10.0)
+VERBOSE = _trainer_input(bool, "Log every step", True)
+CHECKPOINTING_STEPS = _trainer_input(int, "Steps between checkpoints", 200, ge=STEPS_RANGE[0], le=STEPS_RANGE[1])
+INPUT_IMAGES_FILETYPE = _trainer_input(
+    str, "Archive type of input_images; infer reads it from the content", "infer", choices=ARCHIVE_TYPES
+)
 
 
-def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise InputError(name, f"{value!r} is not one of {', '.join(choices)}")
+def check_token_words(token_string: str, caption_prefix: str) -> None:
+    """token_string is one word, and caption_prefix contains it as a whole word: the contract says the prefix must
+    contain token_string (an empty prefix does not), or automatic captions would never show the trained word."""
+    if not TOKEN_STRING_PATTERN.match(token_string):
+        raise InputError(
+            "token_string",
+            f"{token_string!r} is not one word; use 1 to 64 characters without spaces or angle brackets, e.g. 'TOK'",
+        )
+    if not contains_word(caption_prefix, token_string):
+        raise InputError(
+            "caption_prefix",
+            f"{caption_prefix!r} does not contain token_string {token_string!r} as a word; "
+            f"include it, e.g. 'a photo of {token_string}, '",
+        )
 
 
-def contains_word(text: str, word: str) -> bool:
-    return word_pattern(word).search(text) is not None
-
-
-def word_pattern(word: str) -> re.Pattern:
-    """`word` as a whole word: not inside a longer word ("TOK" matches "TOK," but not "TOKYO" or "my_TOK")."""
-    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)")
+def check_inputs(values) -> None:
+    """Check the trainer inputs in `values` (TrainingConfig, or the preprocessing's subset of its fields), each with
+    its one definition."""
+    check_fields(values)
+    check_token_words(values.token_string, values.caption_prefix)
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
     """The trainer's inputs, less the archive itself. Defaults are the contract's."""
 
-    seed: Optional[int] = None
-    resolution: int = 512
-    train_batch_size: int = 4
-    num_train_epochs: int = 4000
-    max_train_steps: Optional[int] = 1000  # takes precedence over num_train_epochs; None = epochs decide
-    is_lora: bool = True
-    unet_learning_rate: float = 1e-6
-    ti_lr: float = 3e-4
-    lora_lr: float = 1e-4
-    lora_rank: int = 32
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 100
-    token_string: str = "TOK"
-    caption_prefix: str = "a photo of TOK, "
-    mask_target_prompts: Optional[str] = None
-    crop_based_on_salience: bool = True
-    use_face_detection_instead: bool = False
-    clipseg_temperature: float = 1.0
-    verbose: bool = True
-    checkpointing_steps: int = 200
-    input_images_filetype: str = "infer"
+    seed: Optional[int] = described(SEED)
+    resolution: int = described(RESOLUTION)
+    train_batch_size: int = described(TRAIN_BATCH_SIZE)
+    num_train_epochs: int = described(NUM_TRAIN_EPOCHS)
+    max_train_steps: Optional[int] = described(MAX_TRAIN_STEPS)  # takes precedence over num_train_epochs; None = epochs
+    is_lora: bool = described(IS_LORA)
+    unet_learning_rate: float = described(UNET_LEARNING_RATE)
+    ti_lr: float = described(TI_LR)
+    lora_lr: float = described(LORA_LR)
+    lora_rank: int = described(LORA_RANK)
+    lr_scheduler: str = described(LR_SCHEDULER)
+    lr_warmup_steps: int = described(LR_WARMUP_STEPS)
+    token_string: str = described(TOKEN_STRING)
+    caption_prefix: str = described(CAPTION_PREFIX)
+    mask_target_prompts: Optional[str] = described(MASK_TARGET_PROMPTS)
+    crop_based_on_salience: bool = described(CROP_BASED_ON_SALIENCE)
+    use_face_detection_instead: bool = described(USE_FACE_DETECTION_INSTEAD)
+    clipseg_temperature: float = described(CLIPSEG_TEMPERATURE)
+    verbose: bool = described(VERBOSE)
+    checkpointing_steps: int = described(CHECKPOINTING_STEPS)
+    input_images_filetype: str = described(INPUT_IMAGES_FILETYPE)
 
     def __post_init__(self):
-        self._check_types()
-        self._check_ranges()
-        self._check_words()
-
-    def _check_types(self) -> None:
-        for name in ("is_lora", "crop_based_on_salience", "use_face_detection_instead", "verbose"):
-            if not isinstance(getattr(self, name), bool):
-                raise InputError(name, f"{getattr(self, name)!r} is not true or false")
-        for name in ("token_string", "caption_prefix"):
-            if not isinstance(getattr(self, name), str):
-                raise InputError(name, f"{getattr(self, name)!r} is not a string")
-        if self.mask_target_prompts is not None and not isinstance(self.mask_target_prompts, str):
-            raise InputError("mask_target_prompts", f"{self.mask_target_prompts!r} is not a string")
-
-    def _check_ranges(self) -> None:
-        if self.seed is not None:
-            _check_int("seed", self.seed, *SEED_RANGE)
-        _check_int("resolution", self.resolution, *RESOLUTION_RANGE)
-        if self.resolution % RESOLUTION_MULTIPLE:
-            low = self.resolution - self.resolution % RESOLUTION_MULTIPLE
-            raise InputError(
-                "resolution",
-                f"{self.resolution} is not a multiple of {RESOLUTION_MULTIPLE}; use {low} or {low + RESOLUTION_MULTIPLE}",
-            )
-        _check_int("train_batch_size", self.train_batch_size, *BATCH_RANGE)
-        _check_int("num_train_epochs", self.num_train_epochs, *STEPS_RANGE)
-        if self.max_train_steps is not None:
-            _check_int("max_train_steps", self.max_train_steps, *STEPS_RANGE)
-        _check_int("lora_rank", self.lora_rank, *RANK_RANGE)
-        _check_int("lr_warmup_steps", self.lr_warmup_steps, 0, STEPS_RANGE[1])
-        _check_int("checkpointing_steps", self.checkpointing_steps, *STEPS_RANGE)
-        _check_float("unet_learning_rate", self.unet_learning_rate, 0.0, 1.0, low_inclusive=False)
-        _check_float("lora_lr", self.lora_lr, 0.0, 1.0, low_inclusive=False)
-        _check_float("ti_lr", self.ti_lr, 0.0, 1.0)  # 0 freezes the new tokens' embeddings
-        _check_float("clipseg_temperature", self.clipseg_temperature, *CLIPSEG_TEMPERATURE_RANGE, low_inclusive=False)
-        _check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
-        _check_choice("input_images_filetype", self.input_images_filetype, FILETYPES)
-
-    def _check_words(self) -> None:
-        if not TOKEN_STRING_PATTERN.match(self.token_string):
-            raise InputError(
-                "token_string",
-                f"{self.token_string!r} is not one word; use 1 to 64 characters without spaces or angle brackets,"
-                " e.g. 'TOK'",
-            )
-        if self.caption_prefix and not contains_word(self.caption_prefix, self.token_string):
-            raise InputError(
-                "caption_prefix",
-                f"{self.caption_prefix!r} does not contain token_string {self.token_string!r} as a word; "
-                f"include it (e.g. 'a photo of {self.token_string}, ') or send an empty caption_prefix",
-            )
+        check_inputs(self)
 
     # Derived values -------------------------------------------------------------------------------------------
 

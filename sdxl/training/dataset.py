@@ -1,4 +1,4 @@
-"""Read a preprocessed training folder: `NNNN.src.png` + `NNNN.mask.png` + `captions.csv` (image_file,mask_file,caption).
+"""Read a preprocessed training folder (its layout: sdxl.formats): images, masks and captions.csv naming them.
 
 Images must already be resolution x resolution (preprocessing crops and resizes); a different size is an error,
 never a silent resize. The trained token in captions is replaced, as a whole word, by the new tokens. Pixels are
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -16,14 +17,11 @@ import numpy as np
 import torch
 
 from sdxl.errors import InputError
+from sdxl.formats import CAPTIONS_COLUMNS, CAPTIONS_FILE, whole_word
 from sdxl.images import decode, open_checked
 from sdxl.training.budget import max_training_images
-from sdxl.training.config import word_pattern
 
 log = logging.getLogger(__name__)
-
-CAPTIONS_FILE = "captions.csv"
-COLUMNS = ("image_file", "mask_file", "caption")
 
 
 class DatasetError(ValueError):
@@ -54,7 +52,7 @@ class Example:
 
 def replace_token(caption: str, token_string: str, replacement: str) -> str:
     """Replace token_string where it is a whole word only: "TOK, near tokyo" -> "<s0><s1>, near tokyo"."""
-    return word_pattern(token_string).sub(lambda _: replacement, caption)
+    return re.sub(whole_word(token_string), lambda _: replacement, caption)
 
 
 def size_conditioning(resolution: int) -> tuple[int, int, int, int, int, int]:
@@ -106,9 +104,11 @@ def _read_rows(folder: Path, max_rows: int) -> list[dict]:
         raise DatasetError(f"{folder} has no {CAPTIONS_FILE}")
     with captions.open(newline="", encoding="utf-8") as file:
         reader = csv.DictReader(file)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
+        missing = [c for c in CAPTIONS_COLUMNS if c not in (reader.fieldnames or ())]
         if missing:
-            raise DatasetError(f"{CAPTIONS_FILE} lacks the column(s) {', '.join(missing)}; needs {','.join(COLUMNS)}")
+            raise DatasetError(
+                f"{CAPTIONS_FILE} lacks the column(s) {', '.join(missing)}; needs {','.join(CAPTIONS_COLUMNS)}"
+            )
         rows = []
         for row in reader:
             if len(rows) == max_rows:

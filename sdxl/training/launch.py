@@ -1,4 +1,5 @@
-"""Run a training in several data-parallel processes: `accelerate launch` over `python -m sdxl.training`."""
+"""Run a training on a preprocessed folder, in this process or in several data-parallel ones (`accelerate launch`
+over `python -m sdxl.training`)."""
 
 from __future__ import annotations
 
@@ -61,3 +62,32 @@ def run_processes(
     completed = subprocess.run(command, timeout=timeout, check=False, env={**os.environ, "PYTHONPATH": path})
     if completed.returncode:
         raise RuntimeError(f"the {num_processes}-process training failed with exit status {completed.returncode}")
+
+
+def visible_gpus() -> int:
+    """The data-parallel processes a served training uses: one per visible GPU (one process on a CPU)."""
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def train_folder(
+    config: TrainingConfig,
+    dataset_dir: Path,
+    weights_root: Path,
+    output_dir: Path,
+    num_processes: int = 1,
+    tar_path: Path | None = None,
+    *,
+    keep_checkpoints: bool = False,
+    write_checkpoints: bool = True,
+) -> None:
+    """Train on a preprocessed folder: here, or in `num_processes` data-parallel processes launched through
+    accelerate (unless this process already is one of them)."""
+    checkpointing = dict(keep_checkpoints=keep_checkpoints, write_checkpoints=write_checkpoints)
+    if num_processes > 1 and "LOCAL_RANK" not in os.environ:
+        run_processes(config, dataset_dir, weights_root, output_dir, num_processes, tar_path, **checkpointing)
+        return
+    from sdxl.training.loop import train  # torch, diffusers, peft: loaded when a process trains
+
+    train(config, dataset_dir, weights_root, output_dir, tar_path=tar_path, **checkpointing)

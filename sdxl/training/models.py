@@ -29,10 +29,6 @@ def _variant(folder: Path) -> str | None:
     return "fp16" if any(folder.glob("unet/*.fp16.safetensors")) else None
 
 
-def count_params(module: torch.nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
 def load_components(root: Path) -> Components:
     """Everything in fp32 (training precision); the caller moves modules and picks what trains."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -59,9 +55,9 @@ def load_components(root: Path) -> Components:
         "loaded %s training weights from %s: unet %.1fM, text encoders %.1fM + %.1fM, vae %.1fM params",
         f"RANDOM {weights.random_architecture(root)}" if weights.random_architecture(root) else "production",
         root,
-        count_params(components.unet) / 1e6,
-        count_params(components.text_encoders[0]) / 1e6,
-        count_params(components.text_encoders[1]) / 1e6,
-        count_params(components.vae) / 1e6,
+        components.unet.num_parameters() / 1e6,
+        components.text_encoders[0].num_parameters() / 1e6,
+        components.text_encoders[1].num_parameters() / 1e6,
+        components.vae.num_parameters() / 1e6,
     )
     return components

@@ -14,7 +14,7 @@ from sdxl.training import conditioning, sampling
 from sdxl.training.config import TrainingConfig
 from sdxl.training.dataset import Example, size_conditioning
 from sdxl.training.export import TrainedWeights
-from sdxl.training.models import Components, count_params
+from sdxl.training.models import Components
 from sdxl.training.tokens import NewTokens
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,8 @@ class Trainer:
         log.info(
             "training %s: %.2fM of the UNet's %.1fM params (lr %g); textual inversion: %s",
             what,
-            count_params(self.unet, trainable_only=True) / 1e6,
-            count_params(self.unet) / 1e6,
+            self.unet.num_parameters(only_trainable=True) / 1e6,
+            self.unet.num_parameters() / 1e6,
             config.lora_lr if config.is_lora else config.unet_learning_rate,
             f"{len(config.new_tokens)} tokens x 2 encoders (lr {config.ti_lr})"
             if config.trains_text_encoders
