@@ -1,4 +1,4 @@
-"""The Cog edge for predictions: the inputs of stability-ai/sdxl, translated into one call to sdxl.generate.
+"""The Cog edge for predictions: the inputs of stability-ai/sdxl, translated into one call to sdxl.serving.
 
 Nothing here decides how an image is made. Checks a client can fail live in sdxl.request (and in the Input bounds
 below, which the server turns into 422 answers); generation lives in sdxl.generation.
@@ -16,12 +16,12 @@ from cog_inputs import FileInput, guard_worker_egress
 from cog_scratch import discard_finished_request_folders
 from sdxl import file_inputs, infotext
 from sdxl import request as spec
-from sdxl.adapters import AdapterRequest, Adapters, parse_loras
-from sdxl.generation import generate
+from sdxl.compute import on_compute_thread
 from sdxl.images import load_image, load_mask
-from sdxl.loading import load_pipelines
 from sdxl.outputs import OutputOptions, save_images
 from sdxl.request import GenerationRequest
+from sdxl.serving import predict_once, set_up
+from sdxl.trained.request import AdapterRequest, parse_loras
 from sdxl.validation import Spec
 from sdxl.weights import random_architecture, weights_dir
 
@@ -67,11 +67,9 @@ class Runner(BaseRunner):
         root = weights_dir()
         if random_architecture(root):
             log.warning("%s holds RANDOM %s test weights: every image will be noise", root, random_architecture(root))
-        self.pipes = load_pipelines(root)
-        self.adapters = Adapters(self.pipes)
+        # Cog's weights mechanism (COG_WEIGHTS): a trained_model.tar deployed as this model's own weights
         self.own_weights = str(weights) if weights else None
-        if weights:  # Cog's weights mechanism (COG_WEIGHTS): a trained_model.tar deployed as this model's own weights
-            self.adapters.load_own_weights(str(weights))
+        self.pipes, self.trained_weights = on_compute_thread(lambda _: set_up(root, self.own_weights))
         self._outputs: list[Path] = []  # the previous request's files
 
     def run(
@@ -107,8 +105,9 @@ class Runner(BaseRunner):
         input_image, input_mask = read_input_images(image, mask)
         request = GenerationRequest.from_inputs(inputs, image=input_image, mask=input_mask).with_seed()
         log.info("Using seed: %d", request.seed)
-        with self.adapters.applied(extra) as applied:
-            result = generate(self.pipes, applied.rewrite(request), on_step=log_progress)
+        result = on_compute_thread(
+            lambda cancelled: predict_once(self.pipes, self.trained_weights, extra, request, cancelled, log_progress)
+        )
         used = infotext.Weights.of(self.pipes.random_weights, self.own_weights, extra)
         texts = infotext.for_outputs(request, used, result.nsfw)  # what each file says about how it was made
         self._outputs = [Path(path) for path in save_images(result.images, options, texts)]

@@ -12,7 +12,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_measure import expected_unet_calls, lora_switcher, side_by_side, timed, two_cached_loras, unet_counter
+from bench_measure import (
+    expected_unet_calls,
+    lora_switcher,
+    on_compute,
+    side_by_side,
+    timed,
+    two_cached_loras,
+    unet_counter,
+)
 
 from sdxl import weights
 from sdxl.generation import generate
@@ -74,8 +82,8 @@ def direct_call(pipe, request: GenerationRequest):
 def measure_setup(root: Path, repeats: int) -> dict:
     placement = load_pipelines(root).placement
     return side_by_side(
-        lambda: load_pipelines(root, placement=placement),
-        lambda: plain_from_pretrained(root, placement.dtype, placement.device),
+        on_compute(lambda: load_pipelines(root, placement=placement)),
+        on_compute(lambda: plain_from_pretrained(root, placement.dtype, placement.device)),
         repeats,
     )
 
@@ -98,7 +106,9 @@ def measure_generation(runner, baseline_pipe, request: GenerationRequest, repeat
 
     bare = GenerationRequest(**{**request.__dict__, "apply_watermark": False, "disable_safety_checker": True})
     bare_kwargs = resolve_inputs(predictor_inputs(bare))
-    result = side_by_side(lambda: runner.run(**bare_kwargs), lambda: direct_call(baseline_pipe, bare), repeats)
+    result = side_by_side(
+        lambda: runner.run(**bare_kwargs), on_compute(lambda: direct_call(baseline_pipe, bare)), repeats
+    )
     full_kwargs = resolve_inputs(predictor_inputs(request))
     result["with_safety_and_watermark_s"] = statistics.median(timed(lambda: runner.run(**full_kwargs), repeats))
     return result
@@ -147,7 +157,7 @@ def measure_lora_switch(pipes, baseline_pipe, repeats: int) -> dict:
             baseline_pipe.load_lora_weights(str(files[1]), adapter_name="plain")
             baseline_pipe.delete_adapters("plain")
 
-        return side_by_side(lora_switcher(adapters, requests), plain_load, repeats * 4)
+        return side_by_side(on_compute(lora_switcher(adapters, requests)), on_compute(plain_load), repeats * 4)
 
 
 def peak_rss_mb(root: Path, what: str) -> float:

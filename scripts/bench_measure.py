@@ -26,7 +26,10 @@ def sync():
         torch.cuda.synchronize()
 
 
-def _on_compute_thread(fn):
+def on_compute(fn):
+    """`fn` as a call onto the compute thread (sdxl.compute), where the predictor's edge runs all model work, so
+    torch's CPU threads are shared alike (a second thread running torch would grow a second OpenMP team and slow
+    both down). For library calls and baselines; the predictor's run() goes there by itself."""
     return lambda: on_compute_thread(lambda _cancelled: fn())
 
 
@@ -45,10 +48,8 @@ def timed(fn, repeats: int, until: float | None = None) -> list[float]:
 
 
 def side_by_side(ours, theirs, repeats: int, warmup: int = 1) -> dict:
-    """Median seconds of two callables, interleaved so drift (thermal, other load) hits both alike. Both run on the
-    compute thread (sdxl.compute), so torch's CPU threads are shared alike (a second thread running torch would
-    grow a second OpenMP team and slow both down)."""
-    ours, theirs = _on_compute_thread(ours), _on_compute_thread(theirs)
+    """Median seconds of two callables, interleaved so drift (thermal, other load) hits both alike. Callers send
+    model work to the compute thread (on_compute) unless it goes there by itself."""
     for _ in range(warmup):
         ours(), theirs()
     a, b = [], []
@@ -114,10 +115,11 @@ def write_two_loras(folder: Path, unet: torch.nn.Module, rank: int = 16) -> list
 
 @contextlib.contextmanager
 def two_cached_loras(pipes, files: list[Path] | None = None, rank: int = 16):
-    """Two LoRAs held by the predictor's Adapters, each loaded once, so what follows are switches between cached
+    """Two LoRAs held by the predictor's TrainedWeights, each loaded once, so what follows are switches between cached
     LoRAs: yields (adapters, [request for A, request for B], [file A, file B]). The files are put into a weights
     cache under made-up URLs, as a finished download leaves them; nothing is fetched."""
-    from sdxl.adapters import AdapterRequest, Adapters, LoraInput
+    from sdxl.trained.request import AdapterRequest, LoraInput
+    from sdxl.trained.trained_weights import TrainedWeights
     from sdxl.weights_cache import LORA_FILE, WeightsCache
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,7 +130,7 @@ def two_cached_loras(pipes, files: list[Path] | None = None, rank: int = 16):
             entry = cache.path_for("lora", url)
             entry.mkdir(parents=True)
             (entry / LORA_FILE).write_bytes(path.read_bytes())
-        adapters = Adapters(pipes, cache)
+        adapters = TrainedWeights(pipes, cache)
         requests = [AdapterRequest(loras=(LoraInput(url, 1.0),)) for url in urls]
         for request in requests:
             with adapters.applied(request):

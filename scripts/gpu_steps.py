@@ -153,7 +153,7 @@ def unet_tflop_per_call(pipes, size: int) -> float:
         return torch.zeros(*shape, device=placement.device, dtype=placement.dtype)
 
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:  # both are per thread: this one call runs here, not on the compute thread
+    with torch.inference_mode(), counter:  # both are per thread: the call runs on this one
         unet(
             zeros(2, unet.config.in_channels, side, side),
             torch.tensor(500, device=placement.device),

@@ -21,8 +21,7 @@ from gpu_steps import (
     time_images,
 )
 
-from sdxl.compute import on_compute_thread
-from sdxl.fastpath import FastPath, apply_fastpath
+from sdxl.fastpath import FastPath, apply_fastpath, warm_up
 from sdxl.loading import load_pipelines
 
 
@@ -51,9 +50,10 @@ def step_compile(ctx: Context, m: dict, until: float) -> str:
     pipes = load_pipelines(ctx.root, fastpath=FastPath())
     m["load_s"] = time.perf_counter() - started
     ctx.loras(pipes.text2img.unet)  # written from the plain UNet, before the slots replace its layers
-    pipes.fastpath = compiled = replace(FastPath.from_env(), compile=True)
+    compiled = replace(FastPath.from_env(), compile=True)
     started = time.perf_counter()
-    on_compute_thread(lambda _, p=pipes: apply_fastpath(p, compiled))  # what setup does after loading
+    pipes = apply_fastpath(pipes, compiled)  # the slots (if its LoRA backend takes them) and compile, then
+    warm_up(pipes)  # the warm-up setup runs after loading
     sync()
     m["compile_warmup_s"] = ctx.facts["compile_s"] = time.perf_counter() - started
     try:
@@ -78,7 +78,7 @@ def step_lora(ctx: Context, m: dict, until: float) -> str:
     try:
         _lora_part(ctx, pipes, m, until)
     finally:
-        on_compute_thread(lambda _: pipes.text2img.unload_lora_weights())
+        pipes.text2img.unload_lora_weights()
     return (
         f"switch {m['lora_switch_ms']:.1f} ms; one LoRA on: {m['s_per_image_lora']:.3f} s/image"
         f" (x{fmt(m['lora_vs_defaults'], '.3f')} the defaults)"

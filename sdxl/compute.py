@@ -1,18 +1,22 @@
-"""One long-lived thread for all model work, whoever calls.
+"""One long-lived thread for all model work, entered once by each edge.
 
 torch's CPU parallelism (OpenMP) keeps a team of worker threads for every thread that runs parallel work. Cog's
 worker calls run() from a pool of threads, so without this each of them grew its own team; the teams competed for
-the cores and libgomp throttled its spin-waiting, which measured 2-3x slower per prediction on 2 cores. Loading and
-every generation run here instead: one team, whatever thread the request arrives on.
+the cores and libgomp throttled its spin-waiting, which measured 2-3x slower per prediction on 2 cores. So the
+edges (predict.py's setup and run) each make ONE call onto this thread: setup's loading, warm-up and own weights in
+one, a request's "trained weights applied + generation" in another. Everything below the edges (sdxl.loading,
+sdxl.trained, sdxl.generation) is plain synchronous code that runs on whatever thread calls it; it never hops
+threads itself, so a call from the compute thread is never sent to it again (which, with one worker, would wait
+for itself forever).
 
 A cancel (Cog raises an exception in the calling thread) is passed on: the work's `cancelled` event is set, the work
-stops at its next check (the denoising loop checks every step), and the caller re-raises once the thread is free.
+stops at its next check (between the trained-weights steps, and after every denoising step), and the caller
+re-raises once the thread is free, so the next request never finds the model half-changed.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -21,35 +25,34 @@ T = TypeVar("T")
 
 _executor: concurrent.futures.ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
-_compute_thread_ident: int | None = None
 POLL_SECONDS = 0.05  # how often a waiting caller runs Python code, so an exception raised in it is seen
+THREAD_NAME = "sdxl-compute"
 
 
 class Cancelled(Exception):
     """The caller went away (a cancel): the work stopped early."""
 
 
-def _mark_compute_thread() -> None:
-    global _compute_thread_ident
-    _compute_thread_ident = threading.get_ident()
+def stop_if_cancelled(cancelled: threading.Event | None, where: str) -> None:
+    """A check point for long work: raise Cancelled if the caller has gone."""
+    if cancelled is not None and cancelled.is_set():
+        raise Cancelled(f"cancelled {where}")
 
 
 def _get_executor() -> concurrent.futures.ThreadPoolExecutor:
     global _executor
     with _executor_lock:
         if _executor is None:
-            _executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="sdxl-compute", initializer=_mark_compute_thread
-            )
+            _executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME)
         return _executor
 
 
 def on_compute_thread(work: Callable[[threading.Event], T]) -> T:
     """Run `work(cancelled)` on the compute thread and return its result; `cancelled` is set if the caller is
-    interrupted while waiting."""
+    interrupted while waiting. For the edges only: never call it from work already on the compute thread."""
+    if threading.current_thread().name.startswith(THREAD_NAME):  # it would wait for itself forever
+        raise RuntimeError("on_compute_thread called from the compute thread: call the work directly")
     cancelled = threading.Event()
-    if threading.get_ident() == _compute_thread_ident:  # already there (nested call)
-        return work(cancelled)
     future = _get_executor().submit(work, cancelled)
     try:
         while True:
@@ -62,14 +65,3 @@ def on_compute_thread(work: Callable[[threading.Event], T]) -> T:
             cancelled.set()
             concurrent.futures.wait([future])  # the thread is free again before the caller moves on
         raise
-
-
-def compute_bound(fn: Callable[..., T]) -> Callable[..., T]:
-    """Decorator for torch work done outside a generation (loading a LoRA, swapping a UNet, adding tokens): it runs
-    on the compute thread too, so the calling thread never grows an OpenMP team of its own."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return on_compute_thread(lambda _cancelled: fn(*args, **kwargs))
-
-    return wrapper

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,15 @@ def _whole(name: str, default: int) -> int:
         raise ValueError(f"{name}={value!r}: use a whole number") from None
 
 
+PEFT, SLOTS, REFUSED = "peft", "slots", "refused"
+
+
+@dataclass(frozen=True)
+class LoraBackend:
+    kind: str  # PEFT, SLOTS or REFUSED
+    refusal: str = ""  # why LoRAs are refused (REFUSED only)
+
+
 @dataclass(frozen=True)
 class FastPath:
     attention: str = "sdpa"
@@ -65,10 +74,19 @@ class FastPath:
             raise ValueError(f"SDXL_LORA_SLOT_RANK={self.lora_slot_rank}: allowed 0 to {MAX_LORA_SLOT_RANK}")
 
     @property
-    def lora_slots(self) -> bool:
-        """Whether the base UNet gets LoRA slots: only when compiled (peft adapters cost nothing when off) and not
-        fused (fused projections take no LoRAs)."""
-        return self.compile and not self.fuse_qkv and self.lora_slot_rank > 0
+    def lora_backend(self) -> LoraBackend:
+        """How this server takes LoRAs, decided here only (loading installs slots from it, sdxl.trained picks its LoRA
+        store from it): peft adapters when eager (they cost nothing when off); fixed-shape slots when compiled, so
+        a LoRA switch never recompiles; refused with fused projections, or compiled with slot rank 0."""
+        if self.fuse_qkv:
+            return LoraBackend(
+                REFUSED, "this server runs with fused attention projections (SDXL_FUSE_QKV=1), which cannot take LoRAs"
+            )
+        if self.compile and self.lora_slot_rank == 0:
+            return LoraBackend(
+                REFUSED, "this server compiles its UNet without LoRA slots (SDXL_COMPILE=1, SDXL_LORA_SLOT_RANK=0)"
+            )
+        return LoraBackend(SLOTS if self.compile else PEFT)
 
     @classmethod
     def from_env(cls) -> FastPath:
@@ -86,8 +104,9 @@ class FastPath:
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
 
 
-def apply_fastpath(pipes, fastpath: FastPath) -> None:
-    """Apply each enabled setting to the shared modules (once: the pipeline views share them)."""
+def apply_fastpath(pipes, fastpath: FastPath):
+    """Apply each enabled setting to the shared modules (once: the pipeline views share them); returns the pipelines
+    with these settings and the LoRA slots they install. Compiling happens lazily: warm_up(pipes) does it in setup."""
     import torch
 
     unets = (pipes.text2img.unet, pipes.refiner.unet)
@@ -104,21 +123,26 @@ def apply_fastpath(pipes, fastpath: FastPath) -> None:
     if fastpath.fuse_qkv:
         for pipe in (pipes.text2img, pipes.refiner):
             pipe.fuse_qkv_projections()
-    if fastpath.lora_slots:
+    slots = None
+    if fastpath.lora_backend.kind == SLOTS:  # before compiling: the slots are part of the compiled blocks
         from sdxl.lora_slots import LoraSlots
 
-        pipes.lora_slots = LoraSlots.install(pipes.text2img.unet, fastpath.lora_slot_rank)
+        slots = LoraSlots.install(pipes.text2img.unet, fastpath.lora_slot_rank)
     if fastpath.compile:
-        import torch._dynamo
-
-        # One compiled block code serves base and refiner, with and without LoRA, maybe a new size: more than
-        # dynamo's default 8 variants, after which it would silently run the blocks eagerly.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS_LIMIT)
-        _private_compile_cache()
-        for unet in unets:
-            unet.compile_repeated_blocks(fullgraph=True, dynamic=True)
-        _warm_up(pipes)
+        _compile(unets)
     log.info("fast path: %s", fastpath.describe())
+    return replace(pipes, fastpath=fastpath, lora_slots=slots)
+
+
+def _compile(unets) -> None:
+    import torch._dynamo
+
+    # One compiled block code serves base and refiner, with and without LoRA, maybe a new size: more than
+    # dynamo's default 8 variants, after which it would silently run the blocks eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS_LIMIT)
+    _private_compile_cache()
+    for unet in unets:
+        unet.compile_repeated_blocks(fullgraph=True, dynamic=True)
 
 
 def _private_compile_cache() -> None:
@@ -134,12 +158,15 @@ def _private_compile_cache() -> None:
     os.environ[INDUCTOR_CACHE_ENV] = str(folder.resolve())
 
 
-def _warm_up(pipes) -> None:
-    """Compile during setup, not in the first client's request: one short base + refiner run at the default size."""
+def warm_up(pipes) -> None:
+    """A setup step: with SDXL_COMPILE=1, compile now, not in the first client's request (one short base + refiner
+    run at the default size, and the base with its LoRA slots on). Does nothing otherwise."""
     import time
 
     import torch
 
+    if not pipes.fastpath.compile:
+        return
     started = time.perf_counter()
     with torch.inference_mode():
         latents = pipes.text2img("warm-up", num_inference_steps=2, output_type="latent").images

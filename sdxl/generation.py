@@ -14,7 +14,7 @@ from PIL import Image
 
 from sdxl import images as image_io
 from sdxl import prompt_weighting
-from sdxl.compute import Cancelled, on_compute_thread
+from sdxl.compute import stop_if_cancelled
 from sdxl.errors import NSFWError
 from sdxl.loading import Pipelines
 from sdxl.request import BASE_IMAGE_REFINER_STRENGTH, GenerationRequest
@@ -106,8 +106,7 @@ def _progress(on_step: StepCallback | None, stage: str, cancelled: threading.Eve
         return {}
 
     def callback(pipe, step, timestep, callback_kwargs):
-        if cancelled is not None and cancelled.is_set():
-            raise Cancelled(f"{stage}: cancelled after step {step + 1}")
+        stop_if_cancelled(cancelled, f"in {stage} after step {step + 1}")
         if on_step is not None:
             on_step(stage, step + 1, pipe.num_timesteps)
         return callback_kwargs
@@ -178,16 +177,16 @@ def denoise(
         return refiner(**refiner_common).images
 
 
-def generate(pipes: Pipelines, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
-    """Run the request on the compute thread (sdxl.compute), whatever thread calls; a cancel stops it at the next
-    denoising step."""
-    return on_compute_thread(lambda cancelled: _generate(pipes, request, on_step, cancelled))
-
-
-def _generate(
-    pipes: Pipelines, request: GenerationRequest, on_step: StepCallback | None, cancelled: threading.Event
+def generate(
+    pipes: Pipelines,
+    request: GenerationRequest,
+    on_step: StepCallback | None = None,
+    cancelled: threading.Event | None = None,
 ) -> GenerationResult:
-    """1. fix the seed  2. denoise (and refine)  3. drop what the safety checker flags  4. watermark."""
+    """1. fix the seed  2. denoise (and refine)  3. drop what the safety checker flags  4. watermark.
+
+    Runs on the calling thread (the edge calls it on the compute thread, sdxl.compute); once `cancelled` is set it
+    stops after the current denoising step."""
     started = time.perf_counter()
     request = request.with_seed()
     log.info(

@@ -83,6 +83,25 @@ class SlotLora:
         return sum(down.numel() + up.numel() for down, up in self.factors.values())
 
 
+def _unet_part(name: str, state_dict: dict, network_alphas: dict | None, metadata: dict | None):
+    """The LoRA's UNet tensors in peft's key layout, and the LoraConfig diffusers would build for them (None when
+    the LoRA has no UNet part)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from diffusers.utils.peft_utils import _create_lora_config
+
+    prefix = f"{UNET_PREFIX}."
+    unet_state = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not unet_state:
+        return unet_state, None
+    if metadata is not None:
+        metadata = {k.removeprefix(prefix): v for k, v in metadata.items() if k.startswith(prefix)} or None
+    if "lora_A" not in next(iter(unet_state)):
+        unet_state = convert_unet_state_dict_to_peft(unet_state)
+    ranks = {f"^{k}": v.shape[1] for k, v in unet_state.items() if "lora_B" in k and v.ndim > 1}
+    alphas = {k.removeprefix(prefix): v for k, v in (network_alphas or {}).items() if k.startswith(prefix)}
+    return unet_state, _create_lora_config(unet_state, alphas or None, metadata, ranks, adapter_name=name)
+
+
 class LoraSlots:
     """The slots of one UNet: install them before compiling, then fill and clear them per request."""
 
@@ -117,24 +136,11 @@ class LoraSlots:
 
         Ranks and alphas are read with the same diffusers/peft rules as a normal load (rank and alpha patterns,
         rsLoRA), so the slot computes what a peft adapter would."""
-        from diffusers.utils import convert_unet_state_dict_to_peft
-        from diffusers.utils.peft_utils import _create_lora_config
-        from peft.utils.other import get_pattern_key
-
-        prefix = f"{UNET_PREFIX}."
-        unet_state = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
-        if metadata is not None:
-            metadata = {k.removeprefix(prefix): v for k, v in metadata.items() if k.startswith(prefix)} or None
+        unet_state, config = _unet_part(name, state_dict, network_alphas, metadata)
         if not unet_state:
             return SlotLora(name, {})
-        if "lora_A" not in next(iter(unet_state)):
-            unet_state = convert_unet_state_dict_to_peft(unet_state)
-        ranks = {f"^{k}": v.shape[1] for k, v in unet_state.items() if "lora_B" in k and v.ndim > 1}
-        alphas = {k.removeprefix(prefix): v for k, v in (network_alphas or {}).items() if k.startswith(prefix)}
-        config = _create_lora_config(unet_state, alphas or None, metadata, ranks, adapter_name=name)
         if config.use_dora or getattr(config, "lora_bias", False):
             raise InputError(field, "DoRA and LoRA-bias adapters are not supported by the compiled UNet's LoRA slots")
-
         layers = sorted({key.split(".lora_")[0] for key in unet_state})
         outside = [layer for layer in layers if layer not in self.layers]
         if outside:
@@ -144,34 +150,36 @@ class LoraSlots:
                 "this server compiles its UNet (SDXL_COMPILE=1) and takes LoRAs on the transformer blocks' linear "
                 "layers only (attention, feed-forward, proj_in/proj_out)",
             )
-        factors = {}
-        for layer in layers:
-            down, up = unet_state.get(f"{layer}.lora_A.weight"), unet_state.get(f"{layer}.lora_B.weight")
-            slot = self.layers[layer]
-            if down is None or up is None or down.ndim != 2 or up.ndim != 2:
-                raise InputError(field, f"the LoRA's layer {layer} needs a 2-D lora_A and lora_B (a linear LoRA)")
-            rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), layer), config.r)
-            alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), layer), config.lora_alpha)
-            shapes_fit = down.shape == (rank, slot.in_features) and up.shape == (slot.out_features, rank)
-            if not shapes_fit:
-                raise InputError(
-                    field,
-                    f"the LoRA's layer {layer} has shapes {list(down.shape)} and {list(up.shape)}; this model's "
-                    f"layer is {slot.in_features} -> {slot.out_features}",
-                )
-            if rank > self.rank:
-                raise InputError(
-                    field,
-                    f"the LoRA has rank {rank} at {layer}; this server's compiled LoRA slots take rank up to "
-                    f"{self.rank} (SDXL_LORA_SLOT_RANK)",
-                )
-            scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
-            weight = slot.weight
-            factors[layer] = (
-                down.to(device=weight.device, dtype=weight.dtype).contiguous(),
-                (up.to(device=weight.device, dtype=torch.float32) * scaling).to(weight.dtype).contiguous(),
+        return SlotLora(name, {layer: self._factors(layer, unet_state, config, field) for layer in layers})
+
+    def _factors(self, layer: str, unet_state: dict, config, field: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B with the LoRA's alpha / r folded in) for one layer, checked against its slot, on its device."""
+        from peft.utils.other import get_pattern_key
+
+        down, up = unet_state.get(f"{layer}.lora_A.weight"), unet_state.get(f"{layer}.lora_B.weight")
+        slot = self.layers[layer]
+        if down is None or up is None or down.ndim != 2 or up.ndim != 2:
+            raise InputError(field, f"the LoRA's layer {layer} needs a 2-D lora_A and lora_B (a linear LoRA)")
+        rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), layer), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), layer), config.lora_alpha)
+        if not (down.shape == (rank, slot.in_features) and up.shape == (slot.out_features, rank)):
+            raise InputError(
+                field,
+                f"the LoRA's layer {layer} has shapes {list(down.shape)} and {list(up.shape)}; this model's "
+                f"layer is {slot.in_features} -> {slot.out_features}",
             )
-        return SlotLora(name, factors)
+        if rank > self.rank:
+            raise InputError(
+                field,
+                f"the LoRA has rank {rank} at {layer}; this server's compiled LoRA slots take rank up to "
+                f"{self.rank} (SDXL_LORA_SLOT_RANK)",
+            )
+        scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+        weight = slot.weight
+        return (
+            down.to(device=weight.device, dtype=weight.dtype).contiguous(),
+            (up.to(device=weight.device, dtype=torch.float32) * scaling).to(weight.dtype).contiguous(),
+        )
 
     # -- per request ------------------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ The pooled embedding reads the prompt's words with the syntax removed, truncated
 weights: CLIP pools its end token, which the weights (applied after the encoder) cannot reach. compel itself would
 pool the raw text, syntax characters included.
 
-Trained tokens: the prompt arrives with trained words already swapped for their tokens (sdxl/adapters.py); each
+Trained tokens: the prompt arrives with trained words already swapped for their tokens (sdxl/trained/); each
 token stands for one embedding row, so no multi-vector expansion is needed, and compel's parser keeps `<s0-...>` as
 plain text.
 """

@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from sdxl import adapters as ad
 from sdxl import remote
 from sdxl import weights_cache as wc
-from sdxl.adapters import AdapterRequest, Adapters, Applied, LoraInput, parse_loras
 from sdxl.errors import InputError
 from sdxl.generation import generate
 from sdxl.loading import load_pipelines
 from sdxl.random_weights.architectures import CLIP_VOCAB_SIZE, TINY
 from sdxl.request import GenerationRequest
+from sdxl.trained.request import AdapterRequest, LoraInput, parse_loras
+from sdxl.trained.tokens import Applied
+from sdxl.trained.trained_weights import TrainedWeights
 from tests import weights_helpers as wh
 
 TE1_WIDTH, TE2_WIDTH = TINY.te1["hidden_size"], TINY.te2["hidden_size"]
@@ -46,7 +47,7 @@ def model(tiny_weights_dir):
 
 @pytest.fixture(scope="module")
 def adapters(model, tmp_path_factory):
-    return Adapters(model, wc.WeightsCache(tmp_path_factory.mktemp("cache")))
+    return TrainedWeights(model, wc.WeightsCache(tmp_path_factory.mktemp("cache")))
 
 
 @pytest.fixture
@@ -365,20 +366,20 @@ def test_cancel_mid_load_leaves_the_model_clean(adapters, model, server, tmp_pat
             with pytest.raises(Cancelled):
                 with adapters.applied(AdapterRequest(url, lora_scale=0.5)):
                     raise AssertionError("not reached")
-        assert "trained_" + wc.url_key(url)[:12] not in adapters._resident
+        assert "trained_" + wc.url_key(url)[:12] not in adapters.loras.resident
         assert_clean(model, base_state)
 
     # a cancel in the middle of swapping UNet weights
     tuned = {k: v + 1 for k, v in base_state.items()}
     full = server.serve("/cancel-full.tar", wh.trained_tar(tmp_path, unet=tuned))
-    real_copy = adapters._copy_into_unet
+    real_copy = adapters.unet.copy_into
 
     def copy_then_cancel(path):
         real_copy(path)
         raise Cancelled()
 
     with monkeypatch.context() as m:
-        m.setattr(adapters, "_copy_into_unet", copy_then_cancel)
+        m.setattr(adapters.unet, "copy_into", copy_then_cancel)
         with pytest.raises(Cancelled):
             with adapters.applied(AdapterRequest(full)):
                 pass
@@ -396,7 +397,7 @@ def test_own_weights_from_setup(tiny_weights_dir, trained, server, tmp_path, fre
     own = load_pipelines(tiny_weights_dir)
     archive = tmp_path / "trained_model.tar"
     archive.write_bytes(server.files["/trained.tar"])
-    adapters = Adapters(own, wc.WeightsCache(tmp_path / "cache"))
+    adapters = TrainedWeights(own, wc.WeightsCache(tmp_path / "cache"))
     adapters.load_own_weights(str(archive))
     with adapters.applied(AdapterRequest(lora_scale=0.5)) as applied:
         rewritten = applied.rewrite(request(prompt=PROMPT))
@@ -432,9 +433,15 @@ def test_requests_are_refused_before_any_download(adapters, server):
 
 def test_module_has_no_cog_import():
     import ast
+    import importlib
     import inspect
+    import pkgutil
 
-    for module in (ad, wc, remote):
+    import sdxl.trained
+
+    trained = [importlib.import_module(f"sdxl.trained.{m.name}") for m in pkgutil.iter_modules(sdxl.trained.__path__)]
+    assert len(trained) >= 7  # every module of the package is read
+    for module in (*trained, sdxl.trained, wc, remote):
         tree = ast.parse(inspect.getsource(module))
         names = {
             alias.name
@@ -453,7 +460,7 @@ def test_own_full_finetune_from_a_url(tiny_weights_dir, server, tmp_path):
     url = server.serve(
         "/own-full.tar", wh.trained_tar(tmp_path, unet=tuned, rows=wh.embeddings(WIDTHS), token_map={"sks": "<s1><s0>"})
     )
-    adapters = Adapters(own, wc.WeightsCache(tmp_path / "cache"))
+    adapters = TrainedWeights(own, wc.WeightsCache(tmp_path / "cache"))
     adapters.load_own_weights(url)
     state = own.text2img.unet.state_dict()
     assert all(torch.equal(state[k], tuned[k]) for k in tuned)

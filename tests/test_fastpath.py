@@ -61,14 +61,14 @@ def test_regional_compile_keeps_the_image(pipes, tiny_weights_dir):
 
 
 def test_fused_qkv_refuses_loras_clearly(tiny_weights_dir, tmp_path):
-    from sdxl.adapters import Adapters
     from sdxl.errors import InputError
+    from sdxl.trained.trained_weights import TrainedWeights
     from tests.weights_helpers import lora_state, write_lora
 
     fused = load_pipelines(tiny_weights_dir, fastpath=FastPath(fuse_qkv=True))
     path = write_lora(tmp_path, lora_state(fused.text2img.unet, seed=1))
     with pytest.raises(InputError, match="loras\\[0\\]: .*SDXL_FUSE_QKV=1"):
-        Adapters(fused)._ensure_lora("x", path, "loras[0]")
+        TrainedWeights(fused).loras.ensure("x", path, "loras[0]")
 
 
 def test_compile_cache_folder_is_private_and_a_planted_one_is_refused(tmp_path, monkeypatch):

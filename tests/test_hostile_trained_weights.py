@@ -23,12 +23,13 @@ import pytest
 import torch
 
 from sdxl import weights_cache as wc
-from sdxl.adapters import Adapters
 from sdxl.errors import InputError
 from sdxl.loading import load_pipelines
 from sdxl.lora_slots import LoraSlots
 from sdxl.preprocess import archive
 from sdxl.private_dirs import UnsafeFolderError, private_dir
+from sdxl.trained.lora_store import LoraStore, SlotLoras, lora_store_for
+from sdxl.trained.unet_swap import unet_tensors
 from tests import hostile_builders as hb
 from tests import weights_helpers as wh
 from tests.cogserver import CogServer, decode_png, free_port
@@ -194,10 +195,10 @@ def metadata_with(extra: dict) -> dict:
     return {"r": 4, "lora_alpha": 4, "target_modules": list(wh.TARGETS), **extra}
 
 
-def model_state(adapters: Adapters) -> tuple[list[str], int, str]:
+def model_state(store: LoraStore) -> tuple[list[str], int, str]:
     """Module names, parameter count, and a hash of every parameter and buffer of the adapted models."""
     names, count, digest = [], 0, hashlib.sha256()
-    for root, model in adapters._modules.items():
+    for root, model in store.modules.items():
         names += [f"{root}.{name}" for name, _ in model.named_modules()]
         count += sum(p.numel() for p in model.parameters())
         for key, tensor in model.state_dict().items():
@@ -207,11 +208,11 @@ def model_state(adapters: Adapters) -> tuple[list[str], int, str]:
 
 
 @pytest.fixture(scope="module", params=["peft", "slots"])
-def backend(request, tiny_weights_dir, tmp_path_factory):
+def backend(request, tiny_weights_dir):
     pipes = load_pipelines(tiny_weights_dir)
     if request.param == "slots":
-        pipes.lora_slots = LoraSlots.install(pipes.text2img.unet, 8)
-    return Adapters(pipes, wc.WeightsCache(tmp_path_factory.mktemp("cache")))
+        return SlotLoras(pipes.text2img, LoraSlots.install(pipes.text2img.unet, 8))
+    return lora_store_for(pipes)
 
 
 @pytest.mark.parametrize("variant", HOSTILE_METADATA)
@@ -223,9 +224,9 @@ def test_refused_lora_leaves_the_model_as_it_was(backend, variant, tmp_path):
     before = model_state(backend)
     for _ in range(2):  # a refused request repeated grows nothing
         with pytest.raises(InputError, match=r"^loras\[0\]: "):
-            backend._ensure_lora("lora_hostile", path, "loras[0]")
+            backend.ensure("lora_hostile", path, "loras[0]")
         assert model_state(backend) == before
-    assert backend._peft_adapter_names() == set() and not backend._resident
+    assert backend.peft_adapter_names() == set() and not backend.resident
 
 
 @pytest.mark.parametrize("variant", HOSTILE_METADATA)
@@ -237,14 +238,14 @@ def test_hostile_metadata_is_ignored_on_a_fitting_lora(backend, variant, tmp_pat
         lora_bytes(tmp_path, backend.pipe.unet, seed=2, metadata=metadata_with(HOSTILE_METADATA[variant])),
     )
     before = model_state(backend)
-    base = {k: v.clone() for k, v in backend._unet_tensors().items()}
-    backend._ensure_lora("lora_fits", path, "loras[0]")
+    base = {k: v.clone() for k, v in unet_tensors(backend.pipe.unet).items()}
+    backend.ensure("lora_fits", path, "loras[0]")
     try:
         wrapped = [n for n in model_state(backend)[0] if "modules_to_save" in n or "original_module" in n]
         assert wrapped == []
-        assert all(torch.equal(base[k], v) for k, v in backend._unet_tensors().items())
+        assert all(torch.equal(base[k], v) for k, v in unet_tensors(backend.pipe.unet).items())
     finally:
-        backend._unload_all_loras()
+        backend.unload_all()
     assert model_state(backend)[1:] == before[1:]
 
 
@@ -261,7 +262,7 @@ def test_metadata_values_are_checked(backend, extra, words, tmp_path):
     before = model_state(backend)
     started = time.perf_counter()
     with pytest.raises(InputError, match=rf"loras\[0\]: the LoRA file's adapter metadata sets .*{words}"):
-        backend._ensure_lora("lora_bad_meta", path, "loras[0]")
+        backend.ensure("lora_bad_meta", path, "loras[0]")
     assert time.perf_counter() - started < 5  # a catastrophic regex here would run for minutes
     assert model_state(backend) == before
 

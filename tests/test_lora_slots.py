@@ -2,6 +2,7 @@
 image back bit for bit afterwards, and no LoRA switch recompiles."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,13 +10,15 @@ import torch
 from torch._dynamo.utils import counters
 
 from sdxl import weights_cache as wc
-from sdxl.adapters import AdapterRequest, Adapters, LoraInput, parse_loras
 from sdxl.errors import InputError
-from sdxl.fastpath import FastPath
+from sdxl.fastpath import PEFT, REFUSED, SLOTS, FastPath, warm_up
 from sdxl.generation import generate
 from sdxl.loading import load_pipelines
 from sdxl.lora_slots import LoraSlots, SlotLinear
 from sdxl.request import GenerationRequest
+from sdxl.trained.lora_store import SlotLoras
+from sdxl.trained.request import AdapterRequest, LoraInput, parse_loras
+from sdxl.trained.trained_weights import TrainedWeights
 from tests import weights_helpers as wh
 
 SLOT_RANK = 8
@@ -44,10 +47,12 @@ def base_image(tiny_weights_dir):
 
 @pytest.fixture(scope="module")
 def slotted(tiny_weights_dir, tmp_path_factory):
-    """Eager pipelines with slots installed as SDXL_COMPILE=1 installs them (the slot arithmetic, minus compile)."""
+    """Eager pipelines with slots installed as SDXL_COMPILE=1 installs them (the slot arithmetic, minus compile), and
+    the slot LoRA store SDXL_COMPILE=1 picks, given to them by hand."""
     pipes = load_pipelines(tiny_weights_dir)
-    pipes.lora_slots = LoraSlots.install(pipes.text2img.unet, SLOT_RANK)
-    return pipes, Adapters(pipes, wc.WeightsCache(tmp_path_factory.mktemp("cache")))
+    pipes = replace(pipes, lora_slots=LoraSlots.install(pipes.text2img.unet, SLOT_RANK))
+    cache = wc.WeightsCache(tmp_path_factory.mktemp("cache"))
+    return pipes, TrainedWeights(pipes, cache, loras=SlotLoras(pipes.text2img, pipes.lora_slots))
 
 
 def serve_lora(server, tmp_path, name: str, state: dict) -> str:
@@ -160,10 +165,10 @@ def test_bad_slot_rank_setting_is_named(monkeypatch, value, message):
 
 
 def test_slots_only_with_compile():
-    assert FastPath(compile=True).lora_slots
-    assert not FastPath().lora_slots  # eager: peft adapters cost nothing when no LoRA is active
-    assert not FastPath(compile=True, fuse_qkv=True).lora_slots
-    assert not FastPath(compile=True, lora_slot_rank=0).lora_slots
+    assert FastPath(compile=True).lora_backend.kind == SLOTS
+    assert FastPath().lora_backend.kind == PEFT  # eager: peft adapters cost nothing when no LoRA is active
+    assert FastPath(compile=True, fuse_qkv=True).lora_backend.kind == REFUSED
+    assert FastPath(compile=True, lora_slot_rank=0).lora_backend.kind == REFUSED
 
 
 def unique_graphs() -> int:
@@ -178,8 +183,10 @@ def test_compiled_lora_switches_never_recompile(tiny_weights_dir, server, tmp_pa
     the LoRAs (on the tiny model the token count 64 equals a channel count, so dynamo pins it)."""
     torch._dynamo.reset()  # compiled code from other tests must not count, nor fill dynamo's variant limit
     compiled = load_pipelines(tiny_weights_dir, fastpath=FastPath(compile=True, lora_slot_rank=SLOT_RANK))
+    warm_up(compiled)  # the setup step that follows loading
     eager, eager_adapters = slotted
-    adapters = Adapters(compiled, wc.WeightsCache(tmp_path / "cache"))
+    adapters = TrainedWeights(compiled, wc.WeightsCache(tmp_path / "cache"))
+    assert isinstance(adapters.loras, SlotLoras)  # chosen from the fast-path settings
     unet = compiled.text2img.unet
     urls = [serve_lora(server, tmp_path, f"c{i}", wh.lora_state(unet, seed=40 + i, rank=4)) for i in range(2)]
     requests = [(), ((urls[0], 0.6),), ((urls[1], 1.0),), ((urls[0], 0.6), (urls[1], -0.4)), ()]
@@ -203,7 +210,7 @@ def test_compiled_lora_switches_never_recompile(tiny_weights_dir, server, tmp_pa
     torch._dynamo.reset()
     plain = load_pipelines(tiny_weights_dir, fastpath=FastPath(compile=True, lora_slot_rank=0))
     with pytest.raises(InputError, match=r"loras\[0\]: .*without LoRA slots"):
-        with Adapters(plain, wc.WeightsCache(tmp_path / "cache2")).applied(
+        with TrainedWeights(plain, wc.WeightsCache(tmp_path / "cache2")).applied(
             AdapterRequest(loras=((LoraInput(urls[0]),)))
         ):
             pass

@@ -10,7 +10,6 @@ from PIL import Image
 
 import predict
 from sdxl import infotext
-from sdxl.adapters import AdapterRequest, Adapters, LoraInput
 from sdxl.errors import InputError
 from sdxl.generation import generate
 from sdxl.outputs import (
@@ -23,6 +22,8 @@ from sdxl.outputs import (
     save_image,
 )
 from sdxl.request import GenerationRequest
+from sdxl.trained.request import AdapterRequest, LoraInput
+from sdxl.trained.trained_weights import TrainedWeights
 from sdxl.watermark import watermark_match
 
 TINY = {"width": 64, "height": 64, "num_inference_steps": 2}
@@ -33,7 +34,7 @@ TEXTS = ["a fox\nSteps: 2, Sampler: Euler, CFG scale: 7.5, Seed: 1", "un renard 
 @pytest.fixture
 def runner(pipes):
     runner = predict.Runner()
-    runner.pipes, runner._outputs, runner.adapters = pipes, [], Adapters(pipes)
+    runner.pipes, runner._outputs, runner.trained_weights = pipes, [], TrainedWeights(pipes)
     return runner
 
 

@@ -8,11 +8,11 @@ import pytest
 from cog._inspector import check_input, create_predictor
 
 import predict
-from sdxl.adapters import Adapters
 from sdxl.errors import InputError
 from sdxl.generation import generate
 from sdxl.outputs import OutputOptions, save_images
 from sdxl.request import GenerationRequest
+from sdxl.trained.trained_weights import TrainedWeights
 
 TINY = {"width": 64, "height": 64, "num_inference_steps": 2, "seed": 3}
 
@@ -22,7 +22,7 @@ def runner(pipes):
     """A Runner on the session's tiny pipelines (setup's loading is the server tests' business)."""
     runner = predict.Runner()
     runner.pipes, runner._outputs = pipes, []
-    runner.adapters = Adapters(pipes)
+    runner.trained_weights = TrainedWeights(pipes)
     return runner
 
 

@@ -13,11 +13,12 @@ from PIL import Image
 from sdxl import prompt_weighting as pw
 from sdxl import remote
 from sdxl import weights_cache as wc
-from sdxl.adapters import AdapterRequest, Adapters
 from sdxl.errors import InputError
 from sdxl.generation import generate
 from sdxl.random_weights.architectures import TINY
 from sdxl.request import GenerationRequest
+from sdxl.trained.request import AdapterRequest
+from sdxl.trained.trained_weights import TrainedWeights
 from tests import weights_helpers as wh
 
 PROMPT = "a watercolor fox in the snow"
@@ -219,7 +220,7 @@ def test_trained_tokens_are_swapped_first_then_weighted(tiny_weights_dir, tokens
     lora = wh.lora_state(model.text2img.unet, seed=1)
     tar = wh.trained_tar(tmp_path, lora=lora, rows=rows, config=wh.lora_config(rank=4))
     url = tokens_server.serve("/trained.tar", tar)
-    adapters = Adapters(model, wc.WeightsCache(tmp_path / "cache"))
+    adapters = TrainedWeights(model, wc.WeightsCache(tmp_path / "cache"))
     request = GenerationRequest(prompt="a photo of TOK in tokyo", prompt_weighting=True, **SMALL)
     with adapters.applied(AdapterRequest(replicate_weights=url)) as applied, torch.inference_mode():
         swapped = applied.rewrite(request)

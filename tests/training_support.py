@@ -105,18 +105,18 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 class PredictorLatents:
     """Latents drawn the way the predictor draws them. A trained tar takes the predictor's own weights path: served
     as `replicate_weights` from a loopback server, fetched into the weights cache, checked, its LoRA and tokens
-    applied by sdxl.adapters and its trained word rewritten in the prompt. The base pipeline then samples what a
+    applied by sdxl.trained and its trained word rewritten in the prompt. The base pipeline then samples what a
     text-to-image request would (64 px, seeds from one CPU generator, empty negative prompt), stopping before the VAE.
     Needs SDXL_ALLOW_LOOPBACK_HTTP=1 while it fetches."""
 
     def __init__(self, weights_root: Path, cache_dir: Path):
-        from sdxl.adapters import Adapters
         from sdxl.loading import load_pipelines
         from sdxl.testing.file_server import FileServer
+        from sdxl.trained.trained_weights import TrainedWeights
         from sdxl.weights_cache import WeightsCache
 
         self.pipes = load_pipelines(weights_root)
-        self.adapters = Adapters(self.pipes, WeightsCache(cache_dir))
+        self.adapters = TrainedWeights(self.pipes, WeightsCache(cache_dir))
         self.server = FileServer()
         self.served = 0
 
@@ -125,8 +125,7 @@ class PredictorLatents:
 
     def draw(self, prompt: str, seeds: int, tar: Path | None = None, lora_scale: float = 1.0, **sampling):
         """[seeds, 4, 8, 8] latents for `prompt`, with the trained weights in `tar` (None: the base model)."""
-        from sdxl.adapters import AdapterRequest
-        from sdxl.compute import on_compute_thread
+        from sdxl.trained.request import AdapterRequest
 
         url = None
         if tar is not None:
@@ -134,7 +133,7 @@ class PredictorLatents:
             url = self.server.serve(f"/{self.served}/trained_model.tar", Path(tar).read_bytes())
         with self.adapters.applied(AdapterRequest(replicate_weights=url, lora_scale=lora_scale)) as applied:
             text = applied.rewrite_text(prompt)
-            return on_compute_thread(lambda _cancelled: self._sample(text, seeds, **sampling))
+            return self._sample(text, seeds, **sampling)  # on this thread, as the loading and the weights
 
     @torch.inference_mode()
     def _sample(self, prompt: str, seeds: int, steps: int = 10, guidance: float = 7.5) -> torch.Tensor:

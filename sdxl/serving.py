@@ -1,0 +1,40 @@
+"""What the prediction edge runs on the compute thread: setup in one call, each request in one call (sdxl/compute.py
+says why). Plain synchronous functions; the edge wraps each in on_compute_thread."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from sdxl.compute import stop_if_cancelled
+from sdxl.fastpath import warm_up
+from sdxl.generation import GenerationResult, StepCallback, generate
+from sdxl.loading import Pipelines, load_pipelines
+from sdxl.request import GenerationRequest
+from sdxl.trained.request import AdapterRequest
+from sdxl.trained.trained_weights import TrainedWeights
+
+
+def set_up(root: Path, own_weights: str | None = None) -> tuple[Pipelines, TrainedWeights]:
+    """1. load the pipelines  2. warm them up (compiles, with SDXL_COMPILE=1)  3. apply the model's own weights."""
+    pipes = load_pipelines(root)
+    warm_up(pipes)
+    trained_weights = TrainedWeights(pipes)
+    if own_weights:
+        trained_weights.load_own_weights(own_weights)
+    return pipes, trained_weights
+
+
+def predict_once(
+    pipes: Pipelines,
+    trained_weights: TrainedWeights,
+    adapter_request: AdapterRequest,
+    request: GenerationRequest,
+    cancelled: threading.Event | None = None,
+    on_step: StepCallback | None = None,
+) -> GenerationResult:
+    """1. apply the request's trained weights  2. generate with its trained words rewritten  3. take the weights
+    off again (also on error or cancel). A cancel stops it between steps and after each denoising step."""
+    with trained_weights.applied(adapter_request, cancelled) as applied:
+        stop_if_cancelled(cancelled, "before generating")
+        return generate(pipes, applied.rewrite(request), on_step=on_step, cancelled=cancelled)
