@@ -110,7 +110,7 @@ def summarize(runs: list[dict], backends: list[int]) -> dict:
 def ensure_weights(path: Path | None, scratch: Path) -> Path:
     if path:
         return path
-    from sdxl.tiny_weights import write_tiny_weights
+    from sdxl.random_weights import write_tiny_weights
 
     return write_tiny_weights(scratch / "tiny-weights")
 

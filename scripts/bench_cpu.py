@@ -23,11 +23,11 @@ from bench_measure import (
 )
 
 from sdxl import weights
-from sdxl.architectures import ARCHITECTURES
 from sdxl.generation import generate
 from sdxl.loading import load_pipelines
+from sdxl.random_weights import write_random_weights
+from sdxl.random_weights.architectures import ARCHITECTURES
 from sdxl.request import REFINE_MODES, GenerationRequest
-from sdxl.tiny_weights import write_random_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("benchmark")

@@ -1,6 +1,6 @@
 """Random full-size SDXL weights for the GPU benchmark, written as fast as the machine allows.
 
-The modules are built by the library's own writer (sdxl.tiny_weights, the production layout) with torch's default
+The modules are built by the library's own writer (sdxl.random_weights, the production layout) with torch's default
 device set to the GPU, so their random initialisation runs there in milliseconds instead of minutes on the CPU;
 each is saved in fp16 straight from the GPU. Every row loads as the server does (base, refiner and checker), so the
 whole set is written, once per machine: a second run with the same --weights-dir reuses it.
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from sdxl import weights
-from sdxl.architectures import ARCHITECTURES
-from sdxl.tiny_weights import write_random_weights
+from sdxl.random_weights import write_random_weights
+from sdxl.random_weights.architectures import ARCHITECTURES
 
 log = logging.getLogger("benchmark")
 

@@ -22,11 +22,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from sdxl import prompt_weighting as pw  # noqa: E402
-from sdxl.architectures import ARCHITECTURES  # noqa: E402
 from sdxl.generation import generate  # noqa: E402
 from sdxl.loading import load_pipelines  # noqa: E402
+from sdxl.random_weights import write_random_weights  # noqa: E402
+from sdxl.random_weights.architectures import ARCHITECTURES  # noqa: E402
 from sdxl.request import GenerationRequest  # noqa: E402
-from sdxl.tiny_weights import write_random_weights  # noqa: E402
 
 WORDS = "fox snow river tree house cloud stone bird moon lake road field".split()
 PROMPTS = {

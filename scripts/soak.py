@@ -42,8 +42,8 @@ from PIL import Image  # noqa: E402
 
 from sdxl.schedulers import SCHEDULERS  # noqa: E402
 from sdxl.testing.cog_server import CogServer, WebhookReceiver, decode_png, png_data_uri  # noqa: E402
+from sdxl.testing.file_server import FileServer  # noqa: E402
 from sdxl.testing.proc import read_process  # noqa: E402
-from sdxl.testing.weights_server import WeightsServer  # noqa: E402
 
 COGLET_PREDICTIONS = Path("/tmp/coglet/predictions")  # coglet 0.23.1 keeps a folder per prediction here (not $TMPDIR)
 PROBES = ("probe_base", "probe_lora")
@@ -75,7 +75,7 @@ class Outcome:
 class Fixtures:
     urls: dict[str, str]
     images: dict[str, str]  # data: URIs
-    served: WeightsServer = field(repr=False)
+    served: FileServer = field(repr=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def make_weights(weights_dir: Path, scratch: Path) -> dict[str, bytes]:
 
 
 def make_fixtures(weights_dir: Path, scratch: Path, size: int) -> Fixtures:
-    served = WeightsServer()
+    served = FileServer()
     urls = {path: served.serve(path, body) for path, body in make_weights(weights_dir, scratch).items()}
     served.redirects["/redirect.tar"] = "https://10.9.8.7/trained_model.tar"  # a private address: refused
     urls["/redirect.tar"] = served.url("/redirect.tar")
@@ -505,7 +505,7 @@ def soak(args) -> dict:
     try:
         weights_dir = args.weights_dir
         if weights_dir is None:
-            from sdxl.tiny_weights import write_tiny_weights
+            from sdxl.random_weights import write_tiny_weights
 
             weights_dir = write_tiny_weights(root / "weights")
         fixtures = make_fixtures(weights_dir, paths.fixtures, args.size)

@@ -1,8 +1,20 @@
 import logging
+import os
 
 import pytest
 
-from sdxl.tiny_weights import write_tiny_weights
+# Both before torch loads; the processes the tests start (Cog servers, benchmarks) inherit them.
+# MKL's default code paths may round differently with the memory alignment of their operands, so two loads of the same
+# weights (mmap-backed in diffusers, copied in ours) can differ in the last bit (2e-7 to 5e-7 after one attention
+# projection of the tiny UNet): enough to move a pixel by 1 of 255 where tests compare with diffusers bit for bit.
+# MKL's strict reproducible branch does not depend on alignment.
+os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
+# OpenMP threads that sleep at a barrier instead of spinning: tests run a server, its worker and the test process on
+# the same cores, where spinning threads wait for each other at every operation (11 steps of a small UNet at 1024 px,
+# load ~7 on 2 cores: 35 s spinning, 6 s sleeping).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from sdxl.random_weights import write_tiny_weights  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -45,7 +57,7 @@ def listener():
 @pytest.fixture
 def files():
     """A loopback file server that records who fetched what."""
-    from tests.file_input_servers import FileServer
+    from sdxl.testing.file_server import FileServer
 
     server = FileServer()
     yield server

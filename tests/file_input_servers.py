@@ -1,5 +1,5 @@
-"""Test helpers for file inputs: a loopback file server that records who fetched what, a listener that must never be
-connected to, and measurements of a Cog worker (its pid, peak memory, the temporary folder's size)."""
+"""Test helpers for file inputs: a listener that must never be connected to, and measurements of a Cog worker (its
+pid, peak memory, the temporary folder's size). The loopback file server is sdxl.testing.file_server.FileServer."""
 
 from __future__ import annotations
 
@@ -8,13 +8,9 @@ import select
 import socket
 import threading
 import time
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 HOST = "127.0.0.1"
-ENDLESS_LIMIT = 256 << 20  # the most an "endless" body ever sends; far above every cap under test
-CHUNK = 64 << 10
 
 
 class SilentListener:
@@ -33,77 +29,6 @@ class SilentListener:
 
     def close(self) -> None:
         self.sock.close()
-
-
-class FileServer:
-    """Serves in-memory files over plain http on loopback; records each request's path and User-Agent; can redirect,
-    and stream an "endless" body (with or without announcing a huge Content-Length) counting the bytes it sent."""
-
-    def __init__(self):
-        self.files: dict[str, bytes] = {}
-        self.redirects: dict[str, str] = {}
-        self.requests: list[tuple[str, str]] = []  # (path, User-Agent)
-        self.sent: Counter[str] = Counter()
-        self.finished = threading.Event()
-        self.pause = 0.0  # seconds between chunks of an endless body (slow enough to watch a download grow)
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                server.requests.append((self.path, self.headers.get("User-Agent", "")))
-                if self.path in server.redirects:
-                    self._head(302, {"Location": server.redirects[self.path], "Content-Length": "0"})
-                elif self.path.startswith("/endless"):
-                    self._endless(announce=self.path == "/endless-announced")
-                elif self.path in server.files:
-                    body = server.files[self.path]
-                    self._head(200, {"Content-Length": str(len(body)), "Content-Type": "image/png"})
-                    self.wfile.write(body)
-                else:
-                    self._head(404, {"Content-Length": "0"})
-
-            def _endless(self, announce: bool):
-                headers = {"Content-Length": str(ENDLESS_LIMIT)} if announce else {"Connection": "close"}
-                self.close_connection = True
-                self._head(200, headers)
-                chunk = b"\0" * CHUNK
-                try:
-                    while server.sent[self.path] < ENDLESS_LIMIT:
-                        self.wfile.write(chunk)
-                        server.sent[self.path] += len(chunk)
-                        time.sleep(server.pause)
-                except OSError:
-                    pass  # the client hung up: what we measure
-                finally:
-                    server.finished.set()
-
-            def _head(self, status, headers):
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.end_headers()
-
-        self.httpd = ThreadingHTTPServer((HOST, 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.handle_error = lambda request, address: None
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://{HOST}:{self.httpd.server_port}{path}"
-
-    def serve(self, path: str, body: bytes) -> str:
-        self.files[path] = body
-        return self.url(path)
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def child_pids(pid: int) -> list[int]:

@@ -8,10 +8,10 @@ import torch
 
 from sdxl import remote
 from sdxl import weights_cache as wc
-from sdxl.architectures import CLIP_VOCAB_SIZE, TINY
 from sdxl.errors import InputError
 from sdxl.generation import generate
 from sdxl.loading import load_pipelines
+from sdxl.random_weights.architectures import CLIP_VOCAB_SIZE, TINY
 from sdxl.request import GenerationRequest
 from sdxl.trained.request import AdapterRequest, LoraInput, parse_loras
 from sdxl.trained.tokens import Applied

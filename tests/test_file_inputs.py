@@ -160,7 +160,7 @@ def test_a_percent_encoded_data_uri_is_capped_by_its_length(tmp_path):
 def test_a_url_is_fetched_by_our_fetcher(files, loopback, connections, tmp_path):
     url = files.serve("/photo.png", b"png bytes")
     assert fetch(url, tmp_path).read_bytes() == b"png bytes"
-    assert files.requests == [("/photo.png", remote.USER_AGENT)]
+    assert files.fetched == [("/photo.png", remote.USER_AGENT)]
     assert connections == ["127.0.0.1"]
 
 
@@ -187,7 +187,7 @@ def test_a_redirect_to_an_internal_host_is_refused_before_connecting(files, loop
         with pytest.raises(InputError, match=f"^image: refused: .*{refused}"):
             fetch(f"http://files.test:{port}{path}", tmp_path, resolver=stub)
     assert set(connections) == {"127.0.0.1"}  # only the loopback server was ever connected to
-    assert [path for path, _ in files.requests] == ["/to-internal", "/to-mixed", "/to-literal"]
+    assert [path for path, _ in files.fetched] == ["/to-internal", "/to-mixed", "/to-literal"]
 
 
 def test_an_endless_body_is_cut_at_the_cap(files, loopback, tmp_path):

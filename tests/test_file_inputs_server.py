@@ -172,7 +172,7 @@ def test_a_url_gives_the_same_image_as_a_data_uri_of_the_same_file(loopback, fil
     assert by_url["status"] == "succeeded", by_url
     np.testing.assert_array_equal(decode_png(by_url["output"][0]), decode_png(by_data.json()["output"][0]))
     # Fetched by sdxl.remote (its User-Agent), not by Cog's own downloader (python-requests): Cog left it to us.
-    assert files.requests == [("/photo.png", remote.USER_AGENT)]
+    assert files.fetched == [("/photo.png", remote.USER_AGENT)]
     _assert_ready_and_clean(loopback)
 
 
@@ -191,7 +191,7 @@ def test_a_redirect_to_a_refused_address_is_refused_before_connecting(loopback, 
     error = _failed(loopback, {**IMG2IMG, "image": files.url("/photo.png")})
     # "refused: HOST resolves to ..." is sdxl.remote's check, made before any connection to HOST.
     assert error.startswith("image: refused: ") and refused in error, error
-    assert files.requests == [("/photo.png", remote.USER_AGENT)]
+    assert files.fetched == [("/photo.png", remote.USER_AGENT)]
 
 
 def test_an_oversized_body_is_cut_at_the_cap(loopback, files):
@@ -264,7 +264,7 @@ def test_training_from_a_url_equals_training_from_a_data_uri(trainer_loopback, f
     by_data = _trained_files(trainer_loopback, "data:application/zip;base64," + base64.b64encode(archive).decode())
     for name in ("lora.safetensors", "embeddings.pti", "special_params.json"):
         assert by_url[name] == by_data[name], name
-    assert files.requests == [("/photos.zip", remote.USER_AGENT)]  # fetched by sdxl.remote, not by Cog
+    assert files.fetched == [("/photos.zip", remote.USER_AGENT)]  # fetched by sdxl.remote, not by Cog
     _assert_ready_and_clean(trainer_loopback)
 
 

@@ -13,9 +13,9 @@ from PIL import Image
 from sdxl import prompt_weighting as pw
 from sdxl import remote
 from sdxl import weights_cache as wc
-from sdxl.architectures import TINY
 from sdxl.errors import InputError
 from sdxl.generation import generate
+from sdxl.random_weights.architectures import TINY
 from sdxl.request import GenerationRequest
 from sdxl.trained.request import AdapterRequest
 from sdxl.trained.trained_weights import TrainedWeights

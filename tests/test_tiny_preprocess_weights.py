@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdxl import weights
-from sdxl.tiny_preprocess_weights import WRITERS
+from sdxl.random_weights.preprocessing import WRITERS
 
 
 def _hashes(root, folders):

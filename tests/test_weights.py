@@ -9,7 +9,8 @@ import pytest
 
 from sdxl import weights
 from sdxl.loading import load_pipelines
-from sdxl.tiny_weights import clip_tokenizer, write_tiny_weights
+from sdxl.random_weights import write_tiny_weights
+from sdxl.random_weights.pipeline import clip_tokenizer
 
 
 def digest(root):

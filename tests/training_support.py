@@ -111,13 +111,13 @@ class PredictorLatents:
 
     def __init__(self, weights_root: Path, cache_dir: Path):
         from sdxl.loading import load_pipelines
-        from sdxl.testing.weights_server import WeightsServer
+        from sdxl.testing.file_server import FileServer
         from sdxl.trained.trained_weights import TrainedWeights
         from sdxl.weights_cache import WeightsCache
 
         self.pipes = load_pipelines(weights_root)
         self.adapters = TrainedWeights(self.pipes, WeightsCache(cache_dir))
-        self.server = WeightsServer()
+        self.server = FileServer()
         self.served = 0
 
     def close(self) -> None:

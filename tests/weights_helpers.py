@@ -1,5 +1,7 @@
-"""Test helpers for trained weights; they live in sdxl.testing so that scripts can use them too."""
+"""Test helpers for trained weights and the loopback file server; they live in sdxl.testing so that scripts can use
+them too."""
 
+from sdxl.testing.file_server import FileServer, loopback_file_server  # noqa: F401
 from sdxl.testing.trained import (  # noqa: F401
     TARGETS,
     embeddings,
@@ -12,4 +14,7 @@ from sdxl.testing.trained import (  # noqa: F401
     trained_tar,
     write_lora,
 )
-from sdxl.testing.weights_server import WeightsServer, loopback_weights_server  # noqa: F401
+
+# The file server's former names, still used by test bodies: rename them to FileServer / loopback_file_server.
+WeightsServer = FileServer
+loopback_weights_server = loopback_file_server

@@ -1,8 +1,9 @@
-"""Seeded, randomly initialised tiny models saved in the production weight layout.
+"""The SDXL pipeline's parts as seeded random models, saved in the production weight layout: base (UNet, both text
+encoders and their CLIP tokenizers, scheduler), the fp16-fix VAE's folder, the refiner and the safety checker.
 
-They keep SDXL's structure (two text encoders of different widths, size/crop conditioning, the refiner's
-aesthetic-score conditioning, an 8x VAE) so every production code path runs on CPU in seconds. They draw noise:
-only the shapes and the code paths are real.
+Any size in `architectures` keeps SDXL's structure (two text encoders of different widths, size/crop conditioning,
+the refiner's aesthetic-score conditioning, an 8x VAE), so every production code path runs. They draw noise: only
+the shapes and the code paths are real.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from sdxl import weights
-from sdxl.architectures import CLIP_VOCAB_SIZE, TINY, Architecture
+from sdxl.random_weights.architectures import CLIP_VOCAB_SIZE, TINY, Architecture
 
 log = logging.getLogger(__name__)
 
@@ -201,18 +202,5 @@ def write_random_weights(
     (root / weights.RANDOM_MARKER).write_text(
         json.dumps({"random": True, "architecture": arch.name, "seed": seed}) + "\n"
     )
-    return root
-
-
-def write_tiny_weights(root: Path, seed: int = SEED) -> Path:
-    """Write the whole tiny set (prediction and preprocessing models) under `root`; the same seed, the same bytes."""
-    root = write_random_weights(root, TINY, seed)
-    try:
-        from sdxl import tiny_preprocess_weights
-    except ImportError:  # the preprocessing models come with the trainer
-        tiny_preprocess_weights = None
-    for step in getattr(tiny_preprocess_weights, "WRITERS", ()):
-        torch.manual_seed(seed)
-        step(root)
-    log.info("tiny weights written to %s", root)
+    log.info("random %s SDXL weights (seed %d) written to %s", arch.name, seed, root)
     return root

@@ -2,8 +2,8 @@
 
 Each writer saves a model and its processor the way the production repo lays them out (config.json,
 preprocessor_config.json, model.safetensors, tokenizer files), so the preprocessing code loads them through the same
-from_pretrained(local_files_only=True) calls. `sdxl.tiny_weights.write_tiny_weights` runs every writer in `WRITERS`
-after seeding torch. The models draw noise: only shapes and code paths are real.
+from_pretrained(local_files_only=True) calls. `sdxl.random_weights.write_tiny_weights` runs every writer in
+`WRITERS` after seeding torch. The models draw noise: only shapes and code paths are real.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdxl import weights
-from sdxl.tiny_weights import clip_tokenizer, write_clip_tokenizer_files
+from sdxl.random_weights.pipeline import clip_tokenizer, write_clip_tokenizer_files
 
 # CLIP's normalisation constants (BLIP's processor uses them too) and ImageNet's (CLIPSeg's ViT processor).
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
