@@ -35,7 +35,7 @@ def image(pipes, generation: GenerationRequest) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server():
-    with wh.loopback_weights_server() as server:
+    with wh.loopback_file_server() as server:
         yield server
 
 

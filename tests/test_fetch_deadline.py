@@ -150,9 +150,9 @@ def test_an_explicit_deadline_is_shared(trickle, tmp_path):
 
 def test_a_fast_server_is_untouched_by_a_short_deadline(tmp_path):
     """The deadline stops slow senders, not downloads that finish in time (300 kB from loopback, deadline 1 s)."""
-    from tests.weights_helpers import WeightsServer
+    from tests.weights_helpers import FileServer
 
-    server = WeightsServer()
+    server = FileServer()
     try:
         body = os.urandom(300_000)
         url = server.serve("/w.bin", body)

@@ -14,7 +14,7 @@ from diffusers import UNet2DConditionModel
 from sdxl import weights
 from tests.cogserver import CogServer, decode_png
 from tests.slow_senders import TrickleServer
-from tests.weights_helpers import WeightsServer, lora_state, trained_tar
+from tests.weights_helpers import FileServer, lora_state, trained_tar
 
 BASE = {"prompt": "a photo", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 7, "apply_watermark": False}
 DEADLINE = 3  # SDXL_FETCH_DEADLINE for this server; the read timeout (2 s) is far longer than a trickle's gaps
@@ -24,7 +24,7 @@ SECRET = "SECRETc0ffee"  # in every presigned URL below; must appear nowhere in 
 @pytest.fixture(scope="module")
 def files(tiny_weights_dir, tmp_path_factory):
     """Presigned-looking URLs: /own and /lora each redirect, with a second secret in the Location."""
-    server = WeightsServer()
+    server = FileServer()
     unet = UNet2DConditionModel.from_pretrained(tiny_weights_dir / weights.BASE.folder / "unet")
     tar = trained_tar(tmp_path_factory.mktemp("tar"), lora=lora_state(unet, seed=11))
     server.redirects[f"/own?X-Amz-Signature={SECRET}-1"] = f"/own.tar?X-Amz-Signature={SECRET}-2"

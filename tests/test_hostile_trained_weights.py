@@ -374,7 +374,7 @@ def http(tiny_weights_dir, tmp_path_factory):
     env = {"SDXL_ALLOW_LOOPBACK_HTTP": "1", "SDXL_WEIGHTS_CACHE_DIR": str(cache / "c")}
     with mock.patch.dict("os.environ", env):
         server = CogServer(tiny_weights_dir, tmp_path_factory.mktemp("log") / "server.log")
-    files = wh.WeightsServer()
+    files = wh.FileServer()
     try:
         server.wait_for("READY", timeout=300)
         yield server, files, cache / "c"
@@ -453,7 +453,7 @@ def train_server(tiny_weights_dir, tmp_path_factory):
     command = [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1", "--x-mode", "train"]
     root = Path(__file__).resolve().parent.parent
     server = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    files = wh.WeightsServer()
+    files = wh.FileServer()
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180

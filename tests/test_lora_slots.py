@@ -36,7 +36,7 @@ def image(pipes, size: int = 64) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server():
-    with wh.loopback_weights_server() as server:
+    with wh.loopback_file_server() as server:
         yield server
 
 

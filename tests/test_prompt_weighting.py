@@ -205,7 +205,7 @@ def test_prompts_past_the_token_bound_are_refused_before_encoding(pipes, monkeyp
 
 @pytest.fixture(scope="module")
 def tokens_server():
-    with wh.loopback_weights_server() as server:
+    with wh.loopback_file_server() as server:
         yield server
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from sdxl import remote
 from sdxl.remote import FetchError, FetchLimits
-from tests.weights_helpers import WeightsServer
+from tests.weights_helpers import FileServer
 
 FIELD = "replicate_weights"
 
@@ -24,7 +24,7 @@ def loopback(monkeypatch):
 
 @pytest.fixture
 def server(loopback):
-    server = WeightsServer()
+    server = FileServer()
     yield server
     server.close()
 
@@ -325,7 +325,7 @@ def tls_server(tmp_path, monkeypatch):
         check=True, capture_output=True,
     )  # fmt: skip
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
-    server = WeightsServer(tls=(cert, key))
+    server = FileServer(tls=(cert, key))
     yield server
     server.close()
 

@@ -16,7 +16,7 @@ from safetensors.torch import save
 from sdxl import weights
 from sdxl.weights_cache import url_key
 from tests.cogserver import CogServer, decode_png
-from tests.weights_helpers import WeightsServer, embeddings, lora_state, tar_bytes, trained_tar, write_lora
+from tests.weights_helpers import FileServer, embeddings, lora_state, tar_bytes, trained_tar, write_lora
 
 BASE = {"prompt": "a photo of TOK", "width": 64, "height": 64, "num_inference_steps": 3, "seed": 5}
 BASE = {**BASE, "apply_watermark": False}
@@ -25,7 +25,7 @@ MAX_TRAINED_BYTES = 3_000_000
 
 @pytest.fixture(scope="module")
 def files():
-    server = WeightsServer()
+    server = FileServer()
     yield server
     server.close()
 

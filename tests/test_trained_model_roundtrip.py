@@ -15,7 +15,7 @@ import predict
 from sdxl import weights
 from sdxl.training.loop import train
 from tests.training_support import make_dataset, small_config
-from tests.weights_helpers import WeightsServer
+from tests.weights_helpers import FileServer
 
 INPUTS = {"prompt": "a photo of TOK on a beach", "width": 64, "height": 64, "num_inference_steps": 3, "seed": 8}
 INPUTS = {**INPUTS, "apply_watermark": False, "lora_scale": 0.6}
@@ -68,7 +68,7 @@ def direct_diffusers(root, tar_path, folder) -> np.ndarray:
 
 
 def test_replicate_weights_serve_the_trained_model(runner_env, tiny_weights_dir, trained_tar, tmp_path):
-    server = WeightsServer()
+    server = FileServer()
     try:
         url = server.serve("/trained_model.tar", trained_tar.read_bytes())
         runner = predict.Runner()

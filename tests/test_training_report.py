@@ -18,7 +18,7 @@ from sdxl.training.report import ReportSettings
 from sdxl.training.samples import SampleSettings
 from tests.archives import astronaut, cat, encode, make_tar
 from tests.training_support import Recorder, small_config
-from tests.weights_helpers import WeightsServer
+from tests.weights_helpers import FileServer
 
 SAMPLES = SampleSettings(
     prompts=("a photo of {token}", "{token} on a beach"), seeds=(3, 4), points=3, num_inference_steps=3, size=64
@@ -99,7 +99,7 @@ def test_last_column_is_what_the_predictor_draws_with_the_tar(run, tiny_weights_
     monkeypatch.setenv("SDXL_WEIGHTS_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("SDXL_ALLOW_LOOPBACK_HTTP", "1")
     grid = np.asarray(Image.open(report / "samples.png").convert("RGB"), dtype=np.int16)
-    server = WeightsServer()
+    server = FileServer()
     try:
         url = server.serve("/trained_model.tar", tar_path.read_bytes())
         runner = predict.Runner()

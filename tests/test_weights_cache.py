@@ -13,7 +13,7 @@ from safetensors.torch import save
 from sdxl import remote
 from sdxl import weights_cache as wc
 from sdxl.errors import InputError
-from tests.weights_helpers import WeightsServer, tar_bytes
+from tests.weights_helpers import FileServer, tar_bytes
 
 FIELD = "replicate_weights"
 LORA = save({"unet.a.lora_A.weight": torch.ones(2, 3), "unet.a.lora_B.weight": torch.ones(3, 2)})
@@ -25,7 +25,7 @@ GOOD = {"lora.safetensors": LORA, "embeddings.pti": EMB, "special_params.json": 
 @pytest.fixture
 def server(monkeypatch):
     monkeypatch.setenv(remote.ALLOW_LOOPBACK_ENV, "1")
-    server = WeightsServer()
+    server = FileServer()
     yield server
     server.close()
 

@@ -14,7 +14,3 @@ from sdxl.testing.trained import (  # noqa: F401
     trained_tar,
     write_lora,
 )
-
-# The file server's former names, still used by test bodies: rename them to FileServer / loopback_file_server.
-WeightsServer = FileServer
-loopback_weights_server = loopback_file_server
