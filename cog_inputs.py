@@ -9,9 +9,10 @@ sdxl.file_inputs applies the network policy to it instead. tests/test_file_input
 
 from __future__ import annotations
 
-from cog import Path
+from cog import Input, Path
 
 from sdxl import egress_guard
+from sdxl.validation import Spec
 
 
 class FileInput(Path):
@@ -25,3 +26,9 @@ def guard_worker_egress() -> None:
 
     if coglet.server.active:
         egress_guard.install()
+
+
+def field(described: Spec):
+    """Cog's Input for an input the library describes (sdxl/request.py, sdxl/training/config.py): description,
+    default, and the bounds and choices the spec declares."""
+    return Input(**described.declared())

@@ -10,9 +10,9 @@ import logging
 import shutil
 from typing import Optional
 
-from cog import BaseRunner, Input, Path
+from cog import BaseRunner, Path
 
-from cog_inputs import FileInput, guard_worker_egress
+from cog_inputs import FileInput, field, guard_worker_egress
 from cog_scratch import discard_finished_request_folders
 from sdxl import file_inputs, infotext
 from sdxl import request as spec
@@ -22,17 +22,11 @@ from sdxl.outputs import OutputOptions, save_images
 from sdxl.request import GenerationRequest
 from sdxl.serving import predict_once, set_up
 from sdxl.trained.request import AdapterRequest, parse_loras
-from sdxl.validation import Spec
 from sdxl.weights import random_architecture, weights_dir
 
 log = logging.getLogger("predict")
 
 PROGRESS_EVERY = 10  # log denoising progress on the first step, every N steps and the last
-
-
-def field(described: Spec):
-    """Cog's Input for an input the library describes (sdxl.request): description, default, bounds, choices."""
-    return Input(**described.declared())
 
 
 def log_progress(stage: str, step: int, steps: int) -> None:

@@ -11,26 +11,19 @@ import logging
 import sys
 from typing import Optional
 
-from cog import BaseModel, Input, Path
+from cog import BaseModel, Path
 
-from cog_inputs import FileInput, guard_worker_egress
+from cog_inputs import FileInput, field, guard_worker_egress
 from cog_scratch import discard_finished_request_folders
 from sdxl import file_inputs, weights
 from sdxl.errors import InputError
 from sdxl.training import config as spec
 from sdxl.training.config import TrainingConfig
 from sdxl.training.job import train_from_archive
-from sdxl.validation import Spec
 
 
 class TrainingOutput(BaseModel):
     weights: Path
-
-
-def field(described: Spec):
-    """Cog's Input for a trainer input the library describes: description, default, choices (the hosted trainer's
-    schema declares no bounds; TrainingConfig checks them)."""
-    return Input(**described.declared())
 
 
 def _log_to_stdout() -> None:
