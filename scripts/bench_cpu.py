@@ -79,12 +79,13 @@ def direct_call(pipe, request: GenerationRequest):
 # --- the measurements-----------------------------------------------------------------------------------------------
 
 
-def measure_setup(root: Path, repeats: int) -> dict:
+def measure_setup(root: Path, repeats: int, warmup: int) -> dict:
     placement = load_pipelines(root).placement
     return side_by_side(
         on_compute(lambda: load_pipelines(root, placement=placement)),
         on_compute(lambda: plain_from_pretrained(root, placement.dtype, placement.device)),
         repeats,
+        warmup,
     )
 
 
@@ -99,7 +100,7 @@ def predictor_inputs(request: GenerationRequest) -> list[str]:
     ]
 
 
-def measure_generation(runner, baseline_pipe, request: GenerationRequest, repeats: int) -> dict:
+def measure_generation(runner, baseline_pipe, request: GenerationRequest, repeats: int, warmup: int) -> dict:
     """The predictor's whole run() (validation, generation, PNG files) with safety checker and watermark off, so it
     does the same work as the plain diffusers call; then the same with both on, to show what they cost."""
     from cog_predict import resolve_inputs
@@ -107,14 +108,14 @@ def measure_generation(runner, baseline_pipe, request: GenerationRequest, repeat
     bare = GenerationRequest(**{**request.__dict__, "apply_watermark": False, "disable_safety_checker": True})
     bare_kwargs = resolve_inputs(predictor_inputs(bare))
     result = side_by_side(
-        lambda: runner.run(**bare_kwargs), on_compute(lambda: direct_call(baseline_pipe, bare)), repeats
+        lambda: runner.run(**bare_kwargs), on_compute(lambda: direct_call(baseline_pipe, bare)), repeats, warmup
     )
     full_kwargs = resolve_inputs(predictor_inputs(request))
     result["with_safety_and_watermark_s"] = statistics.median(timed(lambda: runner.run(**full_kwargs), repeats))
     return result
 
 
-def measure_http(root: Path, runner, request: GenerationRequest, repeats: int) -> dict:
+def measure_http(root: Path, runner, request: GenerationRequest, repeats: int, warmup: int) -> dict:
     """A sync POST /predictions through the real Cog server vs the same run() in process."""
     from cog_predict import resolve_inputs
 
@@ -131,24 +132,24 @@ def measure_http(root: Path, runner, request: GenerationRequest, repeats: int) -
                 response = server.predict(body, busy_retry_s=60)
                 assert response.json()["status"] == "succeeded", response.text
 
-            result = side_by_side(predict, lambda: runner.run(**kwargs), repeats)
+            result = side_by_side(predict, lambda: runner.run(**kwargs), repeats, warmup)
         finally:
             server.stop()
     result["added_ms"] = (result["ours_s"] - result["baseline_s"]) * 1000
     return result
 
 
-def measure_unet_calls(pipes, size: int) -> list[dict]:
+def measure_unet_calls(pipes, size: int, steps: int) -> list[dict]:
     rows = []
     for refine in REFINE_MODES:
-        request = GenerationRequest(width=size, height=size, num_inference_steps=10, refine=refine, seed=0)
+        request = GenerationRequest(width=size, height=size, num_inference_steps=steps, refine=refine, seed=0)
         with unet_counter(pipes) as counts:
             generate(pipes, request)
         rows.append({"refine": refine, "counted": dict(counts), "expected": expected_unet_calls(request)})
     return rows
 
 
-def measure_lora_switch(pipes, baseline_pipe, repeats: int) -> dict:
+def measure_lora_switch(pipes, baseline_pipe, repeats: int, warmup: int) -> dict:
     """Switching between two LoRAs the predictor already holds vs diffusers' plain load_lora_weights from local disk
     (plus unloading it again, so every baseline round starts from the same state)."""
     with two_cached_loras(pipes) as (adapters, requests, files):
@@ -157,11 +158,12 @@ def measure_lora_switch(pipes, baseline_pipe, repeats: int) -> dict:
             baseline_pipe.load_lora_weights(str(files[1]), adapter_name="plain")
             baseline_pipe.delete_adapters("plain")
 
-        return side_by_side(on_compute(lora_switcher(adapters, requests)), on_compute(plain_load), repeats * 4)
+        switch = on_compute(lora_switcher(adapters, requests))
+        return side_by_side(switch, on_compute(plain_load), repeats * 4, warmup)
 
 
-def peak_rss_mb(root: Path, what: str) -> float:
-    """Peak resident memory of a fresh process that loads `what` (base only, or everything)."""
+def peak_rss_probe(root: Path, what: str) -> subprocess.Popen:
+    """A fresh process that loads `what` (base only, or everything) and prints its peak resident memory in MB."""
     code = f"""
 import sys
 sys.path.insert(0, {str(ROOT)!r})
@@ -185,13 +187,20 @@ for module in modules:
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child would report its parent's peak.
 print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def peak_rss_mb(probe: subprocess.Popen) -> float:
+    out, err = probe.communicate()
+    if probe.returncode:
+        raise RuntimeError(f"the memory probe failed: {err[-2000:]}")
     return float(out.strip().splitlines()[-1])
 
 
 def measure_memory(root: Path, pipes) -> dict:
     refiner_unet_mb = sum(p.numel() * p.element_size() for p in pipes.refiner.unet.parameters()) / 2**20
-    base_mb, all_mb = peak_rss_mb(root, "base"), peak_rss_mb(root, "all")
+    # Each probe measures its own process's peak, so the two run side by side.
+    base_mb, all_mb = map(peak_rss_mb, [peak_rss_probe(root, "base"), peak_rss_probe(root, "all")])
     budget = (base_mb + refiner_unet_mb) * 1.10
     return {
         "base_only_mb": base_mb,
@@ -207,7 +216,8 @@ def measure_memory(root: Path, pipes) -> dict:
 
 def cpu_mode(args) -> dict:
     report = {"mode": "cpu", "architectures": {}}
-    sizes = {"tiny": (128, 4), "mid": (256, 4)}
+    sizes = {"tiny": (128, 4), "mid": (256, 4)}  # (side, steps); --smoke: 64 px, 2 steps
+    warmup = 0 if args.smoke else 1
     for arch_name in args.architectures:
         with tempfile.TemporaryDirectory() as tmp:
             root = write_random_weights(Path(tmp), ARCHITECTURES[arch_name])
@@ -218,17 +228,17 @@ def cpu_mode(args) -> dict:
             runner.setup()
             pipes = runner.pipes
             baseline_pipe, _, _ = plain_from_pretrained(root, torch.float32, torch.device("cpu"))
-            size, steps = sizes[arch_name]
+            size, steps = (64, 2) if args.smoke else sizes[arch_name]
             request = GenerationRequest(width=size, height=size, num_inference_steps=steps, seed=0)
             log.info("%s: measuring setup, generation, HTTP, UNet calls, memory", arch_name)
             report["architectures"][arch_name] = {
                 "size": size,
                 "steps": steps,
-                "setup": measure_setup(root, args.repeats),
-                "generation": measure_generation(runner, baseline_pipe, request, args.repeats),
-                "http": measure_http(root, runner, request, args.repeats),
-                "lora_switch": measure_lora_switch(pipes, baseline_pipe, args.repeats),
-                "unet_calls": measure_unet_calls(pipes, size),
+                "setup": measure_setup(root, args.repeats, warmup),
+                "generation": measure_generation(runner, baseline_pipe, request, args.repeats, warmup),
+                "http": measure_http(root, runner, request, args.repeats, warmup),
+                "lora_switch": measure_lora_switch(pipes, baseline_pipe, args.repeats, warmup),
+                "unet_calls": measure_unet_calls(pipes, size, 4 if args.smoke else 10),
                 "memory": measure_memory(root, pipes),
             }
     return report

@@ -1,6 +1,7 @@
 """Benchmark the serving layer.
 
     python scripts/benchmark.py --mode cpu                     # any machine, a few minutes: ours vs plain diffusers
+    python scripts/benchmark.py --mode cpu --smoke --architectures tiny  # every part once on the least work (tests)
     python scripts/benchmark.py --mode gpu --budget-s 420      # CUDA: full-size SDXL shapes, random weights, rows in
                                                                # order of importance within the budget
     python scripts/benchmark.py --mode gpu --smoke --arch mid  # the GPU mode's code on CPU (tiny or mid shapes)
@@ -32,6 +33,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measure (cpu 5, gpu 3)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="the code on the least work: cpu 64 px, 2 steps, no warm-up; gpu on CPU"
+    )
     cpu = parser.add_argument_group("cpu mode")
     cpu.add_argument("--architectures", nargs="+", default=["tiny", "mid"], choices=("tiny", "mid"))
     cpu.add_argument("--json", type=Path, default=None)
@@ -40,7 +44,6 @@ def parse_args(argv=None):
     gpu.add_argument("--out", default=os.environ.get("OUT") or ".", help="folder for benchmark-gpu.{json,jsonl,md}")
     gpu.add_argument("--weights-dir", default=None, help="write the random weights here once and reuse them")
     gpu.add_argument("--rows", nargs="+", default=None, choices=("1", "2", "3", "4", "5", "6"), help="a subset")
-    gpu.add_argument("--smoke", action="store_true", help="the GPU mode's code on CPU with small shapes")
     gpu.add_argument("--arch", choices=("tiny", "mid", "full"), default=None, help="shapes (default full; smoke tiny)")
     # Test hooks: scale the estimates (0 starts every step), shorten a started step's least allowance, hang a step.
     gpu.add_argument("--estimate-scale", type=float, default=1.0, help=argparse.SUPPRESS)

@@ -62,8 +62,8 @@ class Command:
 
 def cpu_mode(folder: Path) -> Command:
     return Command(
-        [sys.executable, "scripts/benchmark.py", "--mode", "cpu", "--architectures", "tiny", "--repeats", "1",
-         "--json", str(folder / "report.json")],
+        [sys.executable, "scripts/benchmark.py", "--mode", "cpu", "--smoke", "--architectures", "tiny", "--repeats",
+         "1", "--json", str(folder / "report.json")],
         timeout=600, folder=folder,
     )  # fmt: skip
 

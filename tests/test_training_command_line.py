@@ -7,7 +7,7 @@ import pytest
 
 from sdxl.training.__main__ import _parser
 from sdxl.training.config import TrainingConfig
-from sdxl.training.launch import training_arguments
+from sdxl.training.launch import TrainingRun
 from tests.training_support import small_config
 
 
@@ -30,7 +30,7 @@ def config_of(args) -> TrainingConfig:
 )
 def test_what_launch_writes_reads_back_as_the_same_inputs(tmp_path, overrides):
     config = small_config(**overrides)
-    args = _parser().parse_args(training_arguments(config, tmp_path / "d", tmp_path / "w", tmp_path / "o"))
+    args = _parser().parse_args(TrainingRun(config, tmp_path / "d", tmp_path / "w", tmp_path / "o").arguments())
     assert config_of(args) == config
     assert (args.dataset, args.output_dir, args.weights) == (tmp_path / "d", tmp_path / "o", tmp_path / "w")
 

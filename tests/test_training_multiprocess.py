@@ -2,7 +2,7 @@
 
 import tarfile
 
-from sdxl.training.launch import run_processes, training_arguments
+from sdxl.training.launch import TrainingRun, run_processes
 from tests.training_support import files_under, make_dataset, small_config
 
 
@@ -10,7 +10,7 @@ def test_two_process_run_writes_one_tar(tiny_weights_dir, tmp_path, capfd):
     data = make_dataset(tmp_path / "data", n=4, resolution=64)
     output = tmp_path / "out"
     config = small_config(train_batch_size=1, max_train_steps=2, checkpointing_steps=1)
-    run_processes(config, data, tiny_weights_dir, output, num_processes=2, timeout=300)
+    run_processes(TrainingRun(config, data, tiny_weights_dir, output), num_processes=2, timeout=300)
 
     logs = capfd.readouterr()
     text = logs.out + logs.err
@@ -26,7 +26,7 @@ def test_two_process_run_writes_one_tar(tiny_weights_dir, tmp_path, capfd):
 
 def test_launch_arguments_carry_every_input_and_a_fixed_seed(tmp_path):
     config = small_config(seed=11, mask_target_prompts=None, caption_prefix=" TOK ")  # spaces survive argv
-    arguments = training_arguments(config, tmp_path / "d", tmp_path / "w", tmp_path / "o")
+    arguments = TrainingRun(config, tmp_path / "d", tmp_path / "w", tmp_path / "o").arguments()
     for name, value in config.to_dict().items():
         index = arguments.index(f"--{name}")
         assert arguments[index + 1] == ("none" if value is None else str(value))

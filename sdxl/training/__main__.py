@@ -22,7 +22,7 @@ from pathlib import Path
 from sdxl import weights
 from sdxl.errors import InputError
 from sdxl.training.config import TrainingConfig
-from sdxl.training.launch import train_folder
+from sdxl.training.launch import TrainingRun, train_folder
 
 
 def _optional(kind):
@@ -81,16 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    train_folder(
-        config,
-        args.dataset,
-        args.weights or weights.weights_dir(),
-        args.output_dir,
-        args.num_processes,
-        args.tar,
-        keep_checkpoints=args.keep_checkpoints,
-        write_checkpoints=not args.no_checkpoints,
-    )
+    weights_root = args.weights or weights.weights_dir()
+    run = TrainingRun(config, args.dataset, weights_root, args.output_dir, args.tar, args.keep_checkpoints,
+                      write_checkpoints=not args.no_checkpoints)  # fmt: skip
+    train_folder(run, args.num_processes)
     return 0
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from sdxl.formats import TRAINED_TAR
 from sdxl.private_dirs import private_dir
 from sdxl.training.config import TrainingConfig
-from sdxl.training.launch import train_folder, visible_gpus
+from sdxl.training.launch import TrainingRun, train_folder, visible_gpus
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ def train_from_archive(config: TrainingConfig, input_images: Path, weights_root:
     try:
         dataset = preprocess(input_images, work / "dataset", **preprocess_options(config), models_dir=weights_root)
         tar_path = result_dir / TRAINED_TAR
-        train_folder(config, dataset, weights_root, work / "run", visible_gpus(), tar_path, write_checkpoints=False)
+        run = TrainingRun(config, dataset, weights_root, work / "run", tar_path, write_checkpoints=False)
+        train_folder(run, visible_gpus())
         log.info("%s ready: %s", TRAINED_TAR, tar_path)
         return tar_path
     except BaseException:
