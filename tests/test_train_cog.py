@@ -47,7 +47,7 @@ def test_inputs_are_exactly_the_contracts():
 
 @pytest.fixture
 def stub_preprocess(monkeypatch, tmp_path, tiny_weights_dir):
-    """sdxl.preprocess stand-in (the real one is built in another branch): builds a training folder, records calls."""
+    """A stand-in for sdxl.preprocess, so these tests check the trainer alone: builds a training folder, records calls."""
     calls = []
 
     def preprocess(archive_path, out_dir, **options):

@@ -108,6 +108,8 @@ SLOW_FULL_CASES = {
 def test_training_moves_the_token_towards_the_data(tiny_weights_dir, layout, predictor, tmp_path, name):
     inputs, ratio = FULL_CASES[name]
     base, trained, losses = _learns(tiny_weights_dir, layout, predictor, tmp_path, **inputs)
+    print(f"{name}: loss {np.mean(losses[:5]):.2f} -> {np.mean(losses[-5:]):.2f}; MSE {trained.mean():.1f}, base's "
+          f"{base.mean():.1f} ({base.round(1)})")  # fmt: skip
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
     assert trained.mean() < ratio * base.mean(), (name, base, trained)
 
@@ -131,6 +133,10 @@ def test_lora_and_tokens_draw_the_layout(tiny_weights_dir, layout, predictor, tm
     _, target = layout
     tokens_only = _distances(predictor.draw(PROMPT, SEEDS, tar, lora_scale=0.0), target)
     random_lora = _distances(predictor.draw(PROMPT, SEEDS, with_random_lora(tar, tmp_path / "random.tar")), target)
+    scaled = _distances(predictor.draw(PROMPT, SEEDS, tar, lora_scale=0.6), target)
+    print(f"loss {np.mean(losses[:5]):.2f} -> {np.mean(losses[-5:]):.2f}; MSE per seed: base {base.round(1)}, trained "
+          f"{trained.round(1)}, at lora_scale 0.6 {scaled.round(1)}, tokens only {tokens_only.round(1)}, "
+          f"random LoRA {random_lora.round(1)}")  # fmt: skip
 
     assert np.mean(losses[-5:]) < 0.25 * np.mean(losses[:5]), losses
     assert trained.mean() < 0.2 * base.mean(), (base, trained)

@@ -30,8 +30,7 @@ from sdxl.preprocess import archive, crop, mask
 from sdxl.preprocess.archive import ArchiveLimits, limits_from_env
 from sdxl.preprocess.caption import Captioner, caption_images
 from sdxl.preprocess.upscale import Upscaler, needs_upscaling, upscale_small
-from sdxl.training import config as config_inputs
-from sdxl.validation import described
+from sdxl.training.config import DatasetInputs
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +42,14 @@ WORKING_SHORT_SIDE = 1024
 
 
 @dataclass(frozen=True)
-class PreprocessConfig:
-    """The trainer inputs that shape the training set. Field names are the contract's; each is checked by the one
-    definition the trainer's inputs use (sdxl.training.config), so a value the trainer accepts is accepted here."""
+class PreprocessConfig(DatasetInputs):
+    """The trainer inputs that shape the training set (DatasetInputs: the trainer's own definitions, so a value the
+    trainer accepts is accepted here), and how many usable images there must be."""
 
-    resolution: int = described(config_inputs.RESOLUTION)
-    caption_prefix: str = described(config_inputs.CAPTION_PREFIX)
-    token_string: str = described(config_inputs.TOKEN_STRING)
-    mask_target_prompts: str | None = described(config_inputs.MASK_TARGET_PROMPTS)
-    crop_based_on_salience: bool = described(config_inputs.CROP_BASED_ON_SALIENCE)
-    use_face_detection_instead: bool = described(config_inputs.USE_FACE_DETECTION_INSTEAD)
-    clipseg_temperature: float = described(config_inputs.CLIPSEG_TEMPERATURE)
-    input_images_filetype: str = described(config_inputs.INPUT_IMAGES_FILETYPE)
     min_images: int = MIN_IMAGES
 
     def __post_init__(self):
-        config_inputs.check_inputs(self)
+        super().__post_init__()
         if not isinstance(self.min_images, int) or self.min_images < 1:
             raise ValueError(f"min_images: {self.min_images!r} is not allowed; use a positive integer")
 

@@ -85,18 +85,35 @@ def check_token_words(token_string: str, caption_prefix: str) -> None:
 
 
 def check_inputs(values) -> None:
-    """Check the trainer inputs in `values` (TrainingConfig, or the preprocessing's subset of its fields), each with
+    """Check the trainer inputs in `values` (a DatasetInputs: TrainingConfig or the preprocessing's config), each with
     its one definition."""
     check_fields(values)
     check_token_words(values.token_string, values.caption_prefix)
 
 
 @dataclass(frozen=True)
-class TrainingConfig:
+class DatasetInputs:
+    """The trainer inputs that shape the training set: the preprocessing reads them (its PreprocessConfig adds to
+    them), and the training keeps them (TrainingConfig adds the rest)."""
+
+    resolution: int = described(RESOLUTION)
+    token_string: str = described(TOKEN_STRING)
+    caption_prefix: str = described(CAPTION_PREFIX)
+    mask_target_prompts: Optional[str] = described(MASK_TARGET_PROMPTS)
+    crop_based_on_salience: bool = described(CROP_BASED_ON_SALIENCE)
+    use_face_detection_instead: bool = described(USE_FACE_DETECTION_INSTEAD)
+    clipseg_temperature: float = described(CLIPSEG_TEMPERATURE)
+    input_images_filetype: str = described(INPUT_IMAGES_FILETYPE)
+
+    def __post_init__(self):
+        check_inputs(self)
+
+
+@dataclass(frozen=True)
+class TrainingConfig(DatasetInputs):
     """The trainer's inputs, less the archive itself. Defaults are the contract's."""
 
     seed: Optional[int] = described(SEED)
-    resolution: int = described(RESOLUTION)
     train_batch_size: int = described(TRAIN_BATCH_SIZE)
     num_train_epochs: int = described(NUM_TRAIN_EPOCHS)
     max_train_steps: Optional[int] = described(MAX_TRAIN_STEPS)  # takes precedence over num_train_epochs; None = epochs
@@ -107,18 +124,8 @@ class TrainingConfig:
     lora_rank: int = described(LORA_RANK)
     lr_scheduler: str = described(LR_SCHEDULER)
     lr_warmup_steps: int = described(LR_WARMUP_STEPS)
-    token_string: str = described(TOKEN_STRING)
-    caption_prefix: str = described(CAPTION_PREFIX)
-    mask_target_prompts: Optional[str] = described(MASK_TARGET_PROMPTS)
-    crop_based_on_salience: bool = described(CROP_BASED_ON_SALIENCE)
-    use_face_detection_instead: bool = described(USE_FACE_DETECTION_INSTEAD)
-    clipseg_temperature: float = described(CLIPSEG_TEMPERATURE)
     verbose: bool = described(VERBOSE)
     checkpointing_steps: int = described(CHECKPOINTING_STEPS)
-    input_images_filetype: str = described(INPUT_IMAGES_FILETYPE)
-
-    def __post_init__(self):
-        check_inputs(self)
 
     # Derived values -------------------------------------------------------------------------------------------
 

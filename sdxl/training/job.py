@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 from sdxl.formats import TRAINED_TAR
 from sdxl.private_dirs import private_dir
-from sdxl.training.config import TrainingConfig
+from sdxl.training.config import DatasetInputs, TrainingConfig
 from sdxl.training.launch import TrainingRun, train_folder, visible_gpus
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,11 @@ def fresh_result_dir() -> Path:
 
 
 def preprocess_options(config: TrainingConfig) -> dict:
-    """The preprocessing's inputs, taken from the validated config (the same definitions checked them)."""
-    names = ("resolution", "caption_prefix", "token_string", "mask_target_prompts", "crop_based_on_salience",
-             "use_face_detection_instead", "clipseg_temperature")  # fmt: skip
-    return {**{name: getattr(config, name) for name in names}, "filetype": config.input_images_filetype}
+    """The preprocessing's inputs: the config's DatasetInputs, already checked (preprocess() names the file type
+    `filetype`)."""
+    options = {f.name: getattr(config, f.name) for f in fields(DatasetInputs)}
+    options["filetype"] = options.pop("input_images_filetype")
+    return options
 
 
 def train_from_archive(config: TrainingConfig, input_images: Path, weights_root: Path) -> Path:
