@@ -154,81 +154,111 @@ def lora_list(fx: Fixtures, *entries: tuple[str, float]) -> str:
     return json.dumps([{"url": fx.urls[f"/lora-{name}.safetensors"], "scale": scale} for name, scale in entries])
 
 
-def catalogue(fx: Fixtures, size: int, steps: int) -> dict[str, list[Case]]:
-    """Every kind of request, each with the variants it cycles through."""
-    base = {"prompt": "a photo of TOK", "width": size, "height": size, "num_inference_steps": steps, "seed": 7}
+@dataclass(frozen=True)
+class CaseMaker:
+    """Cases over one base request: the input is the base with a few fields changed."""
+
+    base: dict
+
+    def ok(self, kind: str, **extra) -> Case:
+        return Case(kind, {**self.base, **extra}, "succeeded")
+
+    def fails(self, kind: str, error: str, expect: str = "failed", **extra) -> Case:
+        return Case(kind, {**self.base, **extra}, expect, error)
+
+
+def successes(fx: Fixtures, make: CaseMaker) -> dict[str, list[Case]]:
     img, mask = fx.images["image"], fx.images["mask"]
-
-    def ok(kind, **extra):
-        return Case(kind, {**base, **extra}, "succeeded")
-
-    def fails(kind, error, expect="failed", **extra):
-        return Case(kind, {**base, **extra}, expect, error)
-
     return {
-        "probe_base": [ok("probe_base")],
-        "probe_lora": [ok("probe_lora", loras=lora_list(fx, ("a", 0.8)))],
-        "txt2img": [ok("txt2img", scheduler=name, seed=i) for i, name in enumerate(SCHEDULERS)]
-        + [ok("txt2img", num_outputs=2, seed=None)],
-        "img2img": [ok("img2img", image=img, prompt_strength=0.6)],
-        "inpaint": [ok("inpaint", image=img, mask=mask)],
-        "refiner_expert": [ok("refiner_expert", refine="expert_ensemble_refiner", high_noise_frac=0.5)],
-        "refiner_base": [ok("refiner_base", refine="base_image_refiner", refine_steps=4)],
-        "trained_lora": [ok("trained_lora", replicate_weights=fx.urls["/trained-lora.tar"], lora_scale=0.9)],
-        "trained_full": [ok("trained_full", replicate_weights=fx.urls["/trained-full.tar"])],
+        "probe_base": [make.ok("probe_base")],
+        "probe_lora": [make.ok("probe_lora", loras=lora_list(fx, ("a", 0.8)))],
+        "txt2img": [make.ok("txt2img", scheduler=name, seed=i) for i, name in enumerate(SCHEDULERS)]
+        + [make.ok("txt2img", num_outputs=2, seed=None)],
+        "img2img": [make.ok("img2img", image=img, prompt_strength=0.6)],
+        "inpaint": [make.ok("inpaint", image=img, mask=mask)],
+        "refiner_expert": [make.ok("refiner_expert", refine="expert_ensemble_refiner", high_noise_frac=0.5)],
+        "refiner_base": [make.ok("refiner_base", refine="base_image_refiner", refine_steps=4)],
+        "trained_lora": [make.ok("trained_lora", replicate_weights=fx.urls["/trained-lora.tar"], lora_scale=0.9)],
+        "trained_full": [make.ok("trained_full", replicate_weights=fx.urls["/trained-full.tar"])],
         "lora": [
-            ok("lora", loras=lora_list(fx, ("b", 1.0))),
-            ok("lora", loras=lora_list(fx, ("a", 0.5), ("b", -0.5))),
-            ok("lora", loras=lora_list(fx, ("a", 1.0)), replicate_weights=fx.urls["/trained-lora.tar"]),
-        ],
-        "bad_value_422": [
-            fails("bad_value_422", "width", "422", width=size - 1 if size > 64 else 63),
-            fails("bad_value_422", "num_outputs", "422", num_outputs=9),
-            fails("bad_value_422", "scheduler", "422", scheduler="NOPE"),
-            fails("bad_value_422", "guidance_scale", "422", guidance_scale=0),
-            fails("bad_value_422", "prompt_strength", "422", prompt_strength=1.5),
-            fails("bad_value_422", "seed", "422", seed=-1),
-        ],
-        "bad_value": [
-            fails("bad_value", "width", width=size + 4),  # in range, not a multiple of 8: the model says so
-            fails("bad_value", "mask", mask=mask),  # a mask without an image
-            fails("bad_value", "loras", loras="not json"),
-            fails("bad_value", "loras.*scale", loras=lora_list(fx, ("a", 9.0))),
-        ],
-        "bad_image": [
-            fails("bad_image", "image", image=fx.images["garbage"]),
-            fails("bad_image", "image", image=fx.images["truncated"]),
-            fails("bad_image", "image: .*too large", image=fx.images["bomb"]),
-            fails("bad_image", "mask", image=img, mask=fx.images["small_mask"]),
-            fails("bad_image", "image", "failed|422", image="/etc/passwd"),  # a local path: refused or not an image
-        ],
-        "refused_url": [
-            fails("refused_url", "replicate_weights.*scheme file", replicate_weights="file:///etc/passwd"),
-            fails("refused_url", "replicate_weights.*scheme ftp", replicate_weights="ftp://127.0.0.1/t.tar"),
-            fails("refused_url", "replicate_weights.*refused: 10.1.2.3", replicate_weights="https://10.1.2.3/t.tar"),
-            fails(
-                "refused_url", "replicate_weights.*refused: 192.168.0.1", replicate_weights="http://192.168.0.1/t.tar"
-            ),
-            fails("refused_url", "refused: 169.254.169.254", replicate_weights="https://169.254.169.254/latest"),
-            fails("refused_url", "refused: ::ffff:192.168.1.1", replicate_weights="https://[::ffff:192.168.1.1]/t"),
-            fails("refused_url", "refused: 10.9.8.7", replicate_weights=fx.urls["/redirect.tar"]),
-            fails("refused_url", "loras.*refused: 172.16.0.1", loras='[{"url": "https://172.16.0.1/l.safetensors"}]'),
-        ],
-        "bad_archive": [
-            fails("bad_archive", "replicate_weights.*\\.\\.", replicate_weights=fx.urls["/escape.tar"]),
-            fails("bad_archive", "replicate_weights.*not a tar", replicate_weights=fx.urls["/not-a-tar.tar"]),
-            fails("bad_archive", "replicate_weights.*404", replicate_weights=fx.urls["/missing.tar"]),
-        ],
-        "cancel": [  # long enough to be running when the cancel comes
-            Case("cancel", {**base, "width": 128, "height": 128, "num_inference_steps": 500}, "canceled"),
-            Case("cancel", {**base, "num_inference_steps": 500, "loras": lora_list(fx, ("b", 1.0))}, "canceled"),
-            Case(
-                "cancel",
-                {**base, "num_inference_steps": 500, "replicate_weights": fx.urls["/trained-full.tar"]},
-                "canceled",
-            ),
+            make.ok("lora", loras=lora_list(fx, ("b", 1.0))),
+            make.ok("lora", loras=lora_list(fx, ("a", 0.5), ("b", -0.5))),
+            make.ok("lora", loras=lora_list(fx, ("a", 1.0)), replicate_weights=fx.urls["/trained-lora.tar"]),
         ],
     }
+
+
+def refusals(fx: Fixtures, make: CaseMaker, size: int) -> dict[str, list[Case]]:
+    """Bad values (refused by Cog's schema, or by the model), bad images, refused URLs and bad archives."""
+    img, mask = fx.images["image"], fx.images["mask"]
+    return {
+        "bad_value_422": [
+            make.fails("bad_value_422", "width", "422", width=size - 1 if size > 64 else 63),
+            make.fails("bad_value_422", "num_outputs", "422", num_outputs=9),
+            make.fails("bad_value_422", "scheduler", "422", scheduler="NOPE"),
+            make.fails("bad_value_422", "guidance_scale", "422", guidance_scale=0),
+            make.fails("bad_value_422", "prompt_strength", "422", prompt_strength=1.5),
+            make.fails("bad_value_422", "seed", "422", seed=-1),
+        ],
+        "bad_value": [
+            make.fails("bad_value", "width", width=size + 4),  # in range, not a multiple of 8: the model says so
+            make.fails("bad_value", "mask", mask=mask),  # a mask without an image
+            make.fails("bad_value", "loras", loras="not json"),
+            make.fails("bad_value", "loras.*scale", loras=lora_list(fx, ("a", 9.0))),
+        ],
+        "bad_image": [
+            make.fails("bad_image", "image", image=fx.images["garbage"]),
+            make.fails("bad_image", "image", image=fx.images["truncated"]),
+            make.fails("bad_image", "image: .*too large", image=fx.images["bomb"]),
+            make.fails("bad_image", "mask", image=img, mask=fx.images["small_mask"]),
+            # a local path: refused or not an image
+            make.fails("bad_image", "image", "failed|422", image="/etc/passwd"),
+        ],
+        "refused_url": [
+            make.fails("refused_url", "replicate_weights.*scheme file", replicate_weights="file:///etc/passwd"),
+            make.fails("refused_url", "replicate_weights.*scheme ftp", replicate_weights="ftp://127.0.0.1/t.tar"),
+            make.fails(
+                "refused_url", "replicate_weights.*refused: 10.1.2.3", replicate_weights="https://10.1.2.3/t.tar"
+            ),
+            make.fails(
+                "refused_url", "replicate_weights.*refused: 192.168.0.1", replicate_weights="http://192.168.0.1/t.tar"
+            ),
+            make.fails("refused_url", "refused: 169.254.169.254", replicate_weights="https://169.254.169.254/latest"),
+            make.fails(
+                "refused_url", "refused: ::ffff:192.168.1.1", replicate_weights="https://[::ffff:192.168.1.1]/t"
+            ),
+            make.fails("refused_url", "refused: 10.9.8.7", replicate_weights=fx.urls["/redirect.tar"]),
+            make.fails(
+                "refused_url", "loras.*refused: 172.16.0.1", loras='[{"url": "https://172.16.0.1/l.safetensors"}]'
+            ),
+        ],
+        "bad_archive": [
+            make.fails("bad_archive", "replicate_weights.*\\.\\.", replicate_weights=fx.urls["/escape.tar"]),
+            make.fails("bad_archive", "replicate_weights.*not a tar", replicate_weights=fx.urls["/not-a-tar.tar"]),
+            make.fails("bad_archive", "replicate_weights.*404", replicate_weights=fx.urls["/missing.tar"]),
+        ],
+    }
+
+
+def cancels(fx: Fixtures, base: dict) -> list[Case]:
+    """Requests long enough to be running when the cancel comes."""
+    return [
+        Case("cancel", {**base, "width": 128, "height": 128, "num_inference_steps": 500}, "canceled"),
+        Case("cancel", {**base, "num_inference_steps": 500, "loras": lora_list(fx, ("b", 1.0))}, "canceled"),
+        Case(
+            "cancel",
+            {**base, "num_inference_steps": 500, "replicate_weights": fx.urls["/trained-full.tar"]},
+            "canceled",
+        ),
+    ]
+
+
+def catalogue(fx: Fixtures, size: int, steps: int) -> dict[str, list[Case]]:
+    """Every kind of request, each with the variants it cycles through."""
+    make = CaseMaker(
+        {"prompt": "a photo of TOK", "width": size, "height": size, "num_inference_steps": steps, "seed": 7}
+    )
+    return {**successes(fx, make), **refusals(fx, make, size), "cancel": cancels(fx, make.base)}
 
 
 def plan(cases: dict[str, list[Case]], count: int, seed: int) -> tuple[list[Case], int]:

@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     weights_root = args.weights or weights.weights_dir()
-    run = TrainingRun(config, args.dataset, weights_root, args.output_dir, args.tar, args.keep_checkpoints,
-                      write_checkpoints=not args.no_checkpoints)  # fmt: skip
+    checkpoints = dict(keep_checkpoints=args.keep_checkpoints, write_checkpoints=not args.no_checkpoints)
+    run = TrainingRun(config, args.dataset, weights_root, args.output_dir, tar_path=args.tar, **checkpoints)
     train_folder(run, args.num_processes)
     return 0
 
