@@ -4,24 +4,24 @@ coglet 0.23 converts only inputs annotated exactly `cog.Path`: an http(s) URL is
 run() (requests: redirects followed, proxies honoured, no address check, no size cap) and any other string is
 passed on as a path on the server. An input annotated with a subclass of cog.Path keeps the OpenAPI schema's
 `"type": "string", "format": "uri"` (cog's inspector sees a path type), but coglet leaves its value alone, so
-sdxl.file_inputs applies the network policy to it instead. tests/test_file_inputs.py checks that this still holds.
+sdxl.inputs.file_inputs applies the network policy to it instead. tests/inputs/test_file_inputs.py checks that this still holds.
 """
 
 from __future__ import annotations
 
 from cog import Input, Path
 
-from sdxl import egress_guard
+from sdxl.guard import egress_guard
 from sdxl.validation import Spec
 
 
 class FileInput(Path):
-    """A file input given as an https:// URL or a data: URI, fetched by sdxl.file_inputs (never by Cog)."""
+    """A file input given as an https:// URL or a data: URI, fetched by sdxl.inputs.file_inputs (never by Cog)."""
 
 
 def guard_worker_egress() -> None:
     """In the Cog server's worker process, refuse every outgoing connection to a non-public address (the second
-    wall behind sdxl.file_inputs and sdxl.remote). Not in tests or shells that call run() themselves."""
+    wall behind sdxl.inputs.file_inputs and sdxl.guard.remote). Not in tests or shells that call run() themselves."""
     import coglet
 
     if coglet.server.active:
@@ -29,6 +29,6 @@ def guard_worker_egress() -> None:
 
 
 def field(described: Spec):
-    """Cog's Input for an input the library describes (sdxl/request.py, sdxl/training/config.py): description,
+    """Cog's Input for an input the library describes (sdxl/inputs/request.py, sdxl/training/config.py): description,
     default, and the bounds and choices the spec declares."""
     return Input(**described.declared())

@@ -1,7 +1,7 @@
 """The Cog edge for predictions: the inputs of stability-ai/sdxl, translated into one call to sdxl.serving.
 
-Nothing here decides how an image is made. Checks a client can fail live in sdxl.request (and in the Input bounds
-below, which the server turns into 422 answers); generation lives in sdxl.generation.
+Nothing here decides how an image is made. Checks a client can fail live in sdxl.inputs.request (and in the Input bounds
+below, which the server turns into 422 answers); generation lives in sdxl.inference.generation.
 """
 
 from __future__ import annotations
@@ -14,15 +14,16 @@ from cog import BaseRunner, Path
 
 from cog_inputs import FileInput, field, guard_worker_egress
 from cog_scratch import discard_finished_request_folders
-from sdxl import file_inputs, infotext
-from sdxl import request as spec
-from sdxl.compute import on_compute_thread
-from sdxl.images import load_image, load_mask
-from sdxl.outputs import OutputOptions, save_images
-from sdxl.request import GenerationRequest
+from sdxl.inputs import file_inputs
+from sdxl.inputs import request as spec
+from sdxl.inputs.images import load_image, load_mask
+from sdxl.inputs.request import GenerationRequest
+from sdxl.model.compute import on_compute_thread
+from sdxl.model.weights import random_architecture, weights_dir
+from sdxl.output import infotext
+from sdxl.output.outputs import OutputOptions, save_images
 from sdxl.serving import predict_once, set_up
 from sdxl.trained.request import AdapterRequest, parse_loras
-from sdxl.weights import random_architecture, weights_dir
 
 log = logging.getLogger("predict")
 
@@ -35,7 +36,7 @@ def log_progress(stage: str, step: int, steps: int) -> None:
 
 
 def read_input_images(image, mask):
-    """`image` and `mask` (https URLs or data: URIs over HTTP; see sdxl.file_inputs) as decoded images. The fetched
+    """`image` and `mask` (https URLs or data: URIs over HTTP; see sdxl.inputs.file_inputs) as decoded images. The fetched
     files are removed as soon as their pixels are in memory."""
     with file_inputs.local_files({"image": image, "mask": mask}, file_inputs.FileInputLimits.for_images()) as files:
         return (

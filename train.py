@@ -15,8 +15,9 @@ from cog import BaseModel, Path
 
 from cog_inputs import FileInput, field, guard_worker_egress
 from cog_scratch import discard_finished_request_folders
-from sdxl import file_inputs, weights
 from sdxl.errors import InputError
+from sdxl.inputs import file_inputs
+from sdxl.model import weights
 from sdxl.training import config as spec
 from sdxl.training.config import TrainingConfig
 from sdxl.training.job import train_from_archive

@@ -33,8 +33,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from sdxl import weights
     from sdxl.errors import InputError
+    from sdxl.model import weights
     from sdxl.training.config import TrainingConfig
     from sdxl.training.job import train_from_archive
 

@@ -4,7 +4,7 @@
   python scripts/cog_predict.py -i image=@photo.png -i prompt_strength=0.6 -o out/
 
 Files are given as `-i name=@path` (a local file: the shell's user is trusted with the server's files), or as an
-https:// URL or a data: URI, which run() fetches under the same network policy as over HTTP (sdxl.file_inputs).
+https:// URL or a data: URI, which run() fetches under the same network policy as over HTTP (sdxl.inputs.file_inputs).
 The other inputs are checked and completed with their defaults by cog's own inspector, as the Cog server does, so
 Runner.run() sees what it would see behind HTTP. Weights come from SDXL_WEIGHTS_DIR (default ./weights).
 (Not named predict.py: that would shadow the predictor's module.)

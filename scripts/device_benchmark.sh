@@ -3,7 +3,7 @@
 # fits the budget, in order of importance (docs/PERFORMANCE.md says which row sets which default).
 #   bash scripts/device_benchmark.sh                      # --budget-s 420 by default, from this script's start
 #   bash scripts/device_benchmark.sh --smoke --arch mid   # the same on CPU with small shapes (the tests run this)
-# Any other option goes to `scripts/benchmark.py --mode gpu`. Results: benchmark-gpu.{json,jsonl,md,log} in $OUT
+# Any other option goes to `python -m tools.bench --mode gpu`. Results: benchmark-gpu.{json,jsonl,md,log} in $OUT
 # (or --out DIR, else the current folder), written after every row; the last lines printed are the table.
 # Wheels: .whl/ (scripts/device_wheels.sh) is installed into /tmp/sdxl-site when present (not with --smoke);
 # PYTHON picks the python (default python3).
@@ -39,11 +39,11 @@ if [ -z "$smoke" ] && compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 # 2. The stack imports together (and CUDA runs), in seconds, before any minute is spent.
-timeout 120 "$PYTHON" scripts/stack_check.py ${smoke:+--cpu} || {
+timeout 120 "$PYTHON" -m tools.bench.stack_check ${smoke:+--cpu} || {
   echo "device_benchmark: the stack check failed (above); nothing was measured" >&2
   exit 3
 }
 
 # 3. Every row that fits what is left of the budget.
 left=$(( budget - ($(date +%s) - started) ))
-exec "$PYTHON" scripts/benchmark.py --mode gpu --budget-s "$left" --out "$out" ${args[@]+"${args[@]}"}
+exec "$PYTHON" -m tools.bench --mode gpu --budget-s "$left" --out "$out" ${args[@]+"${args[@]}"}

@@ -5,7 +5,7 @@
                                                        # CLIPSeg, Swin2SR and the YuNet face detector)
     python scripts/download_weights.py --dry-run       # say what would be fetched
 
-Each model comes from the revision pinned in sdxl/weights.py. Downloads resume where they stopped (huggingface_hub
+Each model comes from the revision pinned in sdxl/model/weights.py. Downloads resume where they stopped (huggingface_hub
 keeps partial files), show progress, and every file is checked against the hub's checksums (sha256 for large files)
 before setup may use it.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sdxl import weights  # noqa: E402
+from sdxl.model import weights  # noqa: E402
 
 log = logging.getLogger("download_weights")
 
@@ -41,7 +41,7 @@ def verify(spec: weights.WeightSpec, folder: Path, api=None) -> list[str]:
 
 
 def pinned_mismatches(spec: weights.WeightSpec, folder: Path) -> list[str]:
-    """Files whose sha256 differs from the one sdxl/weights.py pins for them (known apart from the hub), or missing."""
+    """Files whose sha256 differs from the one sdxl/model/weights.py pins for them (known apart from the hub), or missing."""
     import hashlib
 
     bad = []

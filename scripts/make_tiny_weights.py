@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sdxl.random_weights import SEED, write_tiny_weights  # noqa: E402
+from sdxl.model.random_weights import SEED, write_tiny_weights  # noqa: E402
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ PORT="$TRAIN_PORT" COG_TRAIN_TYPE_STUB=train.py:train \
 pids+=($!)
 echo "Cog servers starting (logs in $LOGS); the playground waits for them." >&2
 
-.venv-playground/bin/python scripts/playground.py --server "http://127.0.0.1:$PORT" \
+.venv-playground/bin/python -m tools.playground --server "http://127.0.0.1:$PORT" \
   --train-server "http://127.0.0.1:$TRAIN_PORT" --port "$PLAYGROUND_PORT" "$@" &
 pids+=($!)
 wait "${pids[2]}"

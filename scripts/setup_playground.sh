@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Create .venv-playground for scripts/playground.py from requirements-playground.txt (gradio and requests, pinned),
+# Create .venv-playground for tools/playground/ from tools/playground/requirements.txt (gradio and requests, pinned),
 # apart from the model's .venv: the playground only speaks HTTP to a server and never imports the model.
 # With --browser (CI passes it), also install Debian's chromium and chromium-driver for the browser tests
-# (tests/test_playground.py); without them those tests skip and say why.
+# (tests/browser/test_playground.py); without them those tests skip and say why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,4 +17,4 @@ if [ "${1:-}" = "--browser" ] && { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin
 fi
 
 [ -x .venv-playground/bin/python ] || python3 -m venv .venv-playground
-.venv-playground/bin/python -m pip install -q --disable-pip-version-check -r requirements-playground.txt
+.venv-playground/bin/python -m pip install -q --disable-pip-version-check -r tools/playground/requirements.txt

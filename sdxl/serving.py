@@ -1,4 +1,4 @@
-"""What the prediction edge runs on the compute thread: setup in one call, each request in one call (sdxl/compute.py
+"""What the prediction edge runs on the compute thread: setup in one call, each request in one call (sdxl/model/compute.py
 says why). Plain synchronous functions; the edge wraps each in on_compute_thread."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from sdxl.compute import stop_if_cancelled
-from sdxl.fastpath import warm_up
-from sdxl.generation import GenerationResult, StepCallback, generate
-from sdxl.loading import Pipelines, load_pipelines
-from sdxl.request import GenerationRequest
+from sdxl.inference.generation import GenerationResult, StepCallback, generate
+from sdxl.inputs.request import GenerationRequest
+from sdxl.model.compute import stop_if_cancelled
+from sdxl.model.fastpath import warm_up
+from sdxl.model.loading import Pipelines, load_pipelines
 from sdxl.trained.request import AdapterRequest
 from sdxl.trained.trained_weights import TrainedWeights
 

@@ -101,7 +101,7 @@ class Spec:
             check_number(field, value, self.gt, self.le, low_inclusive=False)
         elif self.kind is float:
             check_number(field, value, self.ge, self.le)
-        else:  # files: read and checked where they are fetched (sdxl.file_inputs, sdxl.images)
+        else:  # files: read and checked where they are fetched (sdxl.inputs.file_inputs, sdxl.inputs.images)
             raise TypeError(f"{field}: {self.kind.__name__} inputs are checked where they are read")
 
     def declared(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
 # OMP_WAIT_POLICY stays at OpenMP's default here: PASSIVE (threads sleep at every barrier) took the generation tests
 # from 13.6 s to 31.0 s on an idle 2-core machine; it only pays when several torch processes share the cores.
 
-from sdxl.random_weights import write_tiny_weights  # noqa: E402
+from sdxl.model.random_weights import write_tiny_weights  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -37,7 +37,7 @@ def tiny_weights_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pipes(tiny_weights_dir):
-    from sdxl.loading import load_pipelines
+    from sdxl.model.loading import load_pipelines
 
     return load_pipelines(tiny_weights_dir)
 
@@ -45,7 +45,7 @@ def pipes(tiny_weights_dir):
 @pytest.fixture
 def listener():
     """A loopback listener that must receive no connection (a refusal happens before any connect)."""
-    from tests.file_input_servers import SilentListener
+    from tools.testing.file_input_servers import SilentListener
 
     silent = SilentListener()
     yield silent
@@ -55,7 +55,7 @@ def listener():
 @pytest.fixture
 def files():
     """A loopback file server that records who fetched what."""
-    from sdxl.testing.file_server import FileServer
+    from tools.testing.file_server import FileServer
 
     server = FileServer()
     yield server

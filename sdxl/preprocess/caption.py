@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
-from sdxl import weights
+from sdxl.model import weights
 from sdxl.preprocess import models
 
 log = logging.getLogger(__name__)

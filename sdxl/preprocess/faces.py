@@ -2,7 +2,7 @@
 heads tilted by about 15 degrees.
 
 Two detectors, the learned one preferred:
-- YuNet (OpenCV's face detector network, cv2.FaceDetectorYN), from the weight folder (sdxl/weights.py: FACE_DETECTOR,
+- YuNet (OpenCV's face detector network, cv2.FaceDetectorYN), from the weight folder (sdxl/model/weights.py: FACE_DETECTOR,
   fetched with the preprocessing models by scripts/download_weights.py --training);
 - OpenCV's Haar cascades, which ship inside opencv-python: the offline fallback when YuNet's file is absent or does
   not load. Two frontal cascades, then the profile cascade on the image and on its mirror (it only knows faces turned
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sdxl import weights
+from sdxl.model import weights
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from sdxl import weights
+from sdxl.model import weights
 from sdxl.preprocess import faces as faces_module
 from sdxl.preprocess import models
 from sdxl.preprocess.faces import Box

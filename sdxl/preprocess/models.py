@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from sdxl import weights
-from sdxl.device import Placement, choose_placement
+from sdxl.model import weights
+from sdxl.model.device import Placement, choose_placement
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from sdxl import provenance
-from sdxl.device import Placement
 from sdxl.errors import InputError
 from sdxl.formats import CAPTIONS_COLUMNS, CAPTIONS_FILE, training_image_names
-from sdxl.preprocess import archive, crop, mask
+from sdxl.model.device import Placement
+from sdxl.preprocess import archive, crop, mask, provenance
 from sdxl.preprocess.archive import ArchiveLimits, limits_from_env
 from sdxl.preprocess.caption import Captioner, caption_images
 from sdxl.preprocess.upscale import Upscaler, needs_upscaling, upscale_small

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdxl import weights
+from sdxl.model import weights
 from sdxl.preprocess import models
 
 log = logging.getLogger(__name__)

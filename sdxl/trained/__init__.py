@@ -9,5 +9,5 @@ taken out again, so nothing is left behind. One job per module:
   lora_undo.py        a LoRA load that failed half-way taken back out
   trained_weights.py  TrainedWeights: the steps of applying a request's weights, and the model's own weights
 
-All of it is plain synchronous code: the edge runs it on the compute thread (sdxl/compute.py) with generation.
+All of it is plain synchronous code: the edge runs it on the compute thread (sdxl/model/compute.py) with generation.
 """

@@ -3,12 +3,12 @@
 load_lora_weights(adapter_name=...) puts each LoRA into named peft adapters that stay resident (least recently used
 ones are deleted beyond `max_resident`), so switching back to one does not read the disk; activate() sets each
 LoRA's weight for the request, deactivate() turns the adapter layers off again. With a compiled UNet (SDXL_COMPILE=1)
-the UNet part goes into fixed-shape slots instead (sdxl/lora_slots.py), so no switch recompiles; the text-encoder
+the UNet part goes into fixed-shape slots instead (sdxl/model/lora_slots.py), so no switch recompiles; the text-encoder
 parts stay peft adapters. A file's LoraConfig metadata is cut to the keys that describe its matrices
-(sdxl/lora_metadata.py), and a load that fails leaves the module tree and parameter count exactly as it found them
+(sdxl/trained/lora_metadata.py), and a load that fails leaves the module tree and parameter count exactly as it found them
 (sdxl/trained/lora_undo.py).
 
-Which backend a server uses is decided once, by FastPath.lora_backend (sdxl/fastpath.py): lora_store_for(pipes).
+Which backend a server uses is decided once, by FastPath.lora_backend (sdxl/model/fastpath.py): lora_store_for(pipes).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from diffusers.utils.peft_utils import set_adapter_layers
 from safetensors import safe_open
 
 from sdxl.errors import InputError
-from sdxl.fastpath import PEFT, SLOTS
-from sdxl.lora_metadata import allowed_metadata
-from sdxl.lora_slots import LoraSlots, SlotLora
+from sdxl.model.fastpath import PEFT, SLOTS
+from sdxl.model.lora_slots import LoraSlots, SlotLora
 from sdxl.trained import lora_undo
+from sdxl.trained.lora_metadata import allowed_metadata
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class LoraStore:
 
     def _load(self, name: str, path: Path, field: str) -> None:
         """What load_lora_weights does, except that the LoraConfig the file's header asks for is cut to the keys that
-        describe the LoRA's matrices (sdxl/lora_metadata.py), and the UNet part goes where this backend keeps it."""
+        describe the LoRA's matrices (sdxl/trained/lora_metadata.py), and the UNet part goes where this backend keeps it."""
         pipe = self.pipe
         state, alphas, metadata = pipe.lora_state_dict(
             str(path), unet_config=pipe.unet.config, use_safetensors=True, return_lora_metadata=True

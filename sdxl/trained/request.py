@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass
 
 from sdxl.errors import InputError
-from sdxl.request import EXTRA_SCALE_RANGE, LORA_SCALE, MAX_LORAS
-from sdxl.url_policy import redact
+from sdxl.guard.url_policy import redact
+from sdxl.inputs.request import EXTRA_SCALE_RANGE, LORA_SCALE, MAX_LORAS
 from sdxl.validation import check_number
 
 TRAINED_FIELD = "replicate_weights"

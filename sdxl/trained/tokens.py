@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from sdxl.formats import EMBEDDING_KEYS, whole_word
-from sdxl.request import GenerationRequest
+from sdxl.inputs.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from sdxl import weights_cache as wc
 from sdxl.errors import InputError
 from sdxl.formats import EMBEDDING_KEYS, NEW_TOKEN
+from sdxl.trained import weights_cache as wc
 
 OWN_TAG = "own"  # the tag of the model's own weights (setup): <s0-own>, adapter trained_own
 

@@ -16,15 +16,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from sdxl import weights_cache as wc
-from sdxl.compute import stop_if_cancelled
 from sdxl.errors import InputError
+from sdxl.guard.url_policy import redact
+from sdxl.model.compute import stop_if_cancelled
+from sdxl.trained import weights_cache as wc
 from sdxl.trained.lora_store import MAX_RESIDENT, LoraStore, lora_store_for
 from sdxl.trained.request import LORAS_FIELD, MAX_LORAS, OWN_FIELD, TRAINED_FIELD, AdapterRequest, LoraInput
 from sdxl.trained.tokens import Applied, TokenSwap
 from sdxl.trained.trained_tar import OWN_TAG, Trained
 from sdxl.trained.unet_swap import UnetSwap
-from sdxl.url_policy import redact
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from sdxl import weights_cache as wc
 from sdxl.errors import InputError
+from sdxl.trained import weights_cache as wc
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
-from sdxl import weights
 from sdxl.errors import InputError
+from sdxl.model import weights
 from sdxl.training.config import TrainingConfig
 from sdxl.training.launch import TrainingRun, train_folder
 

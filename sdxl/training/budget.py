@@ -15,8 +15,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdxl import settings, weights
+from sdxl import settings
 from sdxl.errors import InputError
+from sdxl.model import weights
 
 log = logging.getLogger(__name__)
 

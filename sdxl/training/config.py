@@ -13,7 +13,7 @@ from typing import Optional
 
 from sdxl.errors import InputError
 from sdxl.formats import ARCHIVE_TYPES, contains_word, new_token
-from sdxl.request import SEED_RANGE, random_seed
+from sdxl.inputs.request import SEED_RANGE, random_seed
 from sdxl.validation import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, Spec, check_fields, described
 
 LR_SCHEDULERS = ("constant", "linear")

@@ -16,7 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from sdxl.formats import TRAINED_TAR
-from sdxl.private_dirs import private_dir
+from sdxl.guard.private_dirs import private_dir
 from sdxl.training.config import DatasetInputs, TrainingConfig
 from sdxl.training.launch import TrainingRun, train_folder, visible_gpus
 

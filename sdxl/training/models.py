@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from sdxl import weights
+from sdxl.model import weights
 
 log = logging.getLogger(__name__)
 

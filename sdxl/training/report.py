@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from sdxl.provenance import read_provenance
+from sdxl.preprocess.provenance import read_provenance
 from sdxl.training import report_plots, samples
 from sdxl.training.samples import SampleSettings
 
@@ -55,7 +55,7 @@ class TrainingReport:
     def __init__(self, settings: ReportSettings, trainer, vae, weights_root: Path, dataset_dir: Path, start: int):
         from diffusers import DDPMScheduler
 
-        from sdxl import weights
+        from sdxl.model import weights
 
         self.settings, self.trainer, self.vae = settings, trainer, vae
         # The base's scheduler_config.json as the predictor reads it (not the DDPM view of it the trainer uses).
@@ -181,7 +181,7 @@ def sample_settings_for(weights_root: Path, settings: ReportSettings | None) -> 
     """Random test weights draw noise whatever the step count: sample them with few steps."""
     from dataclasses import replace
 
-    from sdxl import weights
+    from sdxl.model import weights
 
     if settings is None or settings.samples is None or not weights.random_architecture(weights_root):
         return settings

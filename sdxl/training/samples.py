@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from sdxl.schedulers import DEFAULT_SCHEDULER, make_scheduler
+from sdxl.model.schedulers import DEFAULT_SCHEDULER, make_scheduler
 from sdxl.training.dataset import replace_token
 
 log = logging.getLogger(__name__)

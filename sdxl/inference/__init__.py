@@ -1,0 +1,1 @@
+"""One generation: the pipeline calls, prompt encoding, the safety checker, the watermark."""

@@ -1,0 +1,178 @@
+"""The predictor's inputs, each described once (`Spec`: what predict.py declares and what is checked), and the
+validated, frozen generation request: every check a client can fail lives here, with the field's name."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field, fields, replace
+from typing import Optional
+
+from PIL import Image
+
+from sdxl.errors import InputError
+from sdxl.model.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from sdxl.output.outputs import DEFAULT_FORMAT, DEFAULT_QUALITY, FORMATS, QUALITY_RANGE
+from sdxl.validation import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, Spec, check_fields, described
+
+DEFAULT_PROMPT = "An astronaut riding a rainbow unicorn"
+REFINE_MODES = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
+MAX_OUTPUTS = 4
+MAX_STEPS = 500
+# CLIP reads 77 tokens (~300 characters). A longer text is only tokenized to warn where the cut fell, which costs
+# seconds and hundreds of MB per MB of text: it is refused before anything reads it (weighted prompts: 3000).
+MAX_PROMPT_CHARS = 10_000
+SEED_RANGE = (0, 2**32 - 1)  # random seeds are drawn from all of it
+# base_image_refiner runs the refiner as img2img over the finished base image at the pipeline's default strength,
+# so it runs int(refiner_steps * 0.3) steps, as the hosted model does.
+BASE_IMAGE_REFINER_STRENGTH = 0.3
+
+# The predictor's inputs (the hosted stability-ai/sdxl's names, defaults and descriptions), in the order predict.py
+# declares them. The bounds declared here are the ones checked: GenerationRequest's fields carry these specs.
+_SIZE = f"of output image (a multiple of 8 from {MIN_SIDE} to {MAX_SIDE})"
+PROMPT = Spec(str, "Input prompt", DEFAULT_PROMPT, max_chars=MAX_PROMPT_CHARS)
+NEGATIVE_PROMPT = Spec(str, "Input Negative Prompt", "", max_chars=MAX_PROMPT_CHARS)
+IMAGE = Spec(object, "Input image for img2img or inpaint mode", optional=True)
+MASK = Spec(
+    object,
+    "Input mask for inpaint mode. Black areas will be preserved, white areas will be inpainted.",
+    optional=True,
+)
+WIDTH = Spec(int, f"Width {_SIZE}", 1024, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
+HEIGHT = Spec(int, f"Height {_SIZE}", 1024, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
+NUM_OUTPUTS = Spec(int, "Number of images to output.", 1, ge=1, le=MAX_OUTPUTS)
+SCHEDULER = Spec(str, "scheduler", DEFAULT_SCHEDULER, choices=tuple(SCHEDULERS))
+NUM_INFERENCE_STEPS = Spec(int, "Number of denoising steps", 50, ge=1, le=MAX_STEPS)
+GUIDANCE_SCALE = Spec(float, "Scale for classifier-free guidance", 7.5, ge=1, le=50)
+PROMPT_STRENGTH = Spec(
+    float,
+    "Prompt strength when using img2img / inpaint. 1.0 corresponds to full destruction of information in image",
+    0.8,
+    ge=0.0,
+    le=1.0,
+)
+SEED = Spec(int, "Random seed. Leave blank to randomize the seed", None, ge=SEED_RANGE[0], le=SEED_RANGE[1],
+            optional=True)  # fmt: skip
+REFINE = Spec(str, "Which refine style to use", "no_refiner", choices=REFINE_MODES)
+HIGH_NOISE_FRAC = Spec(float, "For expert_ensemble_refiner, the fraction of noise to use", 0.8, ge=0.0, le=1.0)
+REFINE_STEPS = Spec(
+    int,
+    "For base_image_refiner, the number of steps to refine, defaults to num_inference_steps",
+    None,
+    ge=1,
+    le=MAX_STEPS,
+    optional=True,
+)
+APPLY_WATERMARK = Spec(
+    bool,
+    "Applies a watermark to enable determining if an image is generated in downstream applications. If you have "
+    "other provisions for generating or deploying images safely, you can use this to disable watermarking.",
+    True,
+)
+LORA_SCALE = Spec(float, "LoRA additive scale. Only applicable on trained models.", 0.6, ge=0.0, le=1.0)
+REPLICATE_WEIGHTS = Spec(
+    str, "Replicate LoRA weights to use. Leave blank to use the default weights.", None, optional=True
+)
+DISABLE_SAFETY_CHECKER = Spec(bool, "Disable safety checker for generated images.", False)
+MAX_LORAS = 4
+EXTRA_SCALE_RANGE = (-2.0, 2.0)
+LORAS = Spec(
+    str,
+    'Extra LoRAs (beyond the hosted model): a JSON list of {"url": ..., "scale": ...}, diffusers/peft or kohya '
+    f"(A1111/ComfyUI) SDXL LoRA safetensors files, at most {MAX_LORAS}, scale from {EXTRA_SCALE_RANGE[0]:g} to "
+    f"{EXTRA_SCALE_RANGE[1]:g}",
+    "",
+)
+PROMPT_WEIGHTING = Spec(
+    bool,
+    "Beyond the hosted model: read compel's weighting syntax in prompt and negative_prompt (word+, word-, "
+    "(words)1.3, (...).blend(), (...).and()) and encode prompts past 77 tokens in chunks instead of cutting them off",
+    False,
+)
+OUTPUT_FORMAT = Spec(str, "Beyond the hosted model: format of the output images", DEFAULT_FORMAT,
+                     choices=tuple(FORMATS))  # fmt: skip
+OUTPUT_QUALITY = Spec(int, "Beyond the hosted model: quality of webp and jpg outputs (png is lossless)",
+                      DEFAULT_QUALITY, ge=QUALITY_RANGE[0], le=QUALITY_RANGE[1])  # fmt: skip
+
+
+def random_seed() -> int:
+    return secrets.randbelow(SEED_RANGE[1] + 1)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str = described(PROMPT)
+    negative_prompt: str = described(NEGATIVE_PROMPT)
+    image: Optional[Image.Image] = field(default=None, repr=False)  # image and mask are checked together below
+    mask: Optional[Image.Image] = field(default=None, repr=False)
+    width: int = described(WIDTH)
+    height: int = described(HEIGHT)
+    num_outputs: int = described(NUM_OUTPUTS)
+    scheduler: str = described(SCHEDULER)
+    num_inference_steps: int = described(NUM_INFERENCE_STEPS)
+    guidance_scale: float = described(GUIDANCE_SCALE)
+    prompt_strength: float = described(PROMPT_STRENGTH)
+    seed: Optional[int] = described(SEED)
+    refine: str = described(REFINE)
+    high_noise_frac: float = described(HIGH_NOISE_FRAC)
+    refine_steps: Optional[int] = described(REFINE_STEPS)
+    apply_watermark: bool = described(APPLY_WATERMARK)
+    disable_safety_checker: bool = described(DISABLE_SAFETY_CHECKER)
+    prompt_weighting: bool = described(PROMPT_WEIGHTING)  # beyond the hosted model: compel's syntax, long prompts
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.prompt_weighting:
+            from sdxl.inputs.prompt_weighting import check_syntax  # compel loads only for requests that use it
+
+            check_syntax(self.prompt, self.negative_prompt)
+        self._check_images()
+        self._check_steps_run()
+
+    def _check_images(self) -> None:
+        if self.mask is not None and self.image is None:
+            raise InputError("mask", "a mask needs an image to inpaint; send `image` too, or drop `mask`")
+        if self.mask is not None and self.mask.size != self.image.size:
+            raise InputError(
+                "mask",
+                f"its size {self.mask.size[0]}x{self.mask.size[1]} differs from the image's "
+                f"{self.image.size[0]}x{self.image.size[1]}; send a mask of the same size",
+            )
+
+    def _check_steps_run(self) -> None:
+        if self.image is not None and int(self.num_inference_steps * self.prompt_strength) < 1:
+            raise InputError(
+                "prompt_strength",
+                f"{self.prompt_strength} x {self.num_inference_steps} steps leaves no denoising step to run; "
+                "raise prompt_strength or num_inference_steps",
+            )
+        if self.refine == "base_image_refiner" and int(self.refiner_steps * BASE_IMAGE_REFINER_STRENGTH) < 1:
+            raise InputError(
+                "refine_steps",
+                f"{self.refiner_steps} steps at the refiner's strength {BASE_IMAGE_REFINER_STRENGTH} run no step; "
+                f"use at least {math.ceil(1 / BASE_IMAGE_REFINER_STRENGTH)}",
+            )
+
+    @classmethod
+    def from_inputs(cls, inputs: dict, **decoded) -> GenerationRequest:
+        """The request from the predictor's inputs by name (inputs that are not the request's, such as loras, are
+        left out); `decoded` gives the images read from the file inputs."""
+        names = [f.name for f in fields(cls) if f.name in inputs and f.name not in decoded]
+        return cls(**{name: inputs[name] for name in names}, **decoded)
+
+    @property
+    def refiner_steps(self) -> int:
+        """base_image_refiner's num_inference_steps: refine_steps, else num_inference_steps (as the hosted model)."""
+        return self.refine_steps or self.num_inference_steps
+
+    @property
+    def mode(self) -> str:
+        if self.image is None:
+            return "text2img"
+        return "inpaint" if self.mask is not None else "img2img"
+
+    def with_seed(self) -> GenerationRequest:
+        """This request with a concrete seed: the one given, or a fresh random one (logged and returned to the client)."""
+        if self.seed is not None:
+            return self
+        return replace(self, seed=random_seed())

@@ -1,0 +1,1 @@
+"""What a prediction returns: the image files and their parameters text."""

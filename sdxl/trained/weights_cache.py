@@ -1,0 +1,416 @@
+"""An on-disk cache of downloaded weights: trained_model.tar contents and single LoRA files, keyed by URL.
+
+- An entry is a folder named after the sha256 of its URL, under a folder for its kind (`trained/`, `lora/`).
+- A hit uses no network; it only touches the folder's mtime, which is the least-recently-used order.
+- Inserting downloads into a temporary folder, validates and extracts there, then renames the folder into place:
+  an entry is complete or absent. Any failure removes everything it wrote.
+- Entries are evicted least recently used first until the new entry fits the disk budget; entries in use by the
+  current request (`open`) are never evicted.
+- Tar extraction is done by hand: a plain (uncompressed) tar as the trainer writes it, headers capped before tarfile
+  reads them (sdxl/guard/safe_tar.py), regular files only, no `..` or absolute paths, no links or devices, an entry count
+  cap, a total size cap, per-file caps checked from the header before a byte is extracted, and only the file names
+  the trainer writes. Every file is checked before anything parses it: JSON by size, safetensors by header size, key
+  count and (for the token rows) row count.
+- The cache folder is private to this process's user (sdxl/guard/private_dirs.py): created 0700, checked on every use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from safetensors import safe_open
+
+from sdxl.errors import InputError
+from sdxl.formats import (  # noqa: F401 (re-exported: the trained tar's names are read through this module too)
+    EMBEDDINGS_FILE,
+    KOHYA_LORA_FILE,
+    LORA_FILE,
+    REPORT_DIR,
+    REPORT_JSON,
+    SAFETENSORS_FILES,
+    SDXL_EMBEDDING_FILE,
+    SPECIAL_PARAMS_FILE,
+    TRAINED_FILES,
+    TRAINING_PARAMS_FILE,
+    UNET_FILE,
+)
+from sdxl.guard import remote
+from sdxl.guard.private_dirs import check_private_dir, private_dir
+from sdxl.guard.safe_tar import TarHeaderRefused, compression, open_tar
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR_ENV = "SDXL_WEIGHTS_CACHE_DIR"
+CACHE_BUDGET_ENV = "SDXL_WEIGHTS_CACHE_BYTES"
+MAX_TRAINED_ENV = "SDXL_MAX_TRAINED_BYTES"  # the largest trained_model.tar accepted
+MAX_LORA_ENV = "SDXL_MAX_LORA_BYTES"  # the largest single LoRA file accepted
+DEFAULT_BUDGET = 40 << 30
+
+
+MAX_TAR_ENTRIES = 64
+MAX_JSON_BYTES = 64 << 10  # special_params.json and training_params.json; the trainer writes well under 2 KB
+MAX_SAFETENSORS_HEADER = 8 << 20  # a full SDXL UNet's header is ~0.2 MB; safetensors itself allows 100 MB
+MAX_SAFETENSORS_KEYS = 16_384  # a kohya SDXL LoRA with both text encoders has ~4,000; a full UNet ~1,700
+MAX_TRAINED_TOKENS = 16  # rows of embeddings.pti; the trainer writes 2 per trained word
+MAX_TRAINED_WORDS = 16  # entries of special_params.json
+MAX_WORD_CHARS = 256
+MAX_EMBEDDINGS_BYTES = 1 << 20  # 16 rows of both encoders' widths in fp32 are 128 KB
+FILE_CAPS = {
+    SPECIAL_PARAMS_FILE: MAX_JSON_BYTES,
+    TRAINING_PARAMS_FILE: MAX_JSON_BYTES,
+    EMBEDDINGS_FILE: MAX_EMBEDDINGS_BYTES,
+}
+# Files a training writes for other tools and for people (sdxl/training/interop.py, report.py): known, size-capped
+# from the tar header, and skipped (never extracted or parsed): the predictor does not use them.
+SKIPPED_FILE_CAPS = {
+    KOHYA_LORA_FILE: 4 << 30,
+    SDXL_EMBEDDING_FILE: MAX_EMBEDDINGS_BYTES,
+    REPORT_JSON: 4 << 20,
+    f"{REPORT_DIR}/loss.png": 16 << 20,
+    f"{REPORT_DIR}/samples.png": 64 << 20,
+}
+KINDS = ("trained", "lora")
+
+
+@dataclass(frozen=True)
+class CacheLimits:
+    budget_bytes: int = DEFAULT_BUDGET
+    max_trained_bytes: int = 12 << 30  # a full fine-tune's fp32 UNet is ~10.3 GB
+    max_lora_bytes: int = 2 << 30
+    read_timeout: float = remote.FetchLimits.read_timeout
+    deadline: float = remote.FetchLimits.deadline
+    fetch: remote.FetchLimits | None = None  # None: FetchLimits(max_bytes=the kind's cap, read_timeout, deadline)
+
+
+def url_key(url: str) -> str:
+    return hashlib.sha256(url.strip().encode()).hexdigest()
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+class WeightsCache:
+    def __init__(self, root: Path, limits: CacheLimits = CacheLimits(), resolver: remote.Resolver | None = None):
+        self.root = Path(root)
+        self.limits = limits
+        self.resolver = resolver
+        self._in_use: dict[Path, int] = {}
+        self._lock = threading.RLock()
+        private_dir(self.root, CACHE_DIR_ENV)
+        for kind in KINDS:
+            (self.root / kind).mkdir(mode=0o700, exist_ok=True)
+        for stale in self.root.glob(".tmp-*"):  # left by a process that was killed mid-insert
+            shutil.rmtree(stale, ignore_errors=True)
+
+    @classmethod
+    def from_env(cls) -> WeightsCache:
+        root = Path(os.environ.get(CACHE_DIR_ENV) or Path(tempfile.gettempdir()) / "sdxl-weights-cache")
+        defaults = CacheLimits()
+        limits = CacheLimits(
+            budget_bytes=int(os.environ.get(CACHE_BUDGET_ENV) or defaults.budget_bytes),
+            max_trained_bytes=int(os.environ.get(MAX_TRAINED_ENV) or defaults.max_trained_bytes),
+            max_lora_bytes=int(os.environ.get(MAX_LORA_ENV) or defaults.max_lora_bytes),
+            **remote.timeouts_from_env(),
+        )
+        return cls(root, limits)
+
+    def path_for(self, kind: str, url: str) -> Path:
+        return self.root / kind / url_key(url)
+
+    @contextlib.contextmanager
+    def open(self, kind: str, url: str, field: str):
+        """The entry's folder for `url` (fetched on a miss), protected from eviction inside the with-block."""
+        folder = self.get(kind, url, field)
+        with self._lock:
+            self._in_use[folder] = self._in_use.get(folder, 0) + 1
+        try:
+            yield folder
+        finally:
+            with self._lock:
+                self._in_use[folder] -= 1
+                if not self._in_use[folder]:
+                    del self._in_use[folder]
+
+    def get(self, kind: str, url: str, field: str) -> Path:
+        if kind not in KINDS:
+            raise ValueError(f"unknown cache kind {kind!r}")
+        folder = self.path_for(kind, url)
+        if folder.is_dir():
+            os.utime(folder)
+            log.info("weights cache hit for %s (%s)", field, folder.name[:12])
+            return folder
+        return self._insert(kind, url, field, folder)
+
+    def discard(self, kind: str, url: str) -> None:
+        """Drop an entry (for example one whose weights do not fit this model)."""
+        shutil.rmtree(self.path_for(kind, url), ignore_errors=True)
+
+    def _insert(self, kind: str, url: str, field: str, folder: Path) -> Path:
+        cap = self.limits.max_trained_bytes if kind == "trained" else self.limits.max_lora_bytes
+        fetch_limits = self.limits.fetch or remote.FetchLimits(
+            max_bytes=cap, read_timeout=self.limits.read_timeout, deadline=self.limits.deadline
+        )
+        remote.check_url(url, field, self.resolver or remote.system_resolver)  # refuse early, before any disk work
+        check_private_dir(self.root, CACHE_DIR_ENV)
+        work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+        try:
+            started = time.perf_counter()
+            download = remote.fetch_to_file(url, work, field, fetch_limits, self.resolver)
+            entry = work / "entry"
+            entry.mkdir()
+            if kind == "trained":
+                extract_trained_tar(download, entry, field, max_bytes=cap)
+            else:
+                check_safetensors(download, field, "the LoRA file")
+                download.rename(entry / LORA_FILE)
+            download.unlink(missing_ok=True)
+            size = _size(entry)
+            self._make_room(size)
+            try:
+                entry.rename(folder)
+            except OSError:
+                if not folder.is_dir():  # another process inserted it first: theirs is as good as ours
+                    raise
+            log.info(
+                "cached %s for %s: %.1f MB in %.1fs (%s)",
+                kind,
+                field,
+                size / 1e6,
+                time.perf_counter() - started,
+                folder.name[:12],
+            )
+            return folder
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _make_room(self, incoming: int) -> None:
+        """Evict least recently used entries (never those in use) until `incoming` bytes fit the budget."""
+        with self._lock:
+            entries = [e for kind in KINDS for e in (self.root / kind).iterdir() if e.is_dir()]
+            entries.sort(key=lambda e: e.stat().st_mtime)
+            total = sum(_size(e) for e in entries)
+            for entry in entries:
+                if total + incoming <= self.limits.budget_bytes:
+                    break
+                if entry in self._in_use:
+                    continue
+                size = _size(entry)
+                shutil.rmtree(entry, ignore_errors=True)
+                total -= size
+                log.info("weights cache: evicted %s (%.1f MB) to stay under the budget", entry.name[:12], size / 1e6)
+            if total + incoming > self.limits.budget_bytes:
+                log.warning("weights cache is over its budget: the entries left are in use")
+
+
+def safetensors_header(path: Path, field: str, what: str) -> dict[str, dict]:
+    """A safetensors file's tensor entries ({key: {"dtype", "shape", "data_offsets"}}), its metadata left out, read
+    with the header's size checked before it is read, and its key count before anything else looks at it."""
+    with open(path, "rb") as file:
+        head = file.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < length <= os.fstat(file.fileno()).st_size - 8:
+            raise InputError(field, f"{what} is not a valid safetensors file (no header of the length it gives)")
+        if length > MAX_SAFETENSORS_HEADER:
+            raise InputError(
+                field, f"{what} has a header of {length:,} bytes; at most {MAX_SAFETENSORS_HEADER:,} are allowed"
+            )
+        raw = file.read(length)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        raise InputError(field, f"{what} is not a valid safetensors file ({error})") from None
+    header.pop("__metadata__", None)
+    if len(header) > MAX_SAFETENSORS_KEYS:
+        raise InputError(field, f"{what} holds {len(header):,} tensors; at most {MAX_SAFETENSORS_KEYS:,} are allowed")
+    return header
+
+
+def check_safetensors(path: Path, field: str, what: str) -> dict[str, dict]:
+    """Refuse a file that is not a safetensors file (it is never unpickled either way); its header entries."""
+    header = safetensors_header(path, field, what)
+    try:
+        with safe_open(path, framework="pt") as file:  # the library's own checks: dtypes, offsets, overlaps
+            if not list(file.keys()):
+                raise InputError(field, f"{what} holds no tensors")
+    except InputError:
+        raise
+    except Exception as error:  # safetensors raises its own SafetensorError for a bad header
+        raise InputError(field, f"{what} is not a valid safetensors file ({error})") from None
+    return header
+
+
+def check_token_rows(header: dict[str, dict], field: str) -> None:
+    """embeddings.pti: each tensor's row count (one row per new token) is capped, read from the header."""
+    for key, entry in header.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        rows = shape[0] if isinstance(shape, list) and shape and isinstance(shape[0], int) else 0
+        if rows > MAX_TRAINED_TOKENS:
+            raise InputError(
+                field,
+                f"{EMBEDDINGS_FILE}: {key} holds {rows:,} token rows; at most {MAX_TRAINED_TOKENS} trained tokens are "
+                "allowed (a training writes 2 per trained word)",
+            )
+
+
+def _member_problem(member: tarfile.TarInfo) -> str | None:
+    name = member.name
+    if name.startswith("/") or PurePosixPath(name).is_absolute() or (len(name) > 1 and name[1] == ":"):
+        return f"an absolute path {name!r}"
+    if ".." in PurePosixPath(name).parts or ".." in name.split("\\"):
+        return f"a path that leaves the archive {name!r}"
+    if member.issym() or member.islnk():
+        return f"a link {name!r} -> {member.linkname!r}"
+    if member.isdev():
+        return f"a device or pipe {name!r}"
+    if not (member.isfile() or member.isdir()):
+        return f"{name!r}, which is not a regular file"
+    return None
+
+
+def extract_trained_tar(archive: Path, dest: Path, field: str, max_bytes: int) -> None:
+    """Extract a trained_model.tar's known files into `dest` and check them; raise InputError(field) otherwise."""
+    packed = compression(archive)
+    if packed:  # the trainer writes a plain tar; a compressed one could expand far beyond what was downloaded
+        raise InputError(
+            field,
+            f"the file is {packed}-compressed, not a tar archive as a training writes it; give the plain "
+            "(uncompressed) trained_model.tar a training produced",
+        )
+    try:
+        tar = open_tar(archive, mode="r:")
+    except TarHeaderRefused as error:
+        raise InputError(field, f"the tar {error}") from None
+    except (tarfile.TarError, EOFError, OSError):
+        raise InputError(
+            field, "the file is not a tar archive; give the trained_model.tar a training produced"
+        ) from None
+    try:
+        with tar:
+            _extract_members(tar, dest, field, max_bytes)
+    except TarHeaderRefused as error:
+        raise InputError(field, f"the tar {error}") from None
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise InputError(field, f"the tar archive is damaged ({error})") from None
+    check_trained_files(dest, field)
+
+
+def _extract_members(tar: tarfile.TarFile, dest: Path, field: str, max_bytes: int) -> None:
+    seen: set[str] = set()
+    total = 0
+    for count, member in enumerate(tar, start=1):
+        if count > MAX_TAR_ENTRIES:
+            raise InputError(field, f"the tar holds more than {MAX_TAR_ENTRIES} entries")
+        problem = _member_problem(member)
+        if problem:
+            raise InputError(field, f"the tar holds {problem}; only regular files are allowed")
+        name = PurePosixPath(member.name).as_posix().removeprefix("./")
+        if member.isdir():
+            if name not in (".", ""):
+                log.info("%s: ignoring folder %r in the tar", field, member.name)
+            continue
+        total += member.size
+        if total > max_bytes:
+            raise InputError(field, f"the tar's files add up to more than {remote.human_size(max_bytes)}")
+        if name in SKIPPED_FILE_CAPS:
+            _check_skipped(name, member.size, field)
+            continue
+        if name not in TRAINED_FILES:
+            log.info("%s: ignoring unknown file %r in the tar", field, member.name)
+            continue
+        cap = FILE_CAPS.get(name)
+        if cap is not None and member.size > cap:  # from the header, before a byte of it is read
+            raise InputError(field, f"{name} is {member.size:,} bytes; at most {cap:,} are allowed")
+        if name in seen:
+            raise InputError(field, f"the tar holds {name!r} twice")
+        seen.add(name)
+        _copy_member(tar, member, dest / name)
+
+
+def _check_skipped(name: str, size: int, field: str) -> None:
+    if size > SKIPPED_FILE_CAPS[name]:
+        raise InputError(field, f"{name} is {size:,} bytes; at most {SKIPPED_FILE_CAPS[name]:,} are allowed")
+    log.debug("%s: %s is for other tools; not extracted", field, name)
+
+
+def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
+    source = tar.extractfile(member)
+    with source, open(target, "xb") as out:  # "x": never through an existing file or link
+        remaining = member.size
+        while remaining:
+            chunk = source.read(min(remaining, 1 << 20))
+            if not chunk:
+                raise tarfile.ReadError(f"{member.name} is truncated")
+            out.write(chunk)
+            remaining -= len(chunk)
+
+
+def check_trained_files(folder: Path, field: str) -> None:
+    """The files a trained_model.tar must hold, and that each is what its name says (sizes checked before parsing)."""
+    present = {f.name for f in folder.iterdir()}
+    if not present & {LORA_FILE, UNET_FILE}:
+        raise InputError(
+            field,
+            f"the tar holds neither {LORA_FILE} nor {UNET_FILE} (found: {', '.join(sorted(present)) or 'nothing'}); "
+            "give the trained_model.tar a training produced",
+        )
+    if {LORA_FILE, UNET_FILE} <= present:
+        raise InputError(field, f"the tar holds both {LORA_FILE} and {UNET_FILE}; a training writes one of them")
+    if (EMBEDDINGS_FILE in present) != (SPECIAL_PARAMS_FILE in present):
+        missing = SPECIAL_PARAMS_FILE if EMBEDDINGS_FILE in present else EMBEDDINGS_FILE
+        raise InputError(field, f"the tar holds trained tokens but not {missing}")
+    for name, cap in FILE_CAPS.items():
+        if name in present and (folder / name).stat().st_size > cap:
+            raise InputError(field, f"{name} is larger than {cap:,} bytes")
+    for name in SAFETENSORS_FILES:
+        if name in present:
+            header = check_safetensors(folder / name, field, name)
+            if name == EMBEDDINGS_FILE:
+                check_token_rows(header, field)
+    if SPECIAL_PARAMS_FILE in present:
+        read_token_map(folder / SPECIAL_PARAMS_FILE, field)
+
+
+def read_token_map(path: Path, field: str) -> dict[str, str]:
+    """special_params.json: {"TOK": "<s0><s1>"}: each trained word and the new tokens that stand for it."""
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise InputError(field, f"{SPECIAL_PARAMS_FILE} is larger than {MAX_JSON_BYTES:,} bytes")
+    with open(path, "rb") as file:
+        raw = file.read(MAX_JSON_BYTES + 1)  # bounded even if the file grew after the check
+    try:
+        if len(raw) > MAX_JSON_BYTES:
+            raise ValueError(f"more than {MAX_JSON_BYTES:,} bytes")
+        token_map = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        raise InputError(field, f"{SPECIAL_PARAMS_FILE} is not valid JSON ({error})") from None
+    if not isinstance(token_map, dict) or not token_map:
+        raise InputError(
+            field, f"{SPECIAL_PARAMS_FILE} must map each trained word to its tokens, e.g. {{'TOK': '<s0><s1>'}}"
+        )
+    if len(token_map) > MAX_TRAINED_WORDS:
+        raise InputError(
+            field, f"{SPECIAL_PARAMS_FILE} maps {len(token_map):,} words; at most {MAX_TRAINED_WORDS} are allowed"
+        )
+    for word, tokens in token_map.items():
+        well_formed = isinstance(tokens, str) and word.strip() and tokens.strip()
+        if not well_formed or len(word) > MAX_WORD_CHARS or len(tokens) > MAX_WORD_CHARS:
+            raise InputError(
+                field,
+                f"{SPECIAL_PARAMS_FILE}: {word[:80]!r} -> {str(tokens)[:80]!r} is not a word and its tokens "
+                f"(each at most {MAX_WORD_CHARS} characters)",
+            )
+    return token_map

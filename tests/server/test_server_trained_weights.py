@@ -1,0 +1,223 @@
+"""Trained weights through the real Cog server: a LoRA tar served by a loopback HTTP server the test starts, the
+download cache, state left clean, and every hostile URL or archive answered with a clear error while the server
+stays READY. Connections go only to 127.0.0.1: private and link-local addresses are refused before any connect."""
+
+import io
+import re
+import tarfile
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from safetensors.torch import save
+
+from sdxl.model import weights
+from sdxl.trained.weights_cache import url_key
+from tools.testing.cog_server import CogServer, decode_png
+from tools.testing.file_server import FileServer
+from tools.testing.trained import embeddings, lora_state, tar_bytes, trained_tar, write_lora
+
+BASE = {"prompt": "a photo of TOK", "width": 64, "height": 64, "num_inference_steps": 3, "seed": 5}
+BASE = {**BASE, "apply_watermark": False}
+MAX_TRAINED_BYTES = 3_000_000
+
+
+@pytest.fixture(scope="module")
+def files():
+    server = FileServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_weights_dir, cache_dir, tmp_path_factory):
+    env = {
+        "SDXL_ALLOW_LOOPBACK_HTTP": "1",
+        "SDXL_WEIGHTS_CACHE_DIR": str(cache_dir),
+        "SDXL_MAX_TRAINED_BYTES": str(MAX_TRAINED_BYTES),
+        "SDXL_FETCH_READ_TIMEOUT": "2",
+    }
+    with mock.patch.dict("os.environ", env):
+        cog = CogServer(tiny_weights_dir, tmp_path_factory.mktemp("log") / "server.log")
+    try:
+        cog.wait_for("READY", timeout=300)
+        yield cog
+    finally:
+        cog.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_weights_dir):
+    vae = AutoencoderKL.from_pretrained(tiny_weights_dir / weights.VAE.folder)
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        tiny_weights_dir / weights.BASE.folder, vae=vae, add_watermarker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def lora(reference, tmp_path_factory):
+    """A trained tar with a LoRA and two new token rows, and its LoRA state for the direct diffusers call."""
+    state = lora_state(reference.unet, seed=3)
+    widths = (reference.text_encoder.config.hidden_size, reference.text_encoder_2.config.hidden_size)
+    rows = embeddings(widths, seed=4)
+    return state, rows, trained_tar(tmp_path_factory.mktemp("tar"), lora=state, rows=rows)
+
+
+def image_of(response) -> np.ndarray:
+    body = response.json()
+    assert body["status"] == "succeeded", body.get("error") or body.get("logs", "")[-2000:]
+    return decode_png(body["output"][0])
+
+
+def direct(pipe, prompt: str) -> np.ndarray:
+    images = pipe(
+        prompt=prompt,
+        negative_prompt="",
+        width=64,
+        height=64,
+        num_inference_steps=3,
+        guidance_scale=7.5,
+        generator=torch.Generator("cpu").manual_seed(5),
+    ).images
+    return np.asarray(images[0])
+
+
+def test_a_trained_lora_equals_diffusers_and_is_cached(server, files, reference, lora, tmp_path):
+    state, rows, tar = lora
+    url = files.serve("/lora/trained_model.tar", tar)
+    base = image_of(server.predict(BASE))
+
+    trained = image_of(server.predict({**BASE, "replicate_weights": url, "lora_scale": 0.6}))
+    assert not np.array_equal(trained, base)
+
+    # Direct diffusers: load the same files, name the new tokens, scale the LoRA, same call.
+    reference.load_lora_weights(write_lora(tmp_path, state), adapter_name="trained")
+    reference.set_adapters(["trained"], adapter_weights=[0.6])
+    tokens = ["<s0>", "<s1>"]
+    reference.load_textual_inversion(
+        rows["text_encoders_0"], token=tokens, text_encoder=reference.text_encoder, tokenizer=reference.tokenizer
+    )
+    reference.load_textual_inversion(
+        rows["text_encoders_1"], token=tokens, text_encoder=reference.text_encoder_2, tokenizer=reference.tokenizer_2
+    )
+    try:
+        expected = direct(reference, "a photo of <s0><s1>")
+    finally:
+        reference.unload_lora_weights()
+        reference.unload_textual_inversion(
+            tokens=tokens, text_encoder=reference.text_encoder, tokenizer=reference.tokenizer
+        )
+        reference.unload_textual_inversion(
+            tokens=tokens, text_encoder=reference.text_encoder_2, tokenizer=reference.tokenizer_2
+        )
+    np.testing.assert_array_equal(trained, expected)
+
+    # The same URL again is served from the cache: no new HTTP request.
+    fetched = files.requests["/lora/trained_model.tar"]
+    again = image_of(server.predict({**BASE, "replicate_weights": url, "lora_scale": 0.6}))
+    assert files.requests["/lora/trained_model.tar"] == fetched
+    np.testing.assert_array_equal(again, trained)
+
+    # lora_scale 0 leaves the LoRA out (the tokens still stand for the trained word); and a request without trained
+    # weights afterwards is the base image, bit for bit.
+    assert not np.array_equal(image_of(server.predict({**BASE, "replicate_weights": url, "lora_scale": 0.0})), trained)
+    np.testing.assert_array_equal(image_of(server.predict(BASE)), base)
+
+
+def _tar_with(name: str, kind=tarfile.REGTYPE, linkname: str = "") -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        if kind == tarfile.REGTYPE:
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"data"))
+        else:
+            tar.addfile(info)
+    return buffer.getvalue()
+
+
+def _wrong_shapes(reference) -> bytes:
+    state = lora_state(reference.unet, seed=1)
+    bad = {key: torch.zeros(value.shape[0] + 1, *value.shape[1:]) for key, value in state.items()}
+    return tar_bytes({"lora.safetensors": save(bad)})
+
+
+BAD_URLS = [
+    ("file:///etc/passwd", "scheme file: is not allowed"),
+    ("ftp://127.0.0.1/trained_model.tar", "scheme ftp: is not allowed"),
+    ("data:application/x-tar;base64,AAAA", "scheme data: is not allowed"),
+    ("https://10.1.2.3/trained_model.tar", "refused: 10.1.2.3"),
+    ("https://169.254.169.254/latest/meta-data", "refused: 169.254.169.254"),
+    ("https://[fd00::1]/trained_model.tar", "refused: fd00::1"),
+]
+
+
+@pytest.mark.parametrize(
+    "url, words", BAD_URLS, ids=[url.split(":")[0] + str(i) for i, (url, _) in enumerate(BAD_URLS)]
+)
+def test_refused_urls(server, url, words):
+    """Each is refused by the address/scheme check before any connection is made."""
+    assert_fails(server, {"replicate_weights": url}, f"replicate_weights: .*{words}")
+
+
+def test_hostile_downloads_and_archives(server, files, reference, cache_dir):
+    cases = {
+        "/missing.tar": (None, "HTTP 404"),
+        "/too-big.tar": (b"x" * (MAX_TRAINED_BYTES + 1), "larger than"),
+        "/not-a-tar.tar": (b"this is not a tar archive" * 100, "not a tar"),
+        "/escape.tar": (_tar_with("../evil.safetensors"), "\\.\\."),
+        "/absolute.tar": (_tar_with("/etc/lora.safetensors"), "absolute"),
+        "/link.tar": (_tar_with("lora.safetensors", tarfile.SYMTYPE, "/etc/passwd"), "link"),
+        "/no-files.tar": (tar_bytes({"training_params.json": b"{}"}), "lora.safetensors"),
+        "/wrong-shapes.tar": (_wrong_shapes(reference), "shape"),
+    }
+    for path, (body, _) in cases.items():
+        if body is not None:
+            files.serve(path, body)
+    files.redirects["/redirect.tar"] = "https://10.9.8.7/trained_model.tar"
+    cases["/redirect.tar"] = (None, "refused: 10.9.8.7")
+    files.stalls.add("/stall.tar")
+    cases["/stall.tar"] = (None, "timed out|took longer|failed")
+
+    for path, (_, words) in cases.items():
+        assert_fails(server, {"replicate_weights": files.url(path)}, f"replicate_weights: .*({words})")
+
+    # Nothing half-fetched or half-extracted is left in the cache.
+    leftovers = [p for p in cache_dir.rglob("*") if p.name.startswith(".tmp")]
+    assert leftovers == []
+    for path in cases:
+        assert not (cache_dir / "trained" / url_key(files.url(path))).exists(), path
+
+
+@pytest.mark.parametrize(
+    "loras, words",
+    [
+        ("not json", "loras: "),
+        ('[{"url": "ftp://127.0.0.1/a.safetensors", "scale": 1}]', "loras.*scheme ftp"),
+        ('[{"url": "https://10.0.0.2/a.safetensors", "scale": 9}]', "loras.*scale"),
+    ],
+)
+def test_bad_lora_lists(server, loras, words):
+    assert_fails(server, {"loras": loras}, words)
+
+
+def assert_fails(server, extra: dict, pattern: str) -> None:
+    body = server.predict({**BASE, **extra}).json()
+    assert body["status"] == "failed", body
+    assert re.search(pattern, body["error"]), body["error"]
+    assert server.wait_for("READY", "SETUP_FAILED", "DEFUNCT", timeout=10)["status"] == "READY"
+
+
+def test_base_image_is_intact_after_the_failures(server, reference):
+    np.testing.assert_array_equal(image_of(server.predict(BASE)), direct(reference, BASE["prompt"]))

@@ -1,0 +1,1 @@
+"""Development programs (benchmark, playground, soak) and the test harness; not part of the image."""

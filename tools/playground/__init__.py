@@ -1,0 +1,1 @@
+"""The browser playground: `python -m tools.playground` (in .venv-playground)."""
