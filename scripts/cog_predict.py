@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from cog import _adt as adt  # noqa: E402
 from cog._inspector import check_input, create_predictor  # noqa: E402

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -222,13 +223,18 @@ def merge(predict: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
 
 
 def _inspect(root: Path, ref: str):
-    """Run cog's inspector on `file.py:Name`, imported from the repository root."""
+    """Run cog's inspector on `file.py:Name`, the module loaded from that file under `root` (once per process)."""
     file, name = ref.split(":", 1)
-    sys.path.insert(0, str(root))
-    try:
-        return create_predictor(Path(file).stem, name)
-    finally:
-        sys.path.remove(str(root))
+    module_name = Path(file).stem
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, root / file)
+        sys.modules[module_name] = module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+    return create_predictor(module_name, name)
 
 
 def build(root: Path = ROOT) -> dict[str, Any]:

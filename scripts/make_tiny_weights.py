@@ -2,10 +2,7 @@
 
 import argparse
 import logging
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sdxl.model.random_weights import SEED, write_tiny_weights  # noqa: E402
 

@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || bash scripts/setup_env.sh
 [ -x .venv-playground/bin/python ] || bash scripts/setup_playground.sh
 export PATH="$PWD/.venv/bin:$PATH"  # the Cog server starts its worker through `python` on PATH
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # sdxl/ and tools/ of this checkout, installed or not
 
 if [ -z "${SDXL_WEIGHTS_DIR:-}" ]; then
   if python -c 'from sdxl import weights; weights.require(weights.weights_dir())' 2>/dev/null; then

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || bash scripts/setup_env.sh
 export PATH="$PWD/.venv/bin:$PATH"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # sdxl/ and tools/ of this checkout, installed or not
 # OpenMP threads that sleep at a barrier instead of spinning: on a CPU shared with other work, spinning threads wait
 # for each other at every operation (50 steps of a small UNet at 1024 px, load ~7 on 2 cores: 145 s spinning, 8 s not).
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"

@@ -4,6 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+# This checkout itself, editable: scripts and tools import sdxl from here (no sys.path edits anywhere).
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
 # open-clip-torch only lends its CLIP BPE vocabulary to the tiny weights; its own dependencies (torchvision) are
 # not needed, and PyPI's torchvision does not import beside the CPU torch wheel.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps open-clip-torch==3.3.0

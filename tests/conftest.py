@@ -1,7 +1,10 @@
 import logging
 import os
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Both before torch loads; the processes the tests start (Cog servers, benchmarks) inherit them.
 # MKL's default code paths may round differently with the memory alignment of their operands, so two loads of the same
@@ -9,6 +12,8 @@ import pytest
 # projection of the tiny UNet): enough to move a pixel by 1 of 255 where tests compare with diffusers bit for bit.
 # MKL's strict reproducible branch does not depend on alignment.
 os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
+# The processes the tests start (scripts, Cog workers, benchmarks) import this checkout, whatever is installed.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 # OMP_WAIT_POLICY stays at OpenMP's default here: PASSIVE (threads sleep at every barrier) took the generation tests
 # from 13.6 s to 31.0 s on an idle 2-core machine; it only pays when several torch processes share the cores.
 

@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-
 from tools.bench.gpu_plan import Config, allowed_until, estimate, steps_for  # noqa: E402
 
 ALL_ROWS = ["1", "2a", "2b", "3", "4", "5a", "5b", "5c", "5d", "6a", "6b", "6c"]

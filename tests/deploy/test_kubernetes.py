@@ -21,6 +21,7 @@ import yaml
 
 from sdxl.training.config import TrainingConfig
 from tools.testing.cog_server import ROOT
+from tools.testing.modules import load_file
 
 KUBE = ROOT / "deploy" / "kubernetes"
 KUSTOMIZATIONS = ("overlays/production", "training", "base")
@@ -71,8 +72,7 @@ def in_repo(image_path: str) -> Path:
 
 
 def probe_timeouts() -> dict[str, float]:
-    sys.path.insert(0, str(ROOT / "deploy"))
-    import probe
+    probe = load_file("probe", ROOT / "deploy" / "probe.py")
 
     return probe.TIMEOUT_S
 
@@ -137,6 +137,7 @@ def test_weights_are_filled_once_by_the_job_and_mounted_read_only():
     command = container(job)["command"]
     job_mount = next(m for m in container(job)["volumeMounts"] if m["name"] == "weights")
     assert command[:2] == ["python", "/src/scripts/download_weights.py"]
+    assert {"name": "PYTHONPATH", "value": "/src"} in container(job)["env"]  # the script imports sdxl from /src
     assert command[command.index("--dir") + 1] == job_mount["mountPath"]
     job_volume = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "weights")
     assert job_volume["persistentVolumeClaim"]["claimName"] == "sdxl-weights"
@@ -280,6 +281,7 @@ def test_training_job_runs_the_committed_entry_on_several_gpus_with_a_valid_conf
     assert main["resources"]["limits"]["nvidia.com/gpu"] > 1
     command = main["command"]
     assert command[:2] == ["python", "/src/deploy/train_job.py"] and in_repo(command[1]).is_file()
+    assert {"name": "PYTHONPATH", "value": "/src"} in main["env"]  # the entry imports train.py and sdxl from /src
     config_mount = next(m for m in main["volumeMounts"] if m["name"] == "config")["mountPath"]
     assert command[command.index("--config") + 1] == f"{config_mount}/training.json"
     config_map = find(docs, "ConfigMap", "sdxl-training")

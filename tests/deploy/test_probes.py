@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from tools.testing.cog_server import ROOT, CogServer
+from tools.testing.modules import load_file
 
 PROBE = ROOT / "deploy" / "probe.py"
 READY_FILE = Path("/var/run/cog/ready")
@@ -75,8 +76,7 @@ def under_kubernetes(monkeypatch):
 
 
 def test_every_state_has_the_intended_answers():
-    sys.path.insert(0, str(PROBE.parent))
-    import probe
+    probe = load_file("probe", PROBE)
 
     for status, answers in EXPECTED.items():
         assert {mode: probe.passes(mode, status) for mode in MODES} == answers, status

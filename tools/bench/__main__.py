@@ -20,13 +20,10 @@ import json
 import logging
 import os
 import platform
-import sys
 from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def parse_args(argv=None):

@@ -29,8 +29,6 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
 from tools.testing.cog_server import free_port_run  # noqa: E402
 
 HOST = "127.0.0.1"

@@ -165,8 +165,6 @@ def measure_lora_switch(pipes, baseline_pipe, repeats: int, warmup: int) -> dict
 def peak_rss_probe(root: Path, what: str) -> subprocess.Popen:
     """A fresh process that loads `what` (base only, or everything) and prints its peak resident memory in MB."""
     code = f"""
-import sys
-sys.path.insert(0, {str(ROOT)!r})
 from pathlib import Path
 if {what!r} == "base":
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
@@ -187,7 +185,9 @@ for module in modules:
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child would report its parent's peak.
 print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024)
 """
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def peak_rss_mb(probe: subprocess.Popen) -> float:

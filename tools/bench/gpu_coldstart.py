@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 
 started = time.perf_counter()
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch  # noqa: E402
 
 from sdxl.model.loading import load_pipelines  # noqa: E402

@@ -26,7 +26,7 @@ from tools.bench.gpu_report import Report, markdown
 GRACE_S = 5.0  # a step's limit + this = killed; the worker's deadline is the budget's end less this
 POLL_S = 0.2
 MAX_WORKERS = 3
-WORKER = Path(__file__).resolve().parent / "gpu_worker.py"
+ROOT = Path(__file__).resolve().parents[2]  # the worker runs there as `python -m tools.bench.gpu_worker`
 
 
 def read_status(path: Path) -> dict:
@@ -50,11 +50,21 @@ def watch(process: subprocess.Popen, status_path: Path, deadline: float) -> dict
 
 
 def start_worker(pending: list[str], config: Config, paths: dict, deadline: float) -> subprocess.Popen:
-    command = [sys.executable, str(WORKER), "--config", json.dumps(config.to_dict()), "--steps", *pending]
+    command = [
+        sys.executable,
+        "-m",
+        "tools.bench.gpu_worker",
+        "--config",
+        json.dumps(config.to_dict()),
+        "--steps",
+        *pending,
+    ]
     command += ["--deadline", str(deadline - GRACE_S)]
     for key in ("out", "status", "weights_dir", "work"):
         command += [f"--{key.replace('_', '-')}", str(paths[key])]
-    return subprocess.Popen(command, start_new_session=True)  # its own group: killed with its cold-start children
+    return subprocess.Popen(
+        command, cwd=ROOT, start_new_session=True
+    )  # its own group: killed with its cold-start children
 
 
 def close_in_flight(report: Report, steps: dict, killed: dict | None, returncode: int, status: dict) -> None:

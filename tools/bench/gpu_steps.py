@@ -25,7 +25,7 @@ from tools.bench.measure import OverBudget, sync, timed, write_two_loras
 
 FASTPATH_ENV = ("SDXL_DTYPE", "SDXL_ATTENTION", "SDXL_CHANNELS_LAST", "SDXL_FUSE_QKV", "SDXL_COMPILE")
 FASTPATH_ENV += ("SDXL_DIRECT_LOAD", "SDXL_VAE_UPCAST", "SDXL_LORA_SLOT_RANK")
-SCRIPTS = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]  # the cold start runs there as `python -m tools.bench.gpu_coldstart`
 
 
 @dataclass
@@ -216,7 +216,8 @@ def cold_start(ctx: Context, m: dict, until: float, direct: bool) -> str:
     started = time.perf_counter()
     try:
         done = subprocess.run(
-            [sys.executable, str(SCRIPTS / "gpu_coldstart.py"), str(ctx.root)],
+            [sys.executable, "-m", "tools.bench.gpu_coldstart", str(ctx.root)],
+            cwd=ROOT,
             env=env,
             capture_output=True,
             text=True,

@@ -18,9 +18,6 @@ from pathlib import Path
 
 STARTED = time.time()
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
 import torch  # noqa: E402
 
 from tools.bench.gpu_plan import Config, allowed_until, estimate, steps_for  # noqa: E402

@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
 import torch  # noqa: E402
 
 from sdxl.inference.generation import generate  # noqa: E402

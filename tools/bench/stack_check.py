@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
 # (module, distribution, lowest version known to work here, where it comes from when missing)
 NEEDED = (
     ("torch", "torch", "2.11", "the machine's image"),

@@ -34,8 +34,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -581,10 +579,10 @@ def reexec_in_private_network() -> None:
     leave the machine, whatever the URL checks do."""
     if os.environ.get("SOAK_NETNS"):
         return
-    argv = [a for a in sys.argv if a != "--private-network"]
+    argv = [a for a in sys.argv[1:] if a != "--private-network"]
     command = ["unshare", "--net", "--map-root-user", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
     os.environ["SOAK_NETNS"] = "1"
-    os.execvp("unshare", [*command, sys.executable, *argv])
+    os.execvp("unshare", [*command, sys.executable, "-m", "tools.soak", *argv])
 
 
 def parse_args(argv=None):
