@@ -93,12 +93,30 @@ class Runner(BaseRunner):
         output_format: str = field(spec.OUTPUT_FORMAT),
         output_quality: int = field(spec.OUTPUT_QUALITY),
     ) -> list[Path]:
-        inputs = dict(locals())  # every input by name, before anything else is bound here
         self._discard_previous_outputs()
         options = OutputOptions(output_format, output_quality)
         extra = AdapterRequest(replicate_weights=replicate_weights, lora_scale=lora_scale, loras=parse_loras(loras))
         input_image, input_mask = read_input_images(image, mask)
-        request = GenerationRequest.from_inputs(inputs, image=input_image, mask=input_mask).with_seed()
+        request = GenerationRequest(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            image=input_image,
+            mask=input_mask,
+            width=width,
+            height=height,
+            num_outputs=num_outputs,
+            scheduler=scheduler,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            prompt_strength=prompt_strength,
+            seed=seed,
+            refine=refine,
+            high_noise_frac=high_noise_frac,
+            refine_steps=refine_steps,
+            apply_watermark=apply_watermark,
+            disable_safety_checker=disable_safety_checker,
+            prompt_weighting=prompt_weighting,
+        ).with_seed()
         log.info("Using seed: %d", request.seed)
         result = on_compute_thread(
             lambda cancelled: predict_once(self.pipes, self.trained_weights, extra, request, cancelled, log_progress)

@@ -69,3 +69,11 @@ def whole_word(word: str) -> str:
 
 def contains_word(text: str, word: str) -> bool:
     return re.search(whole_word(word), text) is not None
+
+
+# Output images (the predictor's output_format and output_quality): declared here so the request checks them without
+# reaching up into sdxl.output, which writes them.
+FORMATS = {"png": "PNG", "webp": "WEBP", "jpg": "JPEG"}  # output_format -> Pillow's format
+DEFAULT_FORMAT = "png"
+DEFAULT_QUALITY = 80  # as Replicate's newer image models
+QUALITY_RANGE = (1, 100)

@@ -6,7 +6,8 @@ import pytest
 
 from sdxl.errors import InputError
 from sdxl.preprocess import PreprocessConfig
-from sdxl.training.config import CLIPSEG_TEMPERATURE, SEED, TrainingConfig
+from sdxl.preprocess.config import CLIPSEG_TEMPERATURE
+from sdxl.training.config import SEED, TrainingConfig
 from sdxl.validation import Spec, check_int, check_number, check_side
 
 

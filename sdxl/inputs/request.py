@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from PIL import Image
 
 from sdxl.errors import InputError
+from sdxl.formats import DEFAULT_FORMAT, DEFAULT_QUALITY, FORMATS, QUALITY_RANGE
 from sdxl.model.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
-from sdxl.output.outputs import DEFAULT_FORMAT, DEFAULT_QUALITY, FORMATS, QUALITY_RANGE
 from sdxl.validation import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, Spec, check_fields, described
 
 DEFAULT_PROMPT = "An astronaut riding a rainbow unicorn"
@@ -152,13 +152,6 @@ class GenerationRequest:
                 f"{self.refiner_steps} steps at the refiner's strength {BASE_IMAGE_REFINER_STRENGTH} run no step; "
                 f"use at least {math.ceil(1 / BASE_IMAGE_REFINER_STRENGTH)}",
             )
-
-    @classmethod
-    def from_inputs(cls, inputs: dict, **decoded) -> GenerationRequest:
-        """The request from the predictor's inputs by name (inputs that are not the request's, such as loras, are
-        left out); `decoded` gives the images read from the file inputs."""
-        names = [f.name for f in fields(cls) if f.name in inputs and f.name not in decoded]
-        return cls(**{name: inputs[name] for name in names}, **decoded)
 
     @property
     def refiner_steps(self) -> int:

@@ -18,11 +18,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sdxl.errors import InputError
+from sdxl.formats import DEFAULT_FORMAT, DEFAULT_QUALITY, FORMATS, QUALITY_RANGE
 
-FORMATS = {"png": "PNG", "webp": "WEBP", "jpg": "JPEG"}  # output_format -> Pillow's format
-DEFAULT_FORMAT = "png"
-DEFAULT_QUALITY = 80  # as Replicate's newer image models
-QUALITY_RANGE = (1, 100)
 PARAMETERS_KEY = "parameters"
 EXIF_IFD = 0x8769
 USER_COMMENT = 0x9286

@@ -29,7 +29,7 @@ from sdxl.errors import InputError
 from sdxl.formats import ARCHIVE_TYPES, UPLOAD_CAPTION_COLUMNS, UPLOAD_CAPTIONS_FILE, UPLOAD_IMAGE_COLUMNS
 from sdxl.guard.safe_tar import TarHeaderRefused, is_tar, open_tar
 from sdxl.inputs.images import ACCEPTED, ImageTooLarge, decode, flatten, open_checked, sniff_format
-from sdxl.training.budget import DEFAULT_MAX_IMAGES, MAX_IMAGES_ENV, max_training_images
+from sdxl.preprocess.config import DEFAULT_MAX_IMAGES, MAX_IMAGES_ENV, max_training_images
 from sdxl.validation import check_choice
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,8 @@ from sdxl.model.device import Placement
 from sdxl.preprocess import archive, crop, mask, provenance
 from sdxl.preprocess.archive import ArchiveLimits, limits_from_env
 from sdxl.preprocess.caption import Captioner, caption_images
+from sdxl.preprocess.config import DatasetInputs
 from sdxl.preprocess.upscale import Upscaler, needs_upscaling, upscale_small
-from sdxl.training.config import DatasetInputs
 
 log = logging.getLogger(__name__)
 

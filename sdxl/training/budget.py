@@ -21,8 +21,6 @@ from sdxl.model import weights
 
 log = logging.getLogger(__name__)
 
-MAX_IMAGES_ENV = "SDXL_MAX_TRAINING_IMAGES"
-DEFAULT_MAX_IMAGES = 500
 MEMORY_ENV = "SDXL_TRAINING_MEMORY_BYTES"  # overrides the detected free memory of the training device
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # as the trainer's LoRA
 ENCODE_CHUNK = 4  # images the VAE encodes at once when latents are cached
@@ -30,11 +28,6 @@ FP32 = 4
 ADAMW_STATE = 2 * FP32  # exp_avg and exp_avg_sq per trained parameter
 TEXT_TOKENS, TEXT_WIDTH, POOLED_WIDTH = 77, 768 + 1280, 1280  # SDXL's concatenated text embeddings
 GIB = 1 << 30
-
-
-def max_training_images() -> int:
-    """The most images a training takes (SDXL_MAX_TRAINING_IMAGES, default 500)."""
-    return settings.positive_int(MAX_IMAGES_ENV, DEFAULT_MAX_IMAGES)
 
 
 # --- model sizes from the safetensors headers ---------------------------------------------------------------------

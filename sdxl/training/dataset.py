@@ -19,7 +19,7 @@ import torch
 from sdxl.errors import InputError
 from sdxl.formats import CAPTIONS_COLUMNS, CAPTIONS_FILE, whole_word
 from sdxl.inputs.images import decode, open_checked
-from sdxl.training.budget import max_training_images
+from sdxl.preprocess.config import max_training_images
 
 log = logging.getLogger(__name__)
 

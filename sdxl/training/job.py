@@ -17,7 +17,8 @@ from pathlib import Path
 
 from sdxl.formats import TRAINED_TAR
 from sdxl.guard.private_dirs import private_dir
-from sdxl.training.config import DatasetInputs, TrainingConfig
+from sdxl.preprocess.config import DatasetInputs
+from sdxl.training.config import TrainingConfig
 from sdxl.training.launch import TrainingRun, train_folder, visible_gpus
 
 log = logging.getLogger(__name__)

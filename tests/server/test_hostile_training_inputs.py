@@ -26,6 +26,7 @@ from PIL import Image
 from sdxl.errors import InputError
 from sdxl.preprocess import archive, preprocess
 from sdxl.preprocess.archive import read_samples
+from sdxl.preprocess.config import MAX_IMAGES_ENV
 from sdxl.training import budget
 from sdxl.training.config import TrainingConfig
 from sdxl.training.dataset import DatasetError, read_examples
@@ -157,7 +158,7 @@ def test_caption_csv_is_capped_before_it_is_parsed(tmp_path, work, csv_bytes, me
 
 
 def test_too_many_images_are_refused_before_any_is_decoded(tmp_path, work, monkeypatch):
-    monkeypatch.setenv(budget.MAX_IMAGES_ENV, "5")
+    monkeypatch.setenv(MAX_IMAGES_ENV, "5")
     monkeypatch.setattr(archive, "load_image", lambda *a, **k: pytest.fail("an image was decoded"))
     upload = make_zip(tmp_path / "many.zip", {f"{i}.png": photo(seed=i) for i in range(6)})
     with pytest.raises(InputError, match="input_images: holds more than 5 images; at most 5 are accepted"):
@@ -166,7 +167,7 @@ def test_too_many_images_are_refused_before_any_is_decoded(tmp_path, work, monke
 
 def test_training_folder_with_too_many_rows_is_refused(tmp_path, monkeypatch):
     folder = make_dataset(tmp_path / "data", n=3)
-    monkeypatch.setenv(budget.MAX_IMAGES_ENV, "2")
+    monkeypatch.setenv(MAX_IMAGES_ENV, "2")
     with pytest.raises(DatasetError, match="lists more than 2 training images"):
         read_examples(folder, 64, "TOK", "<s0><s1>")
 
@@ -328,7 +329,7 @@ def _memory_budget(weights_dir: Path) -> int:
 @pytest.fixture(scope="module")
 def train_server(tiny_weights_dir, tmp_path_factory):
     tmpdir = tmp_path_factory.mktemp("train-tmp")
-    env = {budget.MAX_IMAGES_ENV: str(MAX_IMAGES), budget.MEMORY_ENV: str(_memory_budget(tiny_weights_dir))}
+    env = {MAX_IMAGES_ENV: str(MAX_IMAGES), budget.MEMORY_ENV: str(_memory_budget(tiny_weights_dir))}
     server = TrainServer(tiny_weights_dir, tmpdir, tmp_path_factory.mktemp("train-log") / "server.log", env)
     try:
         server.wait_ready()

@@ -144,6 +144,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_until_ready(base: str, server: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/health-check", timeout=5) as response:
+                if json.load(response)["status"] == "READY":
+                    return
+        except OSError:
+            pass
+        assert time.time() < deadline and server.poll() is None, "the train-mode server did not become ready"
+        time.sleep(0.5)
+
+
 def _post_training(base: str, inputs: dict) -> dict:
     body = json.dumps({"input": inputs}).encode()
     request = urllib.request.Request(
@@ -182,16 +195,7 @@ def test_post_trainings_on_the_cog_server_returns_the_tar(tiny_weights_dir, tmp_
     server = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health-check", timeout=5) as response:
-                    if json.load(response)["status"] == "READY":
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline and server.poll() is None, "the train-mode server did not become ready"
-            time.sleep(0.5)
+        _wait_until_ready(base, server, timeout=120)
         archive = "data:application/zip;base64," + base64.b64encode(_zip_of_images()).decode()
         # caption_prefix="" (the contract: it "must contain token_string") fails before any work: no archive read,
         # no scratch or results folder made. It used to pass validation and fail in the preprocessing.
@@ -199,7 +203,8 @@ def test_post_trainings_on_the_cog_server_returns_the_tar(tiny_weights_dir, tmp_
         assert refused["status"] == "failed"
         assert "caption_prefix: '' does not contain token_string 'TOK' as a word" in refused["error"]
         assert "extracted" not in refused["logs"] and not [p for p in tmp_path.iterdir() if p.name.startswith("sdxl-")]
-        # The same server then trains (it stayed READY).
+        # The same server then trains (it stays READY: coglet frees the slot just after it answers, hence the wait).
+        _wait_until_ready(base, server, timeout=10)
         result = _post_training(base, {"input_images": archive, **TINY_INPUTS})
         assert result["status"] == "succeeded", result.get("error") or result.get("logs", "")[-2000:]
         tar_bytes = base64.b64decode(result["output"]["weights"].split(",", 1)[1])

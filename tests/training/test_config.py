@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 
 from sdxl.errors import InputError
-from sdxl.training.config import TrainingConfig, contains_word
+from sdxl.formats import contains_word
+from sdxl.training.config import TrainingConfig
 
 CONTRACT_DEFAULTS = dict(
     seed=None,
