@@ -1,10 +1,10 @@
 """Benchmark the serving layer.
 
-    python scripts/benchmark.py --mode cpu                     # any machine, a few minutes: ours vs plain diffusers
-    python scripts/benchmark.py --mode cpu --smoke --architectures tiny  # every part once on the least work (tests)
-    python scripts/benchmark.py --mode gpu --budget-s 420      # CUDA: full-size SDXL shapes, random weights, rows in
+    python -m tools.bench --mode cpu                     # any machine, a few minutes: ours vs plain diffusers
+    python -m tools.bench --mode cpu --smoke --architectures tiny  # every part once on the least work (tests)
+    python -m tools.bench --mode gpu --budget-s 420      # CUDA: full-size SDXL shapes, random weights, rows in
                                                                # order of importance within the budget
-    python scripts/benchmark.py --mode gpu --smoke --arch mid  # the GPU mode's code on CPU (tiny or mid shapes)
+    python -m tools.bench --mode gpu --smoke --arch mid  # the GPU mode's code on CPU (tiny or mid shapes)
 
 CPU mode writes a markdown table to stdout and the numbers as JSON (--json, default benchmark-cpu.json). GPU mode
 writes benchmark-gpu.{json,jsonl,md} into --out (default $OUT, else the current folder) after every row, and prints

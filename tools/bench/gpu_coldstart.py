@@ -1,7 +1,7 @@
 """One cold start, in a fresh process as a server's: imports, then setup's load of base + refiner + checker from
 the weights folder given (already in the page cache). Prints one JSON line: imports_s, load_s.
 
-    python scripts/gpu_coldstart.py WEIGHTS_DIR      # SDXL_DIRECT_LOAD=1 in the environment for direct loading
+    python -m tools.bench.gpu_coldstart WEIGHTS_DIR      # SDXL_DIRECT_LOAD=1 in the environment for direct loading
 """
 
 import json

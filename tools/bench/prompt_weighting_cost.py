@@ -1,6 +1,6 @@
 """What prompt_weighting costs per request, measured side by side with it off in one run (CPU; tiny and mid shapes).
 
-    python scripts/prompt_weighting_cost.py [--archs tiny mid] [--repeats 5] [--size 256] [--steps 4]
+    python -m tools.bench.prompt_weighting_cost [--archs tiny mid] [--repeats 5] [--size 256] [--steps 4]
 
 For each model: the text encoding alone (diffusers' encode_prompt vs compel through sdxl.inputs.prompt_weighting) and whole
 requests (generate, no refiner, no safety checker, no watermark), for a short plain prompt, a short weighted one and
