@@ -21,13 +21,10 @@ from PIL import Image
 
 from sdxl.guard import remote
 from tests.server.test_train_cog import TINY_INPUTS, _zip_of_images
-from tools.testing.cog_server import ROOT, CogServer, decode_png, png_data_uri
-from tools.testing.file_input_servers import (
-    FolderPeak,
-    child_pids,
-    reset_peak_memory,
-    status_kib,
-)
+from tools.testing.cog_server import ROOT, CogServer, child_pids, decode_png, png_data_uri
+from tools.testing.file_input_servers import FolderPeak
+from tools.testing.memory_probe import reset_peak
+from tools.testing.proc import status_kb
 
 IMAGE_CAP = 1_000_000  # SDXL_MAX_IMAGE_BYTES / SDXL_MAX_ARCHIVE_BYTES of the servers under test
 LOOPBACK_CAP = 3_000_000  # the loopback server's: a few of remote's 1 MiB read chunks, to watch a download grow
@@ -203,13 +200,13 @@ def test_an_oversized_body_is_cut_at_the_cap(loopback, files):
         ("/endless-announced", "image: the file is 268.4 MB, larger than the 3.0 MB allowed"),
     ):
         files.finished.clear()
-        rss_before = status_kib(worker, "VmRSS")
-        reset_peak_memory(worker)
+        rss_before = status_kb(worker, "VmRSS")
+        reset_peak(worker)
         with FolderPeak(loopback.tmp) as disk:
             error = _failed(loopback, {**IMG2IMG, "image": files.url(path)})
         assert error.startswith(message), error
         assert files.finished.wait(10)
-        growth_kib = status_kib(worker, "VmHWM") - rss_before
+        growth_kib = status_kb(worker, "VmHWM") - rss_before
         # Measured (endless / announced): the server got to send 3.2 MB / 64 kB of its 256 MB (the cap plus socket
         # buffers / the headers); the worker's peak memory grew 2.0 MiB / 48 KiB (one 1 MiB read chunk in flight);
         # the temporary folder peaked at 2.0 MiB (two chunks; the third would pass the cap) / 0 bytes.

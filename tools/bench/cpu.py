@@ -100,10 +100,17 @@ def predictor_inputs(request: GenerationRequest) -> list[str]:
     ]
 
 
+def cog_predict_script():
+    """scripts/cog_predict.py (a command, not a package module): its resolve_inputs completes inputs as Cog does."""
+    from tools.testing.modules import load_file
+
+    return load_file("cog_predict", ROOT / "scripts" / "cog_predict.py")
+
+
 def measure_generation(runner, baseline_pipe, request: GenerationRequest, repeats: int, warmup: int) -> dict:
     """The predictor's whole run() (validation, generation, PNG files) with safety checker and watermark off, so it
     does the same work as the plain diffusers call; then the same with both on, to show what they cost."""
-    from cog_predict import resolve_inputs
+    resolve_inputs = cog_predict_script().resolve_inputs
 
     bare = GenerationRequest(**{**request.__dict__, "apply_watermark": False, "disable_safety_checker": True})
     bare_kwargs = resolve_inputs(predictor_inputs(bare))
@@ -117,7 +124,7 @@ def measure_generation(runner, baseline_pipe, request: GenerationRequest, repeat
 
 def measure_http(root: Path, runner, request: GenerationRequest, repeats: int, warmup: int) -> dict:
     """A sync POST /predictions through the real Cog server vs the same run() in process."""
-    from cog_predict import resolve_inputs
+    resolve_inputs = cog_predict_script().resolve_inputs
 
     from tools.testing.cog_server import CogServer
 

@@ -1,5 +1,6 @@
-"""Test helpers for file inputs: a listener that must never be connected to, and measurements of a Cog worker (its
-pid, peak memory, the temporary folder's size). The loopback file server is tools.testing.file_server.FileServer."""
+"""Test helpers for file inputs: a listener that must never be connected to, and the peak size of a folder while a
+request runs. The worker's pid and memory: tools.testing.cog_server.child_pids, tools.testing.proc,
+tools.testing.memory_probe; the loopback file server: tools.testing.file_server.FileServer."""
 
 from __future__ import annotations
 
@@ -29,31 +30,6 @@ class SilentListener:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of `pid` (the Cog server's worker is the child of its orchestrator)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
-
-
-def status_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
-def reset_peak_memory(pid: int) -> None:
-    """Make VmHWM (peak resident memory) restart from the current RSS (Linux: 5 > /proc/PID/clear_refs)."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def folder_bytes(folder: Path) -> int:
