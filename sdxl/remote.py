@@ -32,6 +32,7 @@ from urllib.parse import urljoin
 
 # The URL checks live in sdxl.url_policy; their names stay importable from here, where callers have always found them.
 from sdxl.url_policy import ALLOW_LOOPBACK_ENV as ALLOW_LOOPBACK_ENV
+from sdxl.url_policy import ALLOW_LOOPBACK_PORTS_ENV as ALLOW_LOOPBACK_PORTS_ENV
 from sdxl.url_policy import FetchError, Resolver, Target, check_url, redact, system_resolver
 from sdxl.url_policy import loopback_allowed as loopback_allowed
 from sdxl.url_policy import refusal as refusal

@@ -200,6 +200,18 @@ def test_http_needs_the_loopback_setting(monkeypatch, no_connect):
         remote.check_url("https://127.0.0.1:1/w.tar", FIELD)
 
 
+def test_the_ports_setting_allows_loopback_on_the_listed_ports_only(monkeypatch, no_connect):
+    """The playground's setting: its file server's port, never another loopback port (the predictor's own)."""
+    monkeypatch.delenv(remote.ALLOW_LOOPBACK_ENV, raising=False)
+    monkeypatch.setenv(remote.ALLOW_LOOPBACK_PORTS_ENV, "7861")
+    assert remote.check_url("http://127.0.0.1:7861/trained/x/trained_model.tar", FIELD).addresses == ("127.0.0.1",)
+    for url in ("http://127.0.0.1:5000/shutdown", "http://127.0.0.1/w.tar", "https://127.0.0.1:443/w.tar"):
+        with pytest.raises(FetchError, match="plain http is not allowed|loopback address"):
+            remote.check_url(url, FIELD)
+    with pytest.raises(FetchError, match="private address"):
+        remote.check_url("http://10.0.0.1:7861/w.tar", FIELD)
+
+
 def test_http_with_the_setting_is_for_loopback_only(loopback, no_connect):
     with pytest.raises(FetchError, match="public address|loopback test servers only"):
         remote.check_url("http://weights.example/w.tar", FIELD, stub("93.184.215.14"))
