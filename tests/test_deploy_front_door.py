@@ -158,6 +158,7 @@ def webhook_bodies(url: str) -> list[bytes]:
         f'{{"input": {inputs}, "WEBHOOK": "{url}"}}'.encode(),
         f'{{"input": {inputs}, "webhook": "https://example.com/", "webhook": "{url}"}}'.encode(),  # duplicate keys
         f'{{"input": {{"prompt": "\x00"}}, "webhook": "{url}"}}'.encode(),  # a NUL byte before the key
+        f'{{"input": {inputs}, "webhook" \n\t : "{url}"}}'.encode(),  # JSON whitespace before the colon
     ]
 
 
@@ -172,7 +173,9 @@ def test_a_loopback_webhook_is_never_called(door):
     )
     assert async_only.status_code == 400 and "respond-async" in async_only.json()["detail"]
     assert served(door) == before, "a request with a webhook reached the predictor"
-    answer = requests.post(f"{door.url}/predictions", json={"input": SMALL}, timeout=120)
-    assert answer.status_code == 200
+    # The word itself is no key: a prompt may speak of webhooks, even quoted, and is answered.
+    words = {**SMALL, "prompt": 'a "webhook": diagram, webhook'}
+    answer = requests.post(f"{door.url}/predictions", json={"input": words}, timeout=120)
+    assert answer.status_code == 200, answer.text
     assert listener.connections(wait_s=2) == 0
     assert predictor_state(door) == "READY"
