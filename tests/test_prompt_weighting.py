@@ -159,6 +159,7 @@ def test_every_mode_plain_prompt_same_images_weighted_prompt_other_images(pipes,
         ("prompt", "a fox.swap(cat) in the snow", ".swap()"),
         ("prompt", "(" * 11 + "fox" + ")" * 11, "nest more than 10 deep"),
         ("negative_prompt", "fox " * 751, "3004 characters is too long; with prompt_weighting at most 3000"),
+        ("prompt", "a " * 601, "601 words is too long; with prompt_weighting at most 600 tokens are read"),
     ],
 )
 def test_bad_weighting_is_refused_naming_the_field(field, text, message):
@@ -171,11 +172,11 @@ def test_bad_weighting_is_refused_naming_the_field(field, text, message):
 def test_each_text_is_parsed_once_and_an_oversized_one_never(monkeypatch):
     """compel's parser takes ~1 ms a character here (measured 0.77 s for 600): a request's texts are parsed once
     (checked, swapped, encoded: three reads), and a text past MAX_CHARS is refused before the parser sees it."""
-    import compel
-
     calls = []
-    parse = compel.Compel.parse_prompt_string
-    monkeypatch.setattr(compel.Compel, "parse_prompt_string", lambda text: calls.append(text) or parse(text))
+    parser = pw._parser()
+    monkeypatch.setattr(
+        parser, "parse_conjunction", lambda text, _p=parser.parse_conjunction: calls.append(text) or _p(text)
+    )
     pw.clear_parse_cache()
     text = "a (fox)1.2 in the snow, " * 20
     for _ in range(3):
@@ -195,7 +196,8 @@ def test_prompts_past_the_token_bound_are_refused_before_encoding(pipes, monkeyp
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipes.text2img, name)
         monkeypatch.setattr(encoder, "forward", lambda *a, _f=encoder.forward, **k: calls.append(1) or _f(*a, **k))
-    request = GenerationRequest(prompt="fox " * (pw.MAX_CHUNKS * pw.CHUNK_TOKENS + 1), prompt_weighting=True, **SMALL)
+    fox_commas = ", ".join(["fox"] * 301)  # 301 words (within MAX_WORDS), 601 tokens
+    request = GenerationRequest(prompt=fox_commas, prompt_weighting=True, **SMALL)
     with pytest.raises(InputError, match="prompt: 601 tokens is too long; with prompt_weighting at most 600"):
         generate(pipes, request)
     assert calls == []  # no encoder ran
