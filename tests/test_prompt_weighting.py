@@ -3,6 +3,7 @@ compel defines, long prompts reach the encoders in full, bad syntax is refused n
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -240,3 +241,22 @@ def test_trained_tokens_are_swapped_first_then_weighted(tiny_weights_dir, tokens
     assert len(token_positions) == 2  # <s0-...><s1-...>, one row each
     for i in token_positions:
         torch.testing.assert_close(scaled[i] - empty[i], 1.5 * (plain[i] - empty[i]), rtol=1e-5, atol=1e-6)
+
+
+def test_parse_cost_is_linear_in_length_at_the_caps():
+    """compel's grammar re-read each parenthesised group once per alternative: x4 a nesting level (depth 8: 63 s).
+    Memoised, the deepest group costs milliseconds and the slowest shape found at 3,000 characters ~3 s here."""
+    deepest = "(" * pw.MAX_NESTING + "fox" + ")1.1" * pw.MAX_NESTING
+    nested, quoted = "(" * pw.MAX_NESTING + "a" + ")" * pw.MAX_NESTING + " ", '"(((((a)))))" '
+    shapes = {
+        "deepest": deepest,
+        "nested groups": nested * (pw.MAX_CHARS // len(nested)),  # whole groups up to the character cap
+        "quoted groups": quoted * (pw.MAX_CHARS // len(quoted)),
+    }
+    for name, text in shapes.items():
+        pw.clear_parse_cache()
+        started = time.process_time()
+        pw.parse(text, "prompt")
+        seconds = time.process_time() - started
+        print(f"{name}: {len(text)} characters parsed in {seconds:.3f} s")
+        assert seconds < (1 if name == "deepest" else 30), (name, seconds)
