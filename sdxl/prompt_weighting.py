@@ -20,9 +20,11 @@ plain text.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import re
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +34,13 @@ from sdxl.errors import InputError
 FIELDS = ("prompt", "negative_prompt")
 WEIGHT_RANGE = (0.0, 5.0)  # beyond ~2 images degrade; past 5 the embeddings leave anything the UNet has seen
 MAX_CHUNKS = 8  # 8 x 75 = 600 tokens: each chunk costs one text-encoder pass and 77 more cross-attention keys
-# compel's parser (pyparsing) takes about 1 ms per character on a server CPU core (measured: 0.77 s for 600, 7 s for
-# 10,000): bounded before parsing, and each text is parsed once per request (cached).
+# compel's parser (pyparsing) costs 0.15-1 ms per character on this machine's CPU (memoised, see _memoised):
+# bounded before parsing, and each text is parsed once per request (cached).
 MAX_CHARS = 3000  # 600 tokens of English run to ~2,500-3,000 characters
 MAX_NESTING = 10  # deeper parentheses overflow the parser's recursion
+MAX_WORDS = 600  # = MAX_CHUNKS * CHUNK_TOKENS: each word is at least one token, so more are refused before parsing
+PACKRAT_ENTRIES = 128  # pyparsing's default memo size: as fast as unbounded here (measured), and ~10 MiB at most
+_PARSE_LOCK = threading.Lock()
 CHUNK_TOKENS = 75
 # A1111's `(word:1.2)` is not compel's syntax; compel would read it as the text "word:1 . 2".
 A1111_WEIGHT = re.compile(r"\(([^()]*?):\s*[-+]?(\d+(\.\d*)?|\.\d+)\s*\)")
@@ -85,6 +90,9 @@ def parse(text: str, field: str):
     if A1111_WEIGHT.search(text):
         found = A1111_WEIGHT.search(text).group(0)
         raise InputError(field, f"{found!r} is A1111 syntax; with prompt_weighting write (words)1.2 or words++")
+    words = len(text.split())
+    if words > MAX_WORDS:
+        raise InputError(field, f"{words} words is too long; with prompt_weighting at most {MAX_WORDS} tokens are read")
     problem = _unbalanced(text)
     if problem:
         raise InputError(field, f"weighting syntax: {problem} (escape a literal parenthesis as \\( or \\))")
@@ -98,10 +106,10 @@ def parse(text: str, field: str):
 def _parse_checked(text: str):
     """Parsed once per text: a request parses its prompts when checked, again after the trained-token swap, and
     when encoded. Conjunctions are only read afterwards, so sharing them is safe."""
-    from compel import Compel
     from compel.prompt_parser import Blend
 
-    conjunction = Compel.parse_prompt_string(text)
+    with _memoised():
+        conjunction = _parser().parse_conjunction(text)
     for fragment in _fragments(conjunction):
         _check_weight(fragment.weight, f"the weight of {fragment.text!r}")
     for weight in conjunction.weights:
@@ -110,6 +118,34 @@ def _parse_checked(text: str):
         for weight in node.weights if isinstance(node, Blend) else ():
             _check_weight(weight, "a .blend() weight")
     return conjunction
+
+
+@functools.cache
+def _parser():
+    from compel.prompt_parser import PromptParser
+
+    return PromptParser()  # the grammar, built once (compel's parse_prompt_string builds it for every text)
+
+
+@contextlib.contextmanager
+def _memoised():
+    """pyparsing's packrat memo for one parse. compel's grammar tries a parenthesised group as several alternatives
+    (explicit and implicit weight, swap target, plain group) and re-reads its inside for each: x4 per nesting level
+    (measured 1.0 s at depth 5, 63 s at 8). Memoised, each rule is read once per position: linear in the length.
+    The switch is pyparsing's, class-wide, so it is on for our parse only (other pyparsing users, e.g. matplotlib,
+    keep their setting; memoisation does not change a parse's result, only its cost)."""
+    import pyparsing
+
+    element = pyparsing.ParserElement
+    with _PARSE_LOCK:
+        already = element._packratEnabled
+        if not already:
+            element.enable_packrat(PACKRAT_ENTRIES)
+        try:
+            yield
+        finally:
+            if not already:
+                element.disable_memoization()
 
 
 def clear_parse_cache() -> None:
