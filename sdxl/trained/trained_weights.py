@@ -96,7 +96,7 @@ class TrainedWeights:
         """Step 2 for a request's trained weights: (prompt rewrites, its LoRA to turn on)."""
         url = request.replicate_weights
         folder = stack.enter_context(self.cache.open("trained", url, TRAINED_FIELD, deadline))
-        trained = Trained(folder, wc.url_key(url)[:12], TRAINED_FIELD)
+        trained = Trained(folder, wc.url_key(url)[:12], TRAINED_FIELD, adapter_key=wc.url_key(url))
         with self._discard_on_input_error("trained", url):
             stop_if_cancelled(cancelled, "after the trained weights were fetched")
             if trained.file(wc.UNET_FILE):
@@ -124,7 +124,8 @@ class TrainedWeights:
     ) -> Active:
         folder = stack.enter_context(self.cache.open("lora", lora.url, field, deadline))
         with self._discard_on_input_error("lora", lora.url):
-            adapter = self.loras.ensure(f"lora_{wc.url_key(lora.url)[:12]}", folder / wc.LORA_FILE, field)
+            # the full digest: a resident adapter is reused by name, so a name must stand for one URL only
+            adapter = self.loras.ensure(f"lora_{wc.url_key(lora.url)}", folder / wc.LORA_FILE, field)
         return adapter, lora.scale, field
 
     @contextlib.contextmanager
