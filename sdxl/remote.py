@@ -405,7 +405,7 @@ def _content_length(response, ctx: _Download) -> int | None:
     value = response.getheader("Content-Length")
     if value is None:
         return None
-    if not value.strip().isdigit():
+    if not value.strip().isascii() or not value.strip().isdigit():  # "²" and "٣" are digits to isdigit()
         raise FetchError(ctx.clock.field, f"the server sent an invalid Content-Length {value!r}")
     length = int(value)
     if length > ctx.clock.limits.max_bytes:

@@ -490,3 +490,17 @@ def test_urls_whose_digests_share_a_prefix_get_their_own_adapters(
     trained = [name for name in adapters.loras.resident if name.startswith("lora_000000000000")]
     assert len(trained) == 2 and all(len(name) == len("lora_") + 64 for name in trained), trained
     assert_clean(model)
+
+
+def test_a_rewrite_past_the_prompt_cap_is_refused_before_it_is_logged(caplog):
+    """A short word that stands for a long token string, repeated: the rewritten prompt is checked before anything
+    logs it (one log line of 5.4 MB was written), and a rewrite that fits is logged cut short."""
+    applied = Applied({"a": "<s0-0123456789ab>" * 15})
+    with caplog.at_level("INFO", logger="sdxl.trained.tokens"):
+        with pytest.raises(InputError) as refused:
+            applied.rewrite(request(prompt="a " * 4_000))
+        assert str(refused.value).startswith("prompt: is 1,024,000 characters long once its trained words")
+        assert caplog.text == ""
+        applied.rewrite(request(prompt="a " * 30))
+    assert max(len(record.getMessage()) for record in caplog.records) < 600
+    assert "(7,680 characters)" in caplog.text

@@ -266,3 +266,15 @@ def test_one_deadline_covers_all_of_a_requests_downloads(trickle, tmp_path):
     elapsed = time.monotonic() - started
     assert 1.5 - 0.05 <= elapsed < 1.5 + MARGIN, elapsed
     assert all("the request's downloads took longer than the 1.5s allowed for them" in e for e in errors), errors
+
+
+@pytest.mark.parametrize("value", ["²", "١٢", "+5", "5 5", "0x10"])
+def test_content_length_takes_ascii_digits_only(trickle, tmp_path, value):
+    """Python's isdigit() takes "²" and Arabic-Indic digits, which int() then refuses or reads: the header is refused
+    plainly, naming the field and the value, before any body is read."""
+    head = f"HTTP/1.1 200 OK\r\nContent-Length: {value}\r\n\r\n".encode()
+    server = trickle(reply=lambda _: (head, b""))
+    elapsed, error = timed_failure(lambda: remote.fetch_to_file(server.url(), tmp_path, FIELD, SLOW))
+    as_sent = value.encode().decode("latin-1")  # how HTTP headers are read
+    assert str(error) == f"{FIELD}: the server sent an invalid Content-Length {as_sent!r}", error
+    assert elapsed < MARGIN and list(tmp_path.iterdir()) == []
