@@ -203,7 +203,7 @@ def test_a_cancel_stops_a_running_download_within_a_second(trickle, tmp_path, ho
     limits = FetchLimits(max_bytes=10**7, connect_timeout=10, read_timeout=5, deadline=60)
     elapsed, error = timed_failure(lambda: remote.fetch_to_file(url, tmp_path, FIELD, limits, deadline=budget))
     assert isinstance(error, remote.DownloadCancelled) and error.field == FIELD, error
-    assert 0.3 <= elapsed < 0.3 + 1.0, elapsed  # measured 0.30-0.55 s
+    assert 0.3 <= elapsed < 0.3 + 1.0, elapsed  # measured 0.31 s
     assert list(tmp_path.iterdir()) == []
 
 
@@ -245,7 +245,7 @@ def test_an_exception_raised_in_the_fetching_thread_lands_within_a_second(trickl
     assert ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Injected)) == 1
     thread.join(5)
     assert isinstance(outcome.get("error"), _Injected), outcome
-    assert outcome["at"] - raised < 1.0, outcome["at"] - raised  # measured 0.1-0.3 s
+    assert outcome["at"] - raised < 1.0, outcome["at"] - raised  # measured ~0.01 s
     assert list(tmp_path.iterdir()) == []
 
 
