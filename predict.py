@@ -20,6 +20,7 @@ from sdxl.compute import on_compute_thread
 from sdxl.images import load_image, load_mask
 from sdxl.outputs import OutputOptions, save_images
 from sdxl.request import GenerationRequest
+from sdxl.request_deadline import RequestDeadline
 from sdxl.serving import predict_once, set_up
 from sdxl.trained.request import AdapterRequest, parse_loras
 from sdxl.weights import random_architecture, weights_dir
@@ -34,10 +35,11 @@ def log_progress(stage: str, step: int, steps: int) -> None:
         log.info("%s: step %d/%d", stage, step, steps)
 
 
-def read_input_images(image, mask):
-    """`image` and `mask` (https URLs or data: URIs over HTTP; see sdxl.file_inputs) as decoded images. The fetched
-    files are removed as soon as their pixels are in memory."""
-    with file_inputs.local_files({"image": image, "mask": mask}, file_inputs.FileInputLimits.for_images()) as files:
+def read_input_images(image, mask, deadline: RequestDeadline | None = None):
+    """`image` and `mask` (https URLs or data: URIs over HTTP; see sdxl.file_inputs) as decoded images, fetched by
+    the request's `deadline`. The fetched files are removed as soon as their pixels are in memory."""
+    limits = file_inputs.FileInputLimits.for_images()
+    with file_inputs.local_files({"image": image, "mask": mask}, limits, deadline=deadline) as files:
         return (
             load_image(files["image"], "image") if files["image"] else None,
             load_mask(files["mask"], "mask") if files["mask"] else None,
@@ -93,14 +95,17 @@ class Runner(BaseRunner):
         output_quality: int = field(spec.OUTPUT_QUALITY),
     ) -> list[Path]:
         inputs = dict(locals())  # every input by name, before anything else is bound here
+        deadline = RequestDeadline.from_env()  # one for all of the request's downloads
         self._discard_previous_outputs()
         options = OutputOptions(output_format, output_quality)
         extra = AdapterRequest(replicate_weights=replicate_weights, lora_scale=lora_scale, loras=parse_loras(loras))
-        input_image, input_mask = read_input_images(image, mask)
+        input_image, input_mask = read_input_images(image, mask, deadline)
         request = GenerationRequest.from_inputs(inputs, image=input_image, mask=input_mask).with_seed()
         log.info("Using seed: %d", request.seed)
         result = on_compute_thread(
-            lambda cancelled: predict_once(self.pipes, self.trained_weights, extra, request, cancelled, log_progress)
+            lambda cancelled: predict_once(
+                self.pipes, self.trained_weights, extra, request, cancelled, log_progress, deadline
+            )
         )
         used = infotext.Weights.of(self.pipes.random_weights, self.own_weights, extra)
         texts = infotext.for_outputs(request, used, result.nsfw)  # what each file says about how it was made

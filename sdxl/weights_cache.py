@@ -131,9 +131,10 @@ class WeightsCache:
         return self.root / kind / url_key(url)
 
     @contextlib.contextmanager
-    def open(self, kind: str, url: str, field: str):
-        """The entry's folder for `url` (fetched on a miss), protected from eviction inside the with-block."""
-        folder = self.get(kind, url, field)
+    def open(self, kind: str, url: str, field: str, deadline: remote.RequestDeadline | None = None):
+        """The entry's folder for `url` (fetched on a miss, by the request's `deadline` when given, which a cancel
+        stops), protected from eviction inside the with-block."""
+        folder = self.get(kind, url, field, deadline)
         with self._lock:
             self._in_use[folder] = self._in_use.get(folder, 0) + 1
         try:
@@ -144,7 +145,7 @@ class WeightsCache:
                 if not self._in_use[folder]:
                     del self._in_use[folder]
 
-    def get(self, kind: str, url: str, field: str) -> Path:
+    def get(self, kind: str, url: str, field: str, deadline: remote.RequestDeadline | None = None) -> Path:
         if kind not in KINDS:
             raise ValueError(f"unknown cache kind {kind!r}")
         folder = self.path_for(kind, url)
@@ -152,13 +153,15 @@ class WeightsCache:
             os.utime(folder)
             log.info("weights cache hit for %s (%s)", field, folder.name[:12])
             return folder
-        return self._insert(kind, url, field, folder)
+        return self._insert(kind, url, field, folder, deadline)
 
     def discard(self, kind: str, url: str) -> None:
         """Drop an entry (for example one whose weights do not fit this model)."""
         shutil.rmtree(self.path_for(kind, url), ignore_errors=True)
 
-    def _insert(self, kind: str, url: str, field: str, folder: Path) -> Path:
+    def _insert(
+        self, kind: str, url: str, field: str, folder: Path, deadline: remote.RequestDeadline | None = None
+    ) -> Path:
         cap = self.limits.max_trained_bytes if kind == "trained" else self.limits.max_lora_bytes
         fetch_limits = self.limits.fetch or remote.FetchLimits(
             max_bytes=cap, read_timeout=self.limits.read_timeout, deadline=self.limits.deadline
@@ -168,7 +171,7 @@ class WeightsCache:
         work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
         try:
             started = time.perf_counter()
-            download = remote.fetch_to_file(url, work, field, fetch_limits, self.resolver)
+            download = remote.fetch_to_file(url, work, field, fetch_limits, self.resolver, deadline)
             entry = work / "entry"
             entry.mkdir()
             if kind == "trained":

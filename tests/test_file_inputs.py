@@ -30,16 +30,16 @@ def loopback(monkeypatch):
 
 @pytest.fixture
 def connections(monkeypatch):
-    """Every address sdxl.remote connects to, recorded; anything but loopback fails the test before connecting."""
+    """Every address sdxl.remote connects to (its one connect function), recorded; anything but loopback fails the test before connecting."""
     made = []
-    real = socket.create_connection
+    real = remote._connect
 
     def recording(address, *args, **kwargs):
         made.append(address[0])
         assert address[0] in ("127.0.0.1", "::1"), f"a test tried to connect to {address}"
         return real(address, *args, **kwargs)
 
-    monkeypatch.setattr(socket, "create_connection", recording)
+    monkeypatch.setattr(remote, "_connect", recording)
     return made
 
 

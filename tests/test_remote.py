@@ -36,7 +36,7 @@ def no_connect(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"a connection was attempted: {args}")
 
-    monkeypatch.setattr(remote.socket, "create_connection", refuse)
+    monkeypatch.setattr(remote, "_connect", refuse)
 
 
 def stub(*addresses):
@@ -268,13 +268,13 @@ def test_redirect_followed_and_rechecked(server, tmp_path):
 )
 def test_redirect_to_a_refused_host(server, tmp_path, location, message, monkeypatch):
     server.redirects["/start"] = location
-    real = remote.socket.create_connection
+    real = remote._connect
 
     def loopback_only(address, *args, **kwargs):
         assert address[0] in ("127.0.0.1", "::1"), f"connected to {address}"
         return real(address, *args, **kwargs)
 
-    monkeypatch.setattr(remote.socket, "create_connection", loopback_only)
+    monkeypatch.setattr(remote, "_connect", loopback_only)
     with pytest.raises(FetchError, match=message):
         remote.fetch_to_file(server.url("/start"), tmp_path, FIELD, FetchLimits(max_bytes=100))
     assert list(tmp_path.iterdir()) == []
@@ -375,14 +375,14 @@ def hold_closed_on_ipv6_loopback(port: int) -> socket.socket | None:
 @pytest.fixture
 def connections(monkeypatch):
     """Every address a connection is attempted to, in order; anything but loopback fails the test."""
-    attempts, real = [], remote.socket.create_connection
+    attempts, real = [], remote._connect
 
     def loopback_only(address, *args, **kwargs):
         assert address[0] in ("127.0.0.1", "::1"), f"connected to {address}"
         attempts.append(address[0])
         return real(address, *args, **kwargs)
 
-    monkeypatch.setattr(remote.socket, "create_connection", loopback_only)
+    monkeypatch.setattr(remote, "_connect", loopback_only)
     return attempts
 
 

@@ -20,6 +20,10 @@ LR_SCHEDULERS = ("constant", "linear")
 STEPS_RANGE = (1, 1_000_000)
 TOKEN_STRING_PATTERN = re.compile(r"^[^\s<>]{1,64}$")  # one word; angle brackets are for the new tokens <s0>, <s1>
 NEW_TOKENS_PER_STRING = 2  # <s0><s1> for one token_string, as the hosted trainer does
+# Free text goes on to the preprocessing and the training's command line (one argument may hold at most 128 KiB):
+# CLIP reads 77 tokens (~300 characters), so these caps leave room and refuse the rest before any work.
+MAX_CAPTION_PREFIX_CHARS = 1000
+MAX_MASK_PROMPTS_CHARS = 2000
 
 # Inputs that only tune logging and checkpoint cadence: a run may resume from a checkpoint made with other values.
 RESUME_INDEPENDENT = ("verbose", "checkpointing_steps")
@@ -51,9 +55,14 @@ LORA_RANK = _trainer_input(int, "LoRA rank", 32, ge=1, le=512)
 LR_SCHEDULER = _trainer_input(str, "Learning rate schedule", "constant", choices=LR_SCHEDULERS)
 LR_WARMUP_STEPS = _trainer_input(int, "Warmup steps of the linear schedule", 100, ge=0, le=STEPS_RANGE[1])
 TOKEN_STRING = _trainer_input(str, "The word that stands for the trained concept", "TOK")
-CAPTION_PREFIX = _trainer_input(str, "Prefix of automatic captions; must contain token_string", "a photo of TOK, ")
+CAPTION_PREFIX = _trainer_input(str, "Prefix of automatic captions; must contain token_string", "a photo of TOK, ",
+                                max_chars=MAX_CAPTION_PREFIX_CHARS)  # fmt: skip
 MASK_TARGET_PROMPTS = _trainer_input(
-    str, "What matters in the images (e.g. 'photo of a dog'): CLIPSeg masks the loss to it", None, optional=True
+    str,
+    "What matters in the images (e.g. 'photo of a dog'): CLIPSeg masks the loss to it",
+    None,
+    optional=True,
+    max_chars=MAX_MASK_PROMPTS_CHARS,
 )
 CROP_BASED_ON_SALIENCE = _trainer_input(
     bool, "Crop around the salient (masked) region; false = around detected faces", True
