@@ -324,6 +324,7 @@ class WeightsCache:
                 os.utime(folder)  # the same bytes under another URL (a newly signed one, say): no second copy
             else:
                 entry.rename(folder)
+            (download.parent / RESERVED_FILE).write_text("0")  # its bytes are counted in the entries from now on
             link = self.root / kind / f".link-{url_key(url)}-{os.getpid()}"
             link.unlink(missing_ok=True)
             link.symlink_to(name)
