@@ -187,6 +187,7 @@ class WeightsCache:
         self.limits = limits
         self.resolver = resolver
         self._lock = threading.Lock()  # flock is per open file: this process's threads queue here first
+        self._discarded: set[Path] = set()  # discarded while in use: removed when the use ends
         private_dir(self.root, CACHE_DIR_ENV)
         for kind in KINDS:
             (self.root / kind).mkdir(mode=0o700, exist_ok=True)
@@ -226,6 +227,10 @@ class WeightsCache:
             yield folder
         finally:
             os.close(fd)  # releases the shared lock
+            if folder in self._discarded:
+                with self._root_lock():
+                    if self._evict(folder) or not folder.is_dir():
+                        self._discarded.discard(folder)
 
     def get(self, kind: str, url: str, field: str) -> Path:
         """The entry's folder for `url` (fetched on a miss); not protected from eviction: use `open` to use it."""
@@ -251,13 +256,14 @@ class WeightsCache:
         return None
 
     def discard(self, kind: str, url: str) -> None:
-        """Drop an entry (for example one whose weights do not fit this model); an entry in use elsewhere stays
-        until it is free, but no URL leads to it any more."""
+        """Drop an entry (for example one whose weights do not fit this model): no URL leads to it any more, and it
+        goes now, or when this process's last user of it lets go (another process's use holds it until eviction)."""
         folder = self._lookup(kind, url)
         self.path_for(kind, url).unlink(missing_ok=True)
         if folder is not None:
             with self._root_lock():
-                self._evict(folder)
+                if not self._evict(folder):
+                    self._discarded.add(folder)
 
     def _insert(self, kind: str, url: str, field: str) -> Path:
         cap = self.limits.max_trained_bytes if kind == "trained" else self.limits.max_lora_bytes

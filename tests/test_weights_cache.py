@@ -207,3 +207,11 @@ def test_directory_entries_are_skipped(tmp_path):
     (tmp_path / "out").mkdir()
     wc.extract_trained_tar(archive, tmp_path / "out", "weights", max_bytes=10**6)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["lora.safetensors"]
+
+
+def test_an_entry_discarded_while_in_use_goes_when_its_use_ends(server, cache):
+    url = server.serve("/x.safetensors", LORA)
+    with cache.open("lora", url, "loras[0]") as folder:
+        cache.discard("lora", url)
+        assert (folder / wc.LORA_FILE).read_bytes() == LORA  # still whole for the request using it
+    assert leftovers(cache) == []
