@@ -5,6 +5,7 @@ cache folder never evict what the other uses nor remove the other's download in 
 import logging
 import multiprocessing
 import os
+import shutil
 import stat
 import threading
 import time
@@ -119,8 +120,8 @@ def test_urls_differing_only_in_the_query(server, tmp_path):
 
 def test_the_budget_is_checked_against_the_volume(tmp_path, monkeypatch, caplog):
     free = 3 << 30
-    monkeypatch.setattr(wc.shutil, "disk_usage", lambda path: os.statvfs_result((0,) * 10)._replace() if False else
-                        type("Usage", (), {"free": free, "total": 20 << 30, "used": 0})())  # fmt: skip
+    usage = shutil._ntuple_diskusage(total=20 << 30, used=17 << 30, free=free)
+    monkeypatch.setattr(wc.shutil, "disk_usage", lambda path: usage)
     with caplog.at_level(logging.WARNING, logger=wc.__name__):
         assert wc.WeightsCache(tmp_path / "a", wc.CacheLimits(budget_bytes=40 << 30)).budget == free - wc.FREE_HEADROOM
     assert "lowered from 40.00 GiB (SDXL_WEIGHTS_CACHE_BYTES) to 1.00 GiB" in caplog.text
