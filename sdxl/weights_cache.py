@@ -331,10 +331,28 @@ class WeightsCache:
             else:
                 entry.rename(folder)
             (download.parent / RESERVED_FILE).write_text("0")  # its bytes are counted in the entries from now on
-            link = self.root / kind / f".link-{url_key(url)}-{os.getpid()}"
-            link.unlink(missing_ok=True)
-            link.symlink_to(name)
-            os.replace(link, self.path_for(kind, url))
+            self._link(kind, url, name)
+        return folder
+
+    def _link(self, kind: str, url: str, name: str) -> None:
+        """Point the URL at entry `name`, replacing in one step any link it had (the caller holds the root lock)."""
+        link = self.root / kind / f".link-{url_key(url)}-{os.getpid()}"
+        link.unlink(missing_ok=True)
+        link.symlink_to(name)
+        os.replace(link, self.path_for(kind, url))
+
+    def put(self, kind: str, url: str, files: dict[str, bytes]) -> Path:
+        """An entry for `url` holding `files` (name -> bytes), as a finished download leaves it (unchecked, outside
+        the budget): for tests and benchmarks that must not fetch."""
+        digest = hashlib.sha256()
+        for name, body in sorted(files.items()):
+            digest.update(name.encode() + b"\0" + body)
+        folder = self.root / kind / f"sha256-{digest.hexdigest()}"
+        with self._root_lock():
+            folder.mkdir(mode=0o700, exist_ok=True)
+            for name, body in files.items():
+                (folder / name).write_bytes(body)
+            self._link(kind, url, folder.name)
         return folder
 
     @contextlib.contextmanager
