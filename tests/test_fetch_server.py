@@ -71,7 +71,7 @@ def full_log(server: CogServer) -> str:
 
 def test_own_weights_from_a_presigned_url(server, files):
     """Setup fetched COG_WEIGHTS through its redirect; the log names the URL without its query."""
-    assert files.requests[f"/own.tar?X-Amz-Signature={SECRET}-2"] == 1
+    assert files.requests[f"/own.tar?X-Amz-Signature={SECRET}-2"] == 2  # its size asked, then the download
     log = full_log(server)
     assert re.search(r"own weights from http://127\.0\.0\.1:\d+/own\?\.\.\. loaded", log), log[-3000:]
     assert re.search(r"/own\?\.\.\. redirects to http://127\.0\.0\.1:\d+/own\.tar\?\.\.\.", log), log[-3000:]
