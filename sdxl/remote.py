@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import http.client
@@ -29,6 +30,7 @@ import ssl
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -463,8 +465,12 @@ def fetch_to_file(
     limits: FetchLimits,
     resolver: Resolver | None = None,
     deadline: float | RequestDeadline | None = None,
+    reserve: Callable[[int | None], int] | None = None,
 ) -> Path:
     """Download `url` into a new temporary file in `directory` and return its path (the caller owns it).
+
+    `reserve`, when given, is told the size the server announces (None without a Content-Length) before any byte of
+    the body is written, and answers how many bytes may be written: the download is capped to that.
 
     The whole download (redirects and parallel ranges included) ends by `deadline` (time.monotonic() seconds, or
     the request's RequestDeadline, whose cancel stops it within SLICE; at most now + limits.deadline). On any failure, the temporary file is removed and a FetchError naming `field`
@@ -480,6 +486,9 @@ def fetch_to_file(
                 if response.status != 200:
                     raise FetchError(field, f"{redact(target.url)} answered HTTP {response.status} {response.reason}")
                 length = _content_length(response, ctx)
+                if reserve is not None:
+                    ctx.clock.limits = dataclasses.replace(limits, max_bytes=min(limits.max_bytes, reserve(length)))
+                    _content_length(response, ctx)  # refused if the announced size is over what was granted
                 ctx.progress.total = length
                 ranged = "bytes" in response.getheader("Accept-Ranges", "").lower()
                 if ranged and length is not None and length >= limits.parallel_min_bytes:
