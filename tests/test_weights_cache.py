@@ -50,7 +50,7 @@ def test_hit_uses_no_network(server, cache):
     assert folder.name == "sha256-" + hashlib.sha256(tar_bytes(GOOD)).hexdigest()
     assert cache.path_for("trained", url).resolve() == folder
     assert cache.get("trained", url, FIELD) == folder
-    assert server.requests["/trained.tar"] == 2  # the size asked first, then the download; the hit asks nothing
+    assert server.requests["/trained.tar"] == 1  # one download; the hit asks nothing
     link = f"trained/{wc.url_key(url)}"
     assert leftovers(cache) == sorted([link, f"trained/{folder.name}"] + [f"trained/{folder.name}/{n}" for n in GOOD])
 
