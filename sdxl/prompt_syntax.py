@@ -74,13 +74,32 @@ def _flatten(items: list, scale: float, out: list) -> list:
 
 
 def _fused(items: list) -> list:
-    fused: list = []
+    """compel's fuse_fragments: neighbours of equal weight joined with a space. compel rebuilds the joined Fragment
+    at each step (quadratic in the run), re-reading its escapes each time; so here each run is joined once, each
+    part's escapes read as many times as compel's steps read them."""
+    runs: list[list] = []
     for fragment in _flatten(items, 1.0, []):
-        if fused and fused[-1].weight == fragment.weight:
-            fused[-1] = Fragment(fused[-1].text + " " + fragment.text, fused[-1].weight)
+        if runs and runs[-1][0].weight == fragment.weight:
+            runs[-1].append(fragment)
         else:
-            fused.append(fragment)
-    return fused
+            runs.append([fragment])
+    return [run[0] if len(run) == 1 else _joined(run) for run in runs]
+
+
+def _joined(run: list) -> Fragment:
+    """compel's step i (1..k-1) rebuilds parts 0..i: part 0 is read k-1 more times, part j k-j. The last read is
+    the Fragment built here (escapes never span the joining space)."""
+    texts = [_unescaped(part.text, len(run) - max(j, 1) - 1) for j, part in enumerate(run)]
+    return Fragment(" ".join(texts), run[0].weight)
+
+
+def _unescaped(text: str, times: int) -> str:
+    """Fragment's escape reading, `times` times (each time that changes the text shortens it)."""
+    for _ in range(times):
+        if "\\(" not in text and "\\)" not in text and '\\"' not in text:
+            break
+        text = text.replace("\\(", "(").replace("\\)", ")").replace('\\"', '"')
+    return text
 
 
 def _conjunction(prompts: list, weights: list) -> Conjunction:

@@ -97,6 +97,7 @@ HAND_WRITTEN = [
     'a "quoted (words)1.2" b "" c "  " d "x"1.5',
     '"a \\"b\\" c" "tab\\tnew\\nline" "\\x28x\\x29" "\\101\\0" "un"closed" "\\"',
     "\\\\(a\\\\) \\\\\\(b \\\\\\\\(c)",
+    "\\" * 9 + "( " + "\\" * 5 + '" \\\\) x y z ' + "\\" * 12 + ") (" + "\\" * 7 + "( a b)1.2 c",
     "(a, b, c).and(1, 0.5, 0.25)",
     '(red, "a fox", (deep snow)).blend(0.2, 0.3, 0.5, no_normalize)',
     '("a", "b").add(inf, nan)',
