@@ -153,7 +153,7 @@ def _digits(text: str, pos: int, ascii_only: bool) -> int:
 
 def _real(text: str, pos: int) -> int:
     """End of pyparsing_common.real (`[+-]?(\\d+\\.\\d*|\\.\\d+)`, Unicode digits) at pos, or pos."""
-    start = pos + 1 if text[pos : pos + 1] in ("+", "-") and text[pos : pos + 1] else pos
+    start = pos + 1 if text[pos : pos + 1] in ("+", "-") else pos
     digits = _digits(text, start, ascii_only=False)
     if digits > start and text[digits : digits + 1] == ".":
         return _digits(text, digits + 1, ascii_only=False)
@@ -224,7 +224,7 @@ class _Reader:
         """A run of '+' or '-' at pos: its weight and end."""
         text, end = self.text, pos
         sign = text[pos : pos + 1]
-        if sign not in ("+", "-") or not sign:
+        if sign not in ("+", "-"):
             return None
         while end < len(text) and text[end] == sign:
             end += 1
