@@ -1,9 +1,10 @@
-"""Weighted and long prompts (the `prompt_weighting` input), read and encoded by compel.
+"""Weighted and long prompts (the `prompt_weighting` input): compel's syntax, encoded by compel.
 
 compel's syntax: `word+` / `word-` (x1.1 / x0.9 per sign), `(several words)1.3`, `("a", "b").blend(0.7, 0.3)`,
-`("a", "b").and()`; `\\(` and `\\)` are literal parentheses. A prompt longer than CLIP's 77 tokens is encoded in
-chunks of 75 tokens (split at a sentence, phrase or word end), each between its own start and end token, and the
-chunks' embeddings are concatenated, so every token reaches the UNet instead of being cut off.
+`("a", "b").and()`; `\\(` and `\\)` are literal parentheses. sdxl/prompt_syntax.py reads it in time linear in the
+length, into the structure compel's own parser returns (proven equal in tests). A prompt longer than CLIP's 77 tokens
+is encoded in chunks of 75 tokens (split at a sentence, phrase or word end), each between its own start and end
+token, and the chunks' embeddings are concatenated, so every token reaches the UNet instead of being cut off.
 
 What is encoded where (as diffusers' encode_prompt does for plain prompts):
 - base: both text encoders' penultimate hidden states side by side, and text_encoder_2's pooled embedding;
@@ -20,11 +21,9 @@ plain text.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import re
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -34,13 +33,11 @@ from sdxl.errors import InputError
 FIELDS = ("prompt", "negative_prompt")
 WEIGHT_RANGE = (0.0, 5.0)  # beyond ~2 images degrade; past 5 the embeddings leave anything the UNet has seen
 MAX_CHUNKS = 8  # 8 x 75 = 600 tokens: each chunk costs one text-encoder pass and 77 more cross-attention keys
-# compel's parser (pyparsing) costs 0.15-1 ms per character on this machine's CPU (memoised, see _memoised):
-# bounded before parsing, and each text is parsed once per request (cached).
+# Bounded before parsing (the parse is linear in the length: under 50 ms at the caps), and each text is parsed once
+# per request (cached).
 MAX_CHARS = 3000  # 600 tokens of English run to ~2,500-3,000 characters
-MAX_NESTING = 10  # deeper parentheses overflow the parser's recursion
+MAX_NESTING = 10  # deeper parentheses are refused (compel's own parser overflowed its recursion)
 MAX_WORDS = 600  # = MAX_CHUNKS * CHUNK_TOKENS: each word is at least one token, so more are refused before parsing
-PACKRAT_ENTRIES = 128  # pyparsing's default memo size: as fast as unbounded here (measured), and ~10 MiB at most
-_PARSE_LOCK = threading.Lock()
 CHUNK_TOKENS = 75
 # A1111's `(word:1.2)` is not compel's syntax; compel would read it as the text "word:1 . 2".
 A1111_WEIGHT = re.compile(r"\(([^()]*?):\s*[-+]?(\d+(\.\d*)?|\.\d+)\s*\)")
@@ -98,7 +95,7 @@ def parse(text: str, field: str):
         raise InputError(field, f"weighting syntax: {problem} (escape a literal parenthesis as \\( or \\))")
     try:
         return _parse_checked(text)
-    except Exception as error:  # compel's parser (pyparsing) or one of the weight checks
+    except ValueError as error:  # prompt_syntax.Refused or one of the weight checks
         raise InputError(field, f"weighting syntax: {error}") from None
 
 
@@ -108,8 +105,9 @@ def _parse_checked(text: str):
     when encoded. Conjunctions are only read afterwards, so sharing them is safe."""
     from compel.prompt_parser import Blend
 
-    with _memoised():
-        conjunction = _parser().parse_conjunction(text)
+    from sdxl import prompt_syntax  # compel loads only for requests that use it
+
+    conjunction = prompt_syntax.parse_conjunction(text, MAX_NESTING)
     for fragment in _fragments(conjunction):
         _check_weight(fragment.weight, f"the weight of {fragment.text!r}")
     for weight in conjunction.weights:
@@ -118,34 +116,6 @@ def _parse_checked(text: str):
         for weight in node.weights if isinstance(node, Blend) else ():
             _check_weight(weight, "a .blend() weight")
     return conjunction
-
-
-@functools.cache
-def _parser():
-    from compel.prompt_parser import PromptParser
-
-    return PromptParser()  # the grammar, built once (compel's parse_prompt_string builds it for every text)
-
-
-@contextlib.contextmanager
-def _memoised():
-    """pyparsing's packrat memo for one parse. compel's grammar tries a parenthesised group as several alternatives
-    (explicit and implicit weight, swap target, plain group) and re-reads its inside for each: x4 per nesting level
-    (measured 1.0 s at depth 5, 63 s at 8). Memoised, each rule is read once per position: linear in the length.
-    The switch is pyparsing's, class-wide, so it is on for our parse only (other pyparsing users, e.g. matplotlib,
-    keep their setting; memoisation does not change a parse's result, only its cost)."""
-    import pyparsing
-
-    element = pyparsing.ParserElement
-    with _PARSE_LOCK:
-        already = element._packratEnabled
-        if not already:
-            element.enable_packrat(PACKRAT_ENTRIES)
-        try:
-            yield
-        finally:
-            if not already:
-                element.disable_memoization()
 
 
 def clear_parse_cache() -> None:
