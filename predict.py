@@ -14,6 +14,7 @@ from cog import BaseRunner, Path
 
 from cog_inputs import FileInput, field, guard_worker_egress
 from cog_scratch import discard_finished_request_folders
+from sdxl.guard.request_deadline import RequestDeadline
 from sdxl.inputs import file_inputs
 from sdxl.inputs import request as spec
 from sdxl.inputs.images import load_image, load_mask
@@ -35,10 +36,11 @@ def log_progress(stage: str, step: int, steps: int) -> None:
         log.info("%s: step %d/%d", stage, step, steps)
 
 
-def read_input_images(image, mask):
-    """`image` and `mask` (https URLs or data: URIs over HTTP; see sdxl.inputs.file_inputs) as decoded images. The fetched
-    files are removed as soon as their pixels are in memory."""
-    with file_inputs.local_files({"image": image, "mask": mask}, file_inputs.FileInputLimits.for_images()) as files:
+def read_input_images(image, mask, deadline: RequestDeadline | None = None):
+    """`image` and `mask` (https URLs or data: URIs over HTTP; see sdxl.inputs.file_inputs) as decoded images, fetched by
+    the request's `deadline`. The fetched files are removed as soon as their pixels are in memory."""
+    limits = file_inputs.FileInputLimits.for_images()
+    with file_inputs.local_files({"image": image, "mask": mask}, limits, deadline=deadline) as files:
         return (
             load_image(files["image"], "image") if files["image"] else None,
             load_mask(files["mask"], "mask") if files["mask"] else None,
@@ -93,10 +95,11 @@ class Runner(BaseRunner):
         output_format: str = field(spec.OUTPUT_FORMAT),
         output_quality: int = field(spec.OUTPUT_QUALITY),
     ) -> list[Path]:
+        deadline = RequestDeadline.from_env()  # one for all of the request's downloads
         self._discard_previous_outputs()
         options = OutputOptions(output_format, output_quality)
         extra = AdapterRequest(replicate_weights=replicate_weights, lora_scale=lora_scale, loras=parse_loras(loras))
-        input_image, input_mask = read_input_images(image, mask)
+        input_image, input_mask = read_input_images(image, mask, deadline)
         request = GenerationRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -119,7 +122,9 @@ class Runner(BaseRunner):
         ).with_seed()
         log.info("Using seed: %d", request.seed)
         result = on_compute_thread(
-            lambda cancelled: predict_once(self.pipes, self.trained_weights, extra, request, cancelled, log_progress)
+            lambda cancelled: predict_once(
+                self.pipes, self.trained_weights, extra, request, cancelled, log_progress, deadline
+            )
         )
         used = infotext.Weights.of(self.pipes.random_weights, self.own_weights, extra)
         texts = infotext.for_outputs(request, used, result.nsfw)  # what each file says about how it was made
