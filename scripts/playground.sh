@@ -12,7 +12,7 @@ export PATH="$PWD/.venv/bin:$PATH"  # the Cog server starts its worker through `
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # sdxl/ and tools/ of this checkout, installed or not
 
 if [ -z "${SDXL_WEIGHTS_DIR:-}" ]; then
-  if python -c 'from sdxl import weights; weights.require(weights.weights_dir())' 2>/dev/null; then
+  if python -c 'from sdxl.model import weights; weights.require(weights.weights_dir())' 2>/dev/null; then
     export SDXL_WEIGHTS_DIR="$PWD/weights"
   else
     export SDXL_WEIGHTS_DIR="$PWD/weights/tiny"
