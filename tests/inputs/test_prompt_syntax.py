@@ -165,6 +165,7 @@ def operator_prompt(rng: random.Random) -> str:
     return f"({', '.join(targets)}).{operator}({', '.join(weights)})" + rng.choice(["", "", " ", " x"])
 
 
+@pytest.mark.heavy  # 13-21 s, nearly all of it compel's parse
 def test_generated_prompts_read_as_compel_reads_them(compel_parser):
     """2,000 prompts (seeded; ~10 s, nearly all of it compel's): every one read the same as compel reads it, or
     refused where compel fails too or where the refusal is deliberate; all the well-formed ones are read."""

@@ -176,6 +176,7 @@ def unique_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+@pytest.mark.heavy  # 20-25 s: dynamo compiles the UNet
 def test_compiled_lora_switches_never_recompile(tiny_weights_dir, server, tmp_path, slotted):
     """Compiled with slots: no LoRA, A, B, A+B, no LoRA again. dynamo compiles no new graph for any of them, the
     images equal the eager slots' images to rounding, and the last is the first bit for bit.
