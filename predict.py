@@ -45,6 +45,14 @@ def read_input_images(image, mask):
         )
 
 
+def read_image_prompt(ip_adapter_image):
+    """`ip_adapter_image` (beyond the hosted model), fetched and decoded like `image`, under the same network policy."""
+    with file_inputs.local_files(
+        {"ip_adapter_image": ip_adapter_image}, file_inputs.FileInputLimits.for_images()
+    ) as files:
+        return load_image(files["ip_adapter_image"], "ip_adapter_image") if files["ip_adapter_image"] else None
+
+
 class Runner(BaseRunner):
     own_weights: Optional[str] = None  # the trained tar setup() applied for good (COG_WEIGHTS), for the record
 
@@ -92,11 +100,15 @@ class Runner(BaseRunner):
         prompt_weighting: bool = field(spec.PROMPT_WEIGHTING),
         output_format: str = field(spec.OUTPUT_FORMAT),
         output_quality: int = field(spec.OUTPUT_QUALITY),
+        inpaint_model: str = field(spec.INPAINT_MODEL),
+        ip_adapter_image: Optional[FileInput] = field(spec.IP_ADAPTER_IMAGE),
+        ip_adapter_scale: float = field(spec.IP_ADAPTER_SCALE),
     ) -> list[Path]:
         self._discard_previous_outputs()
         options = OutputOptions(output_format, output_quality)
         extra = AdapterRequest(replicate_weights=replicate_weights, lora_scale=lora_scale, loras=parse_loras(loras))
         input_image, input_mask = read_input_images(image, mask)
+        image_prompt = read_image_prompt(ip_adapter_image)
         request = GenerationRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -116,6 +128,9 @@ class Runner(BaseRunner):
             apply_watermark=apply_watermark,
             disable_safety_checker=disable_safety_checker,
             prompt_weighting=prompt_weighting,
+            inpaint_model=inpaint_model,
+            ip_adapter_image=image_prompt,
+            ip_adapter_scale=ip_adapter_scale,
         ).with_seed()
         log.info("Using seed: %d", request.seed)
         result = on_compute_thread(

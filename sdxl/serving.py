@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from sdxl.inference import image_prompt
 from sdxl.inference.generation import GenerationResult, StepCallback, generate
 from sdxl.inputs.request import GenerationRequest
 from sdxl.model.compute import stop_if_cancelled
@@ -34,7 +35,10 @@ def predict_once(
     on_step: StepCallback | None = None,
 ) -> GenerationResult:
     """1. apply the request's trained weights  2. generate with its trained words rewritten  3. take the weights
-    off again (also on error or cancel). A cancel stops it between steps and after each denoising step."""
+    off again (also on error or cancel). A cancel stops it between steps and after each denoising step. What the
+    server's optional models cannot do is refused first, before anything is fetched."""
+    uses_trained = bool(adapter_request.replicate_weights or adapter_request.loras or trained_weights.has_own_weights)
+    image_prompt.check_request(pipes, request, trained_weights=uses_trained)
     with trained_weights.applied(adapter_request, cancelled) as applied:
         stop_if_cancelled(cancelled, "before generating")
         return generate(pipes, applied.rewrite(request), on_step=on_step, cancelled=cancelled)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from sdxl.errors import NSFWError
+from sdxl.inference import image_prompt
 from sdxl.inference.safety import nsfw_flags
 from sdxl.inference.watermark import apply_watermark
 from sdxl.inputs import images as image_io
@@ -78,7 +79,7 @@ def base_call(pipes: Pipelines, request: GenerationRequest):
             else request.image.resize((width, height), Image.LANCZOS)
         )
         return pipes.img2img, dict(image=image, strength=request.prompt_strength)
-    return pipes.inpaint, dict(
+    return pipes.inpainting if request.inpaint_model == "inpainting" else pipes.inpaint, dict(
         image=request.image,
         mask_image=request.mask,
         strength=request.prompt_strength,
@@ -158,12 +159,12 @@ def denoise(
     base, base_kwargs = base_call(pipes, request)
     base_kwargs.update(_progress(on_step, "base", cancelled))
     if request.refine == "no_refiner":
-        with _scheduler_for(base, request.scheduler):
-            return base(**common, **base_kwargs).images
+        with _scheduler_for(base, request.scheduler), image_prompt.applied(pipes, request, base) as prompt_kwargs:
+            return base(**common, **base_kwargs, **prompt_kwargs).images
     if request.refine == "expert_ensemble_refiner":
         base_kwargs["denoising_end"] = request.high_noise_frac
-    with _scheduler_for(base, request.scheduler):
-        latents = base(**common, **base_kwargs, output_type="latent").images
+    with _scheduler_for(base, request.scheduler), image_prompt.applied(pipes, request, base) as prompt_kwargs:
+        latents = base(**common, **base_kwargs, **prompt_kwargs, output_type="latent").images
     refiner, refiner_kwargs = refiner_call(pipes, request, latents)
     # Each prompt's latents are already repeated num_outputs times: the refiner takes one image per latent.
     refiner_common = {

@@ -94,6 +94,24 @@ OUTPUT_FORMAT = Spec(str, "Beyond the hosted model: format of the output images"
 OUTPUT_QUALITY = Spec(int, "Beyond the hosted model: quality of webp and jpg outputs (png is lossless)",
                       DEFAULT_QUALITY, ge=QUALITY_RANGE[0], le=QUALITY_RANGE[1])  # fmt: skip
 
+INPAINT_MODELS = ("base", "inpainting")
+INPAINT_MODEL = Spec(
+    str,
+    "Beyond the hosted model: the UNet that inpaints (image + mask): base (as the hosted model) or inpainting "
+    "(SDXL 1.0's dedicated inpainting UNet, which blends the repainted area in)",
+    "base",
+    choices=INPAINT_MODELS,
+)
+IP_ADAPTER_IMAGE = Spec(
+    object,
+    "Beyond the hosted model: an image prompt (IP-Adapter): its style and subject steer the image",
+    optional=True,
+)
+IP_ADAPTER_SCALE = Spec(
+    float, "Beyond the hosted model: how strongly ip_adapter_image steers the image (0 = not at all)", 0.6, ge=0.0,
+    le=1.0,
+)  # fmt: skip
+
 
 def random_seed() -> int:
     return secrets.randbelow(SEED_RANGE[1] + 1)
@@ -119,6 +137,9 @@ class GenerationRequest:
     apply_watermark: bool = described(APPLY_WATERMARK)
     disable_safety_checker: bool = described(DISABLE_SAFETY_CHECKER)
     prompt_weighting: bool = described(PROMPT_WEIGHTING)  # beyond the hosted model: compel's syntax, long prompts
+    inpaint_model: str = described(INPAINT_MODEL)  # beyond the hosted model: the dedicated inpainting UNet
+    ip_adapter_image: Optional[Image.Image] = field(default=None, repr=False)  # beyond the hosted model: image prompt
+    ip_adapter_scale: float = described(IP_ADAPTER_SCALE)
 
     def __post_init__(self):
         check_fields(self)
@@ -132,6 +153,11 @@ class GenerationRequest:
     def _check_images(self) -> None:
         if self.mask is not None and self.image is None:
             raise InputError("mask", "a mask needs an image to inpaint; send `image` too, or drop `mask`")
+        if self.inpaint_model != "base" and self.mask is None:
+            raise InputError(
+                "inpaint_model",
+                f"{self.inpaint_model!r} inpaints, so it needs `image` and `mask`; send both, or leave it at 'base'",
+            )
         if self.mask is not None and self.mask.size != self.image.size:
             raise InputError(
                 "mask",
@@ -157,6 +183,11 @@ class GenerationRequest:
     def refiner_steps(self) -> int:
         """base_image_refiner's num_inference_steps: refine_steps, else num_inference_steps (as the hosted model)."""
         return self.refine_steps or self.num_inference_steps
+
+    @property
+    def uses_image_prompt(self) -> bool:
+        """An image prompt at scale 0 steers nothing: the request runs (and draws) exactly as without it."""
+        return self.ip_adapter_image is not None and self.ip_adapter_scale > 0
 
     @property
     def mode(self) -> str:

@@ -14,11 +14,13 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
+    UNet2DConditionModel,
 )
 
 from sdxl.model import weights
 from sdxl.model.device import Placement, choose_placement
 from sdxl.model.fastpath import FastPath, apply_fastpath
+from sdxl.model.ip_adapter import ImagePrompt, load_image_prompt
 from sdxl.model.lora_slots import LoraSlots
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,10 @@ class Pipelines:
     fastpath: FastPath
     random_weights: str | None  # "tiny"/"mid"/"full" for seeded random weights (they draw noise), None for real
     lora_slots: LoraSlots | None = None  # the compiled base UNet's fixed-shape LoRA slots (SDXL_COMPILE=1)
+    # Optional models, None when their weights are not there: the inpainting UNet's view (the base's VAE, encoders and
+    # scheduler) and the IP-Adapter, attached to the base UNet per request (sdxl/model/ip_adapter.py).
+    inpainting: StableDiffusionXLInpaintPipeline | None = None
+    image_prompt: ImagePrompt | None = None
 
     @property
     def base_views(self):
@@ -95,7 +101,10 @@ def load_pipelines(
     # 5. Everything on the device, in eval mode, without gradients.
     modules = (vae, text2img.text_encoder, text2img.text_encoder_2, text2img.unet, refiner.unet, safety_checker)
     _place(placement, modules)
-    # 6. The views over the same modules, then the fast-path settings.
+    # 6. The optional models that are present: the inpainting UNet, the IP-Adapter.
+    inpainting = _load_inpainting(root, text2img, placement, common)
+    image_prompt = load_image_prompt(root, text2img)
+    # 7. The views over the same modules, then the fast-path settings.
     pipes = Pipelines(
         text2img=text2img,
         img2img=_view(StableDiffusionXLImg2ImgPipeline, text2img),
@@ -108,6 +117,8 @@ def load_pipelines(
         weights_dir=root,
         fastpath=fastpath,
         random_weights=weights.random_architecture(root),
+        inpainting=inpainting,
+        image_prompt=image_prompt,
     )
     _log_loaded(pipes, time.perf_counter() - started)
     return apply_fastpath(pipes, fastpath)
@@ -135,6 +146,21 @@ def _load_refiner(root: Path, base: StableDiffusionXLPipeline, common: dict) -> 
     )
     refiner.set_progress_bar_config(disable=True)
     return refiner
+
+
+def _load_inpainting(root: Path, base, placement: Placement, common: dict) -> StableDiffusionXLInpaintPipeline | None:
+    """The SDXL inpainting UNet in a view over the base's other modules (no second VAE or text encoder), if present."""
+    spec = weights.INPAINTING_UNET
+    if not weights.is_present(root, spec):
+        log.info("no inpainting UNet in %s: inpaint_model=inpainting is refused", root / spec.folder)
+        return None
+    folder = root / spec.folder
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", variant=_variant(folder), **common)
+    _place(placement, (unet,))
+    view = _view(StableDiffusionXLInpaintPipeline, base)
+    view.register_modules(unet=unet)
+    log.info("inpainting UNet loaded: %s, %d input channels", _count(unet), unet.config.in_channels)
+    return view
 
 
 def _load_safety_checker(root: Path, common: dict):
