@@ -14,6 +14,8 @@ from cog import BaseRunner, Path
 
 from cog_inputs import FileInput, field, guard_worker_egress
 from cog_scratch import discard_finished_request_folders
+from sdxl.guard.request_deadline import RequestDeadline
+from sdxl.inference.image_prompt import check_weights
 from sdxl.inputs import file_inputs
 from sdxl.inputs import request as spec
 from sdxl.inputs.images import load_image, load_mask
@@ -35,21 +37,22 @@ def log_progress(stage: str, step: int, steps: int) -> None:
         log.info("%s: step %d/%d", stage, step, steps)
 
 
-def read_input_images(image, mask):
-    """`image` and `mask` (https URLs or data: URIs over HTTP; see sdxl.inputs.file_inputs) as decoded images. The fetched
-    files are removed as soon as their pixels are in memory."""
-    with file_inputs.local_files({"image": image, "mask": mask}, file_inputs.FileInputLimits.for_images()) as files:
+def read_input_images(image, mask, deadline: RequestDeadline | None = None):
+    """`image` and `mask` (https URLs or data: URIs over HTTP; see sdxl.inputs.file_inputs) as decoded images, fetched by
+    the request's `deadline`. The fetched files are removed as soon as their pixels are in memory."""
+    limits = file_inputs.FileInputLimits.for_images()
+    with file_inputs.local_files({"image": image, "mask": mask}, limits, deadline=deadline) as files:
         return (
             load_image(files["image"], "image") if files["image"] else None,
             load_mask(files["mask"], "mask") if files["mask"] else None,
         )
 
 
-def read_image_prompt(ip_adapter_image):
-    """`ip_adapter_image` (beyond the hosted model), fetched and decoded like `image`, under the same network policy."""
-    with file_inputs.local_files(
-        {"ip_adapter_image": ip_adapter_image}, file_inputs.FileInputLimits.for_images()
-    ) as files:
+def read_image_prompt(ip_adapter_image, deadline: RequestDeadline | None = None):
+    """`ip_adapter_image` (beyond the hosted model), fetched and decoded like `image`, under the same network policy
+    and the request's one `deadline`."""
+    limits = file_inputs.FileInputLimits.for_images()
+    with file_inputs.local_files({"ip_adapter_image": ip_adapter_image}, limits, deadline=deadline) as files:
         return load_image(files["ip_adapter_image"], "ip_adapter_image") if files["ip_adapter_image"] else None
 
 
@@ -104,11 +107,13 @@ class Runner(BaseRunner):
         ip_adapter_image: Optional[FileInput] = field(spec.IP_ADAPTER_IMAGE),
         ip_adapter_scale: float = field(spec.IP_ADAPTER_SCALE),
     ) -> list[Path]:
+        deadline = RequestDeadline.from_env()  # one for all of the request's downloads
         self._discard_previous_outputs()
         options = OutputOptions(output_format, output_quality)
         extra = AdapterRequest(replicate_weights=replicate_weights, lora_scale=lora_scale, loras=parse_loras(loras))
-        input_image, input_mask = read_input_images(image, mask)
-        image_prompt = read_image_prompt(ip_adapter_image)
+        check_weights(self.pipes, image_prompt_given=bool(ip_adapter_image), inpaint_model=inpaint_model)
+        input_image, input_mask = read_input_images(image, mask, deadline)
+        image_prompt = read_image_prompt(ip_adapter_image, deadline)
         request = GenerationRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -134,7 +139,9 @@ class Runner(BaseRunner):
         ).with_seed()
         log.info("Using seed: %d", request.seed)
         result = on_compute_thread(
-            lambda cancelled: predict_once(self.pipes, self.trained_weights, extra, request, cancelled, log_progress)
+            lambda cancelled: predict_once(
+                self.pipes, self.trained_weights, extra, request, cancelled, log_progress, deadline
+            )
         )
         used = infotext.Weights.of(self.pipes.random_weights, self.own_weights, extra)
         texts = infotext.for_outputs(request, used, result.nsfw)  # what each file says about how it was made

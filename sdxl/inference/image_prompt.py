@@ -12,23 +12,29 @@ from sdxl.model import weights
 from sdxl.model.loading import Pipelines
 
 
-def check_request(pipes: Pipelines, request: GenerationRequest, trained_weights: bool = False) -> None:
-    """Refuse, naming the field, what this server cannot do: a model whose weights are not installed, and the
-    combinations the inpainting UNet does not take. `trained_weights`: the request runs with LoRAs or a fine-tune."""
-    if request.ip_adapter_image is not None and pipes.image_prompt is None:
+def check_weights(pipes: Pipelines, image_prompt_given: bool, inpaint_model: str) -> None:
+    """Refuse, naming the field, a request for an optional model whose weights this server does not have: the edge
+    calls it before it fetches anything."""
+    if image_prompt_given and pipes.image_prompt is None:
         raise InputError(
             "ip_adapter_image",
             "this server has no IP-Adapter weights; its operator fetches them with "
             f"`{weights.fetch_command(weights.IP_ADAPTER)}`",
         )
-    if request.inpaint_model != "inpainting":
-        return
-    if pipes.inpainting is None:
+    if inpaint_model == "inpainting" and pipes.inpainting is None:
         raise InputError(
             "inpaint_model",
             "this server has no inpainting UNet; its operator fetches it with "
             f"`{weights.fetch_command(weights.INPAINTING_UNET)}`, or use 'base'",
         )
+
+
+def check_request(pipes: Pipelines, request: GenerationRequest, trained_weights: bool = False) -> None:
+    """check_weights, and the combinations the inpainting UNet does not take. `trained_weights`: the request runs
+    with LoRAs or a fine-tune."""
+    check_weights(pipes, request.ip_adapter_image is not None, request.inpaint_model)
+    if request.inpaint_model != "inpainting":
+        return
     if request.uses_image_prompt:
         raise InputError(
             "ip_adapter_image",
