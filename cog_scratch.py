@@ -2,14 +2,22 @@
 
 coglet 0.23 gives every prediction and training a folder under the fixed path /tmp/coglet/predictions/<id>
 (inputs/, outputs/) and never removes it, nor the spill_*.json files it writes there for messages too large for its
-worker channel (files of 28 MB and 100 MB were found left there): one folder per request, for good. A request runs
-only after the server has sent the previous answer, so by then every older folder of this server is finished with.
-Only folders untouched for STALE_AFTER_S go: other Cog servers on the same machine (tests, several servers on one
-host) share the path, and their current folder is younger than that.
+worker channel (files of 28 MB and 100 MB were found left there): one folder per request, for good.
+
+Several Cog servers on one host share that path (scripts/cluster.sh, tests), and a request's code is never told its
+folder's name, so a server cannot tell its folders from the others'. What it can tell is when a folder may still be
+in use. A server handles one request at a time, and coglet makes a request's folder only after the server has
+answered the one before; so when a server starts its request number n, every folder last changed before it started
+request n-1 is finished, as far as that server is concerned. Each server records that moment (`since`) in a
+registry beside the predictions folder, in a file it holds locked for its life; a folder goes only when it was last
+changed before every live server's `since` (a server that ended no longer counts) and STALE_AFTER_S ago (for Cog
+servers of other models, which do not register).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -17,35 +25,92 @@ import stat
 import time
 from pathlib import Path
 
+from sdxl.guard.private_dirs import private_dir
+
 log = logging.getLogger(__name__)
 
 COGLET_PREDICTIONS = Path("/tmp/coglet/predictions")  # fixed in coglet 0.23, not under $TMPDIR
 STALE_AFTER_S = 60.0
+CLOCK_SLACK_S = 0.05  # file times come from the kernel's coarse clock, a tick behind time.time()
+_servers: dict[Path, _Server] = {}  # this process's registration, per predictions folder
 
 
 def _last_change(folder: Path) -> float:
     return max((entry.lstat().st_mtime for entry in (folder, *folder.rglob("*"))), default=0.0)
 
 
-def discard_finished_request_folders(root: Path = COGLET_PREDICTIONS, now: float | None = None) -> int:
-    """Remove this user's request folders under `root` untouched for STALE_AFTER_S; returns how many went."""
-    now = time.time() if now is None else now
-    removed = 0
-    try:
-        folders = list(root.iterdir())
-    except OSError:  # no such folder yet (no request so far), or not ours to read
-        return 0
-    for folder in folders:
+def registry_for(root: Path) -> Path:
+    return root.with_name(root.name + ".servers")
+
+
+class _Server:
+    """This process's entry in the registry: a file locked for the process's life, holding its `since`."""
+
+    def __init__(self, registry: Path):
+        private_dir(registry, "the predictions folder")
+        pending = registry / f"{os.getpid()}-{time.time_ns()}.new"
+        self.fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)  # locked before others can see it: unlocked means its owner is gone
+        self.path = pending.with_suffix(".live")
+        os.rename(pending, self.path)
+        self.last_start = 0.0  # no request before this one: nothing is known to be finished yet
+
+    def request_started(self) -> None:
+        """A new request starts: every folder older than the previous request's start is finished for us."""
+        since, self.last_start = self.last_start, time.time()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, repr(since).encode(), 0)
+
+
+def _oldest_since(registry: Path) -> float:
+    """The earliest `since` of the live servers; files of servers that ended are removed."""
+    oldest = float("inf")
+    for record in registry.glob("*.live"):
         try:
-            info = folder.lstat()
-            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-                continue  # never follow a link, never touch another user's files
-            if now - _last_change(folder) < STALE_AFTER_S:
-                continue
-        except OSError:  # removed meanwhile by another server's sweep
+            fd = os.open(record, os.O_RDONLY)
+        except FileNotFoundError:
             continue
-        shutil.rmtree(folder, ignore_errors=True)
-        removed += 1
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            record.unlink(missing_ok=True)  # its owner is gone
+            continue
+        except BlockingIOError:  # held: its owner is alive
+            try:
+                oldest = min(oldest, float(os.pread(fd, 64, 0).decode()))
+            except ValueError:  # being rewritten this instant: protect everything
+                oldest = 0.0
+        finally:
+            os.close(fd)
+    return oldest
+
+
+def discard_finished_request_folders(root: Path = COGLET_PREDICTIONS, now: float | None = None) -> int:
+    """Remove this user's request folders under `root` that no live server may still use; returns how many went."""
+    now = time.time() if now is None else now
+    if not root.is_dir():  # no request so far
+        return 0
+    registry = registry_for(root)
+    if root not in _servers:
+        _servers[root] = _Server(registry)
+    _servers[root].request_started()
+    finished_before = min(_oldest_since(registry) - CLOCK_SLACK_S, now - STALE_AFTER_S)
+    removed = 0
+    with contextlib.suppress(OSError):  # not ours to read
+        for folder in list(root.iterdir()):
+            removed += _discard_if_finished(folder, finished_before)
     if removed:
         log.info("removed %d finished request folder(s) coglet left under %s", removed, root)
     return removed
+
+
+def _discard_if_finished(folder: Path, finished_before: float) -> int:
+    try:
+        info = folder.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            return 0  # never follow a link, never touch another user's files
+        if _last_change(folder) >= finished_before:
+            return 0
+    except OSError:  # removed meanwhile by another server's sweep
+        return 0
+    shutil.rmtree(folder, ignore_errors=True)
+    return 1

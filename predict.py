@@ -14,6 +14,7 @@ from cog import BaseRunner, Path
 
 from cog_inputs import FileInput, field, guard_worker_egress
 from cog_scratch import discard_finished_request_folders
+from sdxl.guard.request_deadline import RequestDeadline
 from sdxl.inference.control import require_loaded
 from sdxl.inputs import file_inputs
 from sdxl.inputs import request as spec
@@ -36,11 +37,12 @@ def log_progress(stage: str, step: int, steps: int) -> None:
         log.info("%s: step %d/%d", stage, step, steps)
 
 
-def read_input_images(image, mask, control_image=None):
+def read_input_images(image, mask, control_image=None, deadline: RequestDeadline | None = None):
     """`image`, `mask` and `control_image` (https URLs or data: URIs over HTTP; see sdxl.inputs.file_inputs) as decoded
-    images. The fetched files are removed as soon as their pixels are in memory."""
+    images, fetched by the request's `deadline`. The fetched files are removed as soon as their pixels are in memory."""
+    limits = file_inputs.FileInputLimits.for_images()
     values = {"image": image, "mask": mask, "control_image": control_image}
-    with file_inputs.local_files(values, file_inputs.FileInputLimits.for_images()) as files:
+    with file_inputs.local_files(values, limits, deadline=deadline) as files:
         return (
             load_image(files["image"], "image") if files["image"] else None,
             load_mask(files["mask"], "mask") if files["mask"] else None,
@@ -102,12 +104,13 @@ class Runner(BaseRunner):
         control_guidance_end: float = field(spec.CONTROL_GUIDANCE_END),
         control_preprocess: bool = field(spec.CONTROL_PREPROCESS),
     ) -> list[Path]:
+        deadline = RequestDeadline.from_env()  # one for all of the request's downloads
         self._discard_previous_outputs()
         options = OutputOptions(output_format, output_quality)
         extra = AdapterRequest(replicate_weights=replicate_weights, lora_scale=lora_scale, loras=parse_loras(loras))
         # before anything is fetched: a ControlNet this server has not loaded fails at once
         require_loaded(self.pipes.control_views, self.pipes.depth_estimator, controlnet, control_preprocess)
-        input_image, input_mask, input_control = read_input_images(image, mask, control_image)
+        input_image, input_mask, input_control = read_input_images(image, mask, control_image, deadline)
         request = GenerationRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -136,7 +139,9 @@ class Runner(BaseRunner):
         ).with_seed()
         log.info("Using seed: %d", request.seed)
         result = on_compute_thread(
-            lambda cancelled: predict_once(self.pipes, self.trained_weights, extra, request, cancelled, log_progress)
+            lambda cancelled: predict_once(
+                self.pipes, self.trained_weights, extra, request, cancelled, log_progress, deadline
+            )
         )
         used = infotext.Weights.of(self.pipes.random_weights, self.own_weights, extra)
         texts = infotext.for_outputs(request, used, result.nsfw)  # what each file says about how it was made

@@ -7,7 +7,8 @@
 # Settings (environment): CLUSTER_DIR (pids, logs, config; default /tmp/sdxl-cluster), CLUSTER_PORT,
 # CLUSTER_MONITOR_PORT (8404), CLUSTER_BACKEND_PORT (first predictor's port, 5001), CLUSTER_GPUS (GPU ids, one per
 # predictor; default all that nvidia-smi lists), CLUSTER_START_TIMEOUT_S (600), CLUSTER_STOP_TIMEOUT_S (620: longer
-# than the longest prediction), CLUSTER_REQUEST_TIMEOUT_S (600), CLUSTER_CHECK_INTERVAL_MS (1000).
+# than the longest prediction), CLUSTER_REQUEST_TIMEOUT_S (600), CLUSTER_CHECK_INTERVAL_MS (1000),
+# CLUSTER_BODY_TIMEOUT_S (30: the longest a client may take to send a request, body included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -74,7 +75,8 @@ start_balancer() {  # $@: the predictors' HOST:PORT
     for address in "$@"; do servers+=(--server "$address"); done
     python deploy/haproxy/render_config.py "${servers[@]}" --bind "$HOST:$PORT" \
         --monitor-bind "$HOST:$MONITOR_PORT" --request-timeout-s "${CLUSTER_REQUEST_TIMEOUT_S:-600}" \
-        --check-interval-ms "${CLUSTER_CHECK_INTERVAL_MS:-1000}" >"$DIR/haproxy.cfg"
+        --check-interval-ms "${CLUSTER_CHECK_INTERVAL_MS:-1000}" --body-timeout-s "${CLUSTER_BODY_TIMEOUT_S:-30}" \
+        >"$DIR/haproxy.cfg"
     haproxy -c -q -f "$DIR/haproxy.cfg" || die "HAProxy rejected $DIR/haproxy.cfg"
     setsid haproxy -db -f "$DIR/haproxy.cfg" >"$DIR/haproxy.log" 2>&1 &
     echo $! >"$DIR/haproxy.pid"

@@ -12,7 +12,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # sdxl/ and tools/ of this 
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
 if [ -z "${SDXL_WEIGHTS_DIR:-}" ]; then
-  if python -c 'import sys; from sdxl import weights; weights.require(weights.weights_dir())' 2>/dev/null; then
+  if python -c 'import sys; from sdxl.model import weights; weights.require(weights.weights_dir())' 2>/dev/null; then
     export SDXL_WEIGHTS_DIR="$PWD/weights"
   else
     export SDXL_WEIGHTS_DIR="$PWD/weights/tiny"

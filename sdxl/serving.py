@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from sdxl.guard.request_deadline import RequestDeadline
 from sdxl.inference.generation import GenerationResult, StepCallback, generate
 from sdxl.inputs.request import GenerationRequest
 from sdxl.model.compute import stop_if_cancelled
@@ -32,9 +33,12 @@ def predict_once(
     request: GenerationRequest,
     cancelled: threading.Event | None = None,
     on_step: StepCallback | None = None,
+    deadline: RequestDeadline | None = None,
 ) -> GenerationResult:
     """1. apply the request's trained weights  2. generate with its trained words rewritten  3. take the weights
-    off again (also on error or cancel). A cancel stops it between steps and after each denoising step."""
-    with trained_weights.applied(adapter_request, cancelled) as applied:
+    off again (also on error or cancel). A cancel stops it between steps, after each denoising step, and within a
+    second in a download. Every download ends by the request's `deadline` (default: from the environment, now)."""
+    deadline = (deadline or RequestDeadline.from_env()).cancelled_by(cancelled)
+    with trained_weights.applied(adapter_request, cancelled, deadline) as applied:
         stop_if_cancelled(cancelled, "before generating")
         return generate(pipes, applied.rewrite(request), on_step=on_step, cancelled=cancelled)

@@ -51,6 +51,7 @@ def render(args: argparse.Namespace) -> str:
         global_extra=global_extra,
         request_timeout_s=args.request_timeout_s,
         queue_timeout_s=args.queue_timeout_s,
+        body_timeout_s=args.body_timeout_s,
         bind=args.bind,
         monitor_bind=args.monitor_bind,
         check_interval_ms=args.check_interval_ms,
@@ -68,6 +69,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--monitor-bind", default="127.0.0.1:8404", help="/metrics (Prometheus) and /stats")
     parser.add_argument("--request-timeout-s", type=int, default=600, help="longest prediction (default 600)")
     parser.add_argument("--queue-timeout-s", type=int, default=600, help="longest wait for a free predictor")
+    parser.add_argument(
+        "--body-timeout-s", type=int, default=30, help="longest time to send a request, body included (default 30)"
+    )
     parser.add_argument("--check-interval-ms", type=int, default=1000, help="health-check period")
     parser.add_argument("--lua-path", default=str(LUA), help="where HAProxy finds cog_slot_grace.lua")
     parser.add_argument("--global-line", action="append", default=[], help="extra line for the global section")

@@ -46,7 +46,7 @@ def check_connection(address) -> None:
     if not isinstance(address, tuple) or len(address) < 2 or not isinstance(address[0], str):
         return  # AF_UNIX paths, abstract sockets and other non-IP families
     host, port = address[0], address[1]
-    allow_loopback = remote.loopback_allowed()
+    allow_loopback = remote.loopback_allowed(port)
     for ip in _addresses(host, port):
         reason = remote.refusal(ip, allow_loopback)
         if reason:

@@ -6,7 +6,9 @@
 2. redirects are followed by hand, each hop checked again, at most MAX_REDIRECTS;
 3. one deadline for the whole download (redirects and ranges included) that holds whatever the sender does: the
    name lookup and every socket operation (connect, TLS handshake, send, each read) wait at most
-   min(their timeout, the time left);
+   min(their timeout, the time left); a request's RequestDeadline (sdxl.guard.request_deadline) bounds all of its
+   downloads together, and its cancel stops them: every wait is cut into slices of at most SLICE seconds, so a
+   cancel (an event, or Cog's exception raised in the waiting thread) is seen within one;
    a size cap checked on Content-Length and while streaming;
 4. a large body from a server that advertises `Accept-Ranges: bytes` is fetched in parallel ranges, each checked;
 5. the body lands in a temporary file that is removed on any failure;
@@ -15,23 +17,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import functools
 import http.client
 import io
 import logging
 import os
+import select
 import socket
 import ssl
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin
 
 # The URL checks live in sdxl.guard.url_policy; their names stay importable from here, where callers have always found them.
+from sdxl.guard.request_deadline import RequestDeadline
 from sdxl.guard.url_policy import ALLOW_LOOPBACK_ENV as ALLOW_LOOPBACK_ENV
+from sdxl.guard.url_policy import ALLOW_LOOPBACK_PORTS_ENV as ALLOW_LOOPBACK_PORTS_ENV
 from sdxl.guard.url_policy import FetchError, Resolver, Target, check_url, redact, system_resolver
 from sdxl.guard.url_policy import loopback_allowed as loopback_allowed
 from sdxl.guard.url_policy import refusal as refusal
@@ -41,6 +49,7 @@ log = logging.getLogger(__name__)
 MAX_REDIRECTS = 5
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 USER_AGENT = "sdxl-cog/0.1"
+SLICE = 0.25  # the longest a download blocks in one call: a cancel is seen after at most this long
 
 
 class _Aborted(FetchError):
@@ -49,6 +58,10 @@ class _Aborted(FetchError):
 
 class _DeadlinePassed(TimeoutError):
     """The download's deadline passed before a socket operation could start."""
+
+
+class DownloadCancelled(FetchError):
+    """The request was cancelled: its downloads stop."""
 
 
 READ_TIMEOUT_ENV = "SDXL_FETCH_READ_TIMEOUT"  # seconds of silence before a download is abandoned
@@ -82,15 +95,23 @@ class _Clock:
     """One download's deadline, and the stop signal of its parallel parts. Every socket operation asks it for its
     timeout: never longer than the time left, so a sender that trickles bytes cannot hold the download past it."""
 
-    def __init__(self, limits: FetchLimits, field: str, deadline: float | None = None):
+    def __init__(self, limits: FetchLimits, field: str, deadline: float | RequestDeadline | None = None):
         self.limits, self.field = limits, field
-        self.deadline = time.monotonic() + limits.deadline if deadline is None else deadline
+        own = time.monotonic() + limits.deadline
+        self.cancelled = deadline.cancelled if isinstance(deadline, RequestDeadline) else None
+        self.request_seconds = deadline.seconds if isinstance(deadline, RequestDeadline) else None
+        if isinstance(deadline, RequestDeadline):
+            self.deadline = min(own, deadline.at)
+        else:
+            self.deadline = own if deadline is None else deadline
         self.stopped = threading.Event()
         self.first_error: BaseException | None = None
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
 
     def timeout(self, longest: float) -> float:
+        if self.cancelled is not None and self.cancelled.is_set():
+            raise DownloadCancelled(self.field, "the download stopped: the request was cancelled")
         if self.stopped.is_set():
             raise _Aborted(self.field, "stopped: another part of the download failed")
         left = self.deadline - time.monotonic()
@@ -98,11 +119,21 @@ class _Clock:
             raise _DeadlinePassed("the download deadline passed")
         return min(longest, left)
 
+    def slice(self, give_up: float) -> float:
+        """One short wait of an operation that gives up (TimeoutError) at `give_up` (time.monotonic() seconds)."""
+        left = give_up - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        return self.timeout(min(SLICE, left))
+
     def passed(self) -> bool:
         return time.monotonic() >= self.deadline
 
     def expired_message(self) -> str:
-        return f"the download took longer than the {self.limits.deadline:g}s allowed for it"
+        own_end = self.limits.deadline
+        if self.request_seconds is not None and self.request_seconds < own_end:
+            return f"the request's downloads took longer than the {self.request_seconds:g}s allowed for them"
+        return f"the download took longer than the {own_end:g}s allowed for it"
 
     def watch(self, sock: socket.socket) -> None:
         """Keep the socket for `fail` (a closed socket's descriptor is -1: shutting it down touches nothing)."""
@@ -134,8 +165,15 @@ class _DeadlineReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int | None:
-        self._sock.settimeout(self._clock.timeout(self._clock.limits.read_timeout))
-        return self._raw.readinto(buffer)
+        """Waits in slices until bytes come, the read timeout's silence passes, the deadline passes or a cancel.
+        Reads the socket itself: the makefile() reader refuses every read after its first timeout."""
+        silent_until = time.monotonic() + self._clock.limits.read_timeout
+        while True:
+            self._sock.settimeout(self._clock.slice(silent_until))
+            try:
+                return self._sock.recv_into(buffer)
+            except TimeoutError:
+                continue  # the slice ended in silence: check the clock again
 
     def close(self) -> None:
         self._raw.close()
@@ -160,9 +198,8 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
     def connect(self):
         failures = []
         for address in self._target.addresses or (self._target.address,):
-            timeout = self._clock.timeout(self._clock.limits.connect_timeout)
             try:
-                self.sock = socket.create_connection((address, self._target.port), timeout)
+                self.sock = _connect((address, self._target.port), self._clock)
                 break
             except OSError as error:  # e.g. an IPv6 address from an IPv4-only container: try the next one
                 reason = _describe(error, self._clock)
@@ -178,11 +215,39 @@ class _PinnedHTTPSConnection(_PinnedHTTPConnection):
     def connect(self):
         super().connect()
         context = ssl.create_default_context()  # verifies the certificate against the host name, not the address
-        raw = self.sock
-        raw.settimeout(self._clock.timeout(self._clock.limits.connect_timeout))  # the whole handshake, not per read
-        self.sock = context.wrap_socket(raw, server_hostname=self._target.host)
+        self.sock = context.wrap_socket(self.sock, server_hostname=self._target.host, do_handshake_on_connect=False)
         self._clock.watch(self.sock)
+        give_up = time.monotonic() + self._clock.limits.connect_timeout  # the whole handshake, not per read
+        while True:
+            self.sock.settimeout(self._clock.slice(give_up))
+            try:
+                self.sock.do_handshake()
+                break
+            except TimeoutError:
+                continue  # the handshake goes on where it stopped
         self.sock.settimeout(self._clock.timeout(self._clock.limits.read_timeout))
+
+
+def _connect(address: tuple[str, int], clock: _Clock) -> socket.socket:
+    """A TCP connection to (ip, port), waited for in slices (a cancel is seen in one) up to the connect timeout."""
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        give_up = time.monotonic() + clock.limits.connect_timeout
+        sock.setblocking(False)
+        error = sock.connect_ex(address)
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT)
+        while error in (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
+            if poller.poll(clock.slice(give_up) * 1000):
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
+        sock.setblocking(True)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _request(target: Target, clock: _Clock, headers: dict[str, str]):
@@ -214,12 +279,13 @@ def open_url(
     limits: FetchLimits,
     headers: dict[str, str] | None = None,
     resolver=None,
-    deadline: float | None = None,
+    deadline: float | RequestDeadline | None = None,
 ):
     """GET `url`, following redirects by hand and checking each hop. Returns (connection, response, final target).
 
-    `deadline` (time.monotonic() seconds; default now + limits.deadline) bounds every socket operation, including
-    the caller's reads of the response body; a read past it raises TimeoutError.
+    `deadline` (time.monotonic() seconds, or a request's RequestDeadline; either way at most now + limits.deadline)
+    bounds every socket operation, including the caller's reads of the response body; a read past it raises
+    TimeoutError.
     """
     return _open(url, _Clock(limits, field, deadline), headers or {}, resolver or system_resolver)
 
@@ -239,9 +305,13 @@ def _bounded(resolver: Resolver, clock: _Clock) -> Resolver:
 
         thread = threading.Thread(target=lookup, name="fetch-resolve", daemon=True)
         thread.start()
-        thread.join(clock.timeout(clock.limits.connect_timeout))
-        if thread.is_alive():
-            raise TimeoutError(clock.expired_message() if clock.passed() else "the name server did not answer in time")
+        give_up = time.monotonic() + clock.limits.connect_timeout
+        try:
+            while thread.is_alive():
+                thread.join(clock.slice(give_up))
+        except TimeoutError:
+            message = clock.expired_message() if clock.passed() else "the name server did not answer in time"
+            raise TimeoutError(message) from None
         if "error" in answer:
             raise answer["error"]
         return answer["addresses"]
@@ -338,7 +408,7 @@ def _content_length(response, ctx: _Download) -> int | None:
     value = response.getheader("Content-Length")
     if value is None:
         return None
-    if not value.strip().isdigit():
+    if not value.strip().isascii() or not value.strip().isdigit():  # "²" and "٣" are digits to isdigit()
         raise FetchError(ctx.clock.field, f"the server sent an invalid Content-Length {value!r}")
     length = int(value)
     if length > ctx.clock.limits.max_bytes:
@@ -376,7 +446,9 @@ def _parallel(ctx: _Download, file, total: int) -> None:
     pool = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="fetch")
     try:
         futures = [pool.submit(_fetch_range, ctx, file, start, end, total) for start, end in bounds]
-        wait(futures, return_when=FIRST_EXCEPTION)
+        while wait(futures, timeout=SLICE, return_when=FIRST_EXCEPTION).not_done:
+            if any(future.done() and future.exception() for future in futures):
+                break  # a cancel raised in this thread lands between the slices
         if any(future.done() and future.exception() for future in futures):
             raise ctx.clock.first_error
     except BaseException as error:
@@ -392,12 +464,16 @@ def fetch_to_file(
     field: str,
     limits: FetchLimits,
     resolver: Resolver | None = None,
-    deadline: float | None = None,
+    deadline: float | RequestDeadline | None = None,
+    reserve: Callable[[int | None], int] | None = None,
 ) -> Path:
     """Download `url` into a new temporary file in `directory` and return its path (the caller owns it).
 
-    The whole download (redirects and parallel ranges included) ends by `deadline` (time.monotonic() seconds;
-    default now + limits.deadline). On any failure, the temporary file is removed and a FetchError naming `field`
+    `reserve`, when given, is told the size the server announces (None without a Content-Length) before any byte of
+    the body is written, and answers how many bytes may be written: the download is capped to that.
+
+    The whole download (redirects and parallel ranges included) ends by `deadline` (time.monotonic() seconds, or
+    the request's RequestDeadline, whose cancel stops it within SLICE; at most now + limits.deadline). On any failure, the temporary file is removed and a FetchError naming `field`
     is raised.
     """
     handle, name = tempfile.mkstemp(prefix=".download-", dir=directory)
@@ -410,6 +486,9 @@ def fetch_to_file(
                 if response.status != 200:
                     raise FetchError(field, f"{redact(target.url)} answered HTTP {response.status} {response.reason}")
                 length = _content_length(response, ctx)
+                if reserve is not None:
+                    ctx.clock.limits = dataclasses.replace(limits, max_bytes=min(limits.max_bytes, reserve(length)))
+                    _content_length(response, ctx)  # refused if the announced size is over what was granted
                 ctx.progress.total = length
                 ranged = "bytes" in response.getheader("Accept-Ranges", "").lower()
                 if ranged and length is not None and length >= limits.parallel_min_bytes:

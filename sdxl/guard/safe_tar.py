@@ -3,7 +3,7 @@
 Python's tarfile reads a PAX extended header or a GNU long-name/long-link block into memory whole, before any
 caller sees the member: a 45 KB .tar.xz can carry a 300 MB header. CappedTarInfo checks each such header's declared
 size against MAX_HEADER_BYTES before tarfile reads it, bounds how many of them may precede one member and how much
-global PAX state may pile up, and refuses sparse files (their maps are read from the data blocks, unbounded).
+global PAX state may pile up, and refuses negative sizes (base-256; Python 3.11.7's tarfile loops on them) and sparse files (their maps are read from the data blocks, unbounded).
 
 xz has a second amplifier: the decoder allocates, and fills as output flows, the dictionary the file's header asks
 for, up to 4 GiB; lzma.LZMAFile sets no memory limit. A .tar.xz is read here with liblzma's limit instead.
@@ -39,6 +39,8 @@ class CappedTarInfo(tarfile.TarInfo):
     """Pass as tarfile.open(..., tarinfo=CappedTarInfo); every member header goes through _proc_member."""
 
     def _proc_member(self, tar: tarfile.TarFile):
+        if self.size < 0:  # base-256 sizes can be negative: tarfile then steps back and loops (CVE-2025-8194)
+            raise TarHeaderRefused(f"has a header with a negative size ({self.size:,}) for {self.name!r}")
         if self.type == tarfile.GNUTYPE_SPARSE:
             raise TarHeaderRefused(f"holds a sparse file {self.name!r}; only regular files and folders are allowed")
         if self.type not in EXTENSION_TYPES:

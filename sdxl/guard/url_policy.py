@@ -2,7 +2,8 @@
 connection is made.
 
 Every URL a request names (trained weights, LoRAs) is hostile input:
-1. only https (plain http only for loopback, and only when SDXL_ALLOW_LOOPBACK_HTTP=1, for tests);
+1. only https (plain http only for loopback, and only when SDXL_ALLOW_LOOPBACK_HTTP=1, for tests, or to a port
+   listed in SDXL_ALLOW_LOOPBACK_HTTP_PORTS, for the playground);
 2. the host is resolved first and every address it resolves to is checked: private, loopback (unless that
    setting), link-local, site-local, multicast, reserved, unspecified and other non-global addresses are refused
    before any connection, and so are IPv6 forms that carry a refused IPv4 address (IPv4-mapped/compatible, 6to4,
@@ -22,7 +23,8 @@ from urllib.parse import quote, urlsplit
 
 from sdxl.errors import InputError
 
-ALLOW_LOOPBACK_ENV = "SDXL_ALLOW_LOOPBACK_HTTP"
+ALLOW_LOOPBACK_ENV = "SDXL_ALLOW_LOOPBACK_HTTP"  # "1": loopback on every port (tests)
+ALLOW_LOOPBACK_PORTS_ENV = "SDXL_ALLOW_LOOPBACK_HTTP_PORTS"  # "7861,...": loopback on these ports only (playground)
 
 Resolver = Callable[[str, int], list[str]]
 
@@ -31,8 +33,13 @@ class FetchError(InputError):
     """A URL the client gave could not be fetched; the message says why and names the input field."""
 
 
-def loopback_allowed() -> bool:
-    return os.environ.get(ALLOW_LOOPBACK_ENV) == "1"
+def loopback_allowed(port: int | None = None) -> bool:
+    """Whether loopback (plain http included) may be reached on `port`: on every port with the tests' setting, or
+    on the listed ports only (the playground's file server: never the predictor's own port)."""
+    if os.environ.get(ALLOW_LOOPBACK_ENV) == "1":
+        return True
+    listed = {p.strip() for p in os.environ.get(ALLOW_LOOPBACK_PORTS_ENV, "").split(",")}
+    return port is not None and str(port) in listed
 
 
 def redact(url: object) -> str:
@@ -148,13 +155,14 @@ def _resolve_and_check(host: str, port: int, field: str, resolver: Resolver, all
 
 def check_url(url: str, field: str, resolver: Resolver = system_resolver) -> Target:
     """Parse, resolve and check a URL; nothing is connected to. Raises FetchError naming `field`."""
-    allow_loopback = loopback_allowed()
     parts, port = _split(url, field)
     scheme = parts.scheme.lower()
     if scheme not in ("https", "http"):
         raise FetchError(
             field, f"the URL scheme {scheme + ':' if scheme else '(none)'} is not allowed; give an https:// URL"
         )
+    port = port or (443 if scheme == "https" else 80)
+    allow_loopback = loopback_allowed(port)
     if scheme == "http" and not allow_loopback:
         raise FetchError(field, "plain http is not allowed; give an https:// URL")
     if parts.username is not None or parts.password is not None:
@@ -162,7 +170,6 @@ def check_url(url: str, field: str, resolver: Resolver = system_resolver) -> Tar
     host = parts.hostname
     if not host:
         raise FetchError(field, f"{redact(url)} has no host")
-    port = port or (443 if scheme == "https" else 80)
     addresses = _resolve_and_check(host, port, field, resolver, allow_loopback)
     if scheme == "http" and not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
         raise FetchError(field, "plain http is allowed for loopback test servers only; give an https:// URL")

@@ -29,6 +29,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 from sdxl import settings
 from sdxl.errors import InputError
 from sdxl.guard import remote
+from sdxl.guard.request_deadline import RequestDeadline
 
 MAX_IMAGE_ENV = "SDXL_MAX_IMAGE_BYTES"  # image and mask: URL body or decoded data: URI
 MAX_ARCHIVE_ENV = "SDXL_MAX_ARCHIVE_BYTES"  # input_images (the training archive)
@@ -113,8 +114,10 @@ def fetch_file_input(
     directory: Path,
     limits: FileInputLimits,
     resolver: remote.Resolver | None = None,
+    deadline: RequestDeadline | None = None,
 ) -> Path:
-    """One client value -> a local file (in `directory` unless the operator named a local file)."""
+    """One client value -> a local file (in `directory` unless the operator named a local file). A URL's download
+    ends by the request's `deadline` too (when given)."""
     if isinstance(value, PurePath):
         if type(value) is not LOCAL_PATH_TYPE:
             raise InputError(field, f"a file path on the server is not accepted; {ALLOWED}")
@@ -126,7 +129,7 @@ def fetch_file_input(
         return decode_data_uri(text, field, directory, limits.max_bytes)
     scheme = urlsplit(text).scheme.lower() if "://" in text else ""
     if scheme in ("https", "http"):
-        return remote.fetch_to_file(text, directory, field, limits.fetch, resolver)
+        return remote.fetch_to_file(text, directory, field, limits.fetch, resolver, deadline)
     if scheme:
         raise InputError(field, f"the URL scheme {scheme}: is not allowed; {ALLOWED}")
     raise InputError(field, f"a file path on the server is not accepted; {ALLOWED}")
@@ -137,10 +140,12 @@ def local_files(
     values: dict[str, str | PurePath | None],
     limits: FileInputLimits,
     resolver: remote.Resolver | None = None,
+    deadline: RequestDeadline | None = None,
 ) -> Iterator[dict[str, Path | None]]:
     """Fetch every given file input into one private folder, removed on exit whatever happens.
 
-    Empty values (None or "") stay None. The folder is only made when something is fetched.
+    Empty values (None or "") stay None. The folder is only made when something is fetched. `deadline` (the
+    request's) bounds all of the fetches together.
     """
     work: Path | None = None
     try:
@@ -151,7 +156,7 @@ def local_files(
                 continue
             if work is None and not isinstance(value, PurePath):
                 work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX))
-            files[field] = fetch_file_input(value, field, work, limits, resolver)
+            files[field] = fetch_file_input(value, field, work, limits, resolver, deadline)
         yield files
     finally:
         if work is not None:

@@ -1,5 +1,6 @@
-"""Read client images safely: PNG, JPEG and WebP only (told by content), sizes capped from the header before any
-pixel is decoded, EXIF rotation applied, alpha and palettes flattened.
+"""Read client images safely: PNG, JPEG and WebP only (told by content), sizes capped from the header and decode
+work (JPEG scans, PNG chunks: sdxl/inputs/image_structure.py) before any pixel is decoded, EXIF rotation applied, alpha
+and palettes flattened.
 
 Pillow's global `Image.MAX_IMAGE_PIXELS` is left as it is: it is process-wide, and diffusers, the safety checker and
 the tests read images through the same Pillow. Each caller passes its own, tighter cap instead, checked from the
@@ -16,6 +17,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sdxl.errors import InputError
+from sdxl.inputs.image_structure import TooMuchWork, check_structure
 from sdxl.validation import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,10 @@ def open_checked(path: Path | str, field: str, max_pixels: int, label: str = "")
         raise InputError(
             field, f"{prefix}could not be read as an image: it is {_describe(head)}; send a {ACCEPTED} file"
         )
+    try:
+        check_structure(path, kind)  # before Pillow, which reads a JPEG's segments and a PNG's chunks in Python
+    except TooMuchWork as error:
+        raise InputError(field, f"{prefix}{error}; re-save it as a plain (baseline) {kind}") from None
     try:
         image = Image.open(path, formats=[kind])
     except Image.DecompressionBombError:

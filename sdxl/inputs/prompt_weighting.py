@@ -1,9 +1,10 @@
-"""Weighted and long prompts (the `prompt_weighting` input), read and encoded by compel.
+"""Weighted and long prompts (the `prompt_weighting` input): compel's syntax, encoded by compel.
 
 compel's syntax: `word+` / `word-` (x1.1 / x0.9 per sign), `(several words)1.3`, `("a", "b").blend(0.7, 0.3)`,
-`("a", "b").and()`; `\\(` and `\\)` are literal parentheses. A prompt longer than CLIP's 77 tokens is encoded in
-chunks of 75 tokens (split at a sentence, phrase or word end), each between its own start and end token, and the
-chunks' embeddings are concatenated, so every token reaches the UNet instead of being cut off.
+`("a", "b").and()`; `\\(` and `\\)` are literal parentheses. sdxl/inputs/prompt_syntax.py reads it in time linear in the
+length, into the structure compel's own parser returns (proven equal in tests). A prompt longer than CLIP's 77 tokens
+is encoded in chunks of 75 tokens (split at a sentence, phrase or word end), each between its own start and end
+token, and the chunks' embeddings are concatenated, so every token reaches the UNet instead of being cut off.
 
 What is encoded where (as diffusers' encode_prompt does for plain prompts):
 - base: both text encoders' penultimate hidden states side by side, and text_encoder_2's pooled embedding;
@@ -32,10 +33,11 @@ from sdxl.errors import InputError
 FIELDS = ("prompt", "negative_prompt")
 WEIGHT_RANGE = (0.0, 5.0)  # beyond ~2 images degrade; past 5 the embeddings leave anything the UNet has seen
 MAX_CHUNKS = 8  # 8 x 75 = 600 tokens: each chunk costs one text-encoder pass and 77 more cross-attention keys
-# compel's parser (pyparsing) takes about 1 ms per character on a server CPU core (measured: 0.77 s for 600, 7 s for
-# 10,000): bounded before parsing, and each text is parsed once per request (cached).
+# Bounded before parsing (the parse is linear in the length: under 50 ms at the caps), and each text is parsed once
+# per request (cached).
 MAX_CHARS = 3000  # 600 tokens of English run to ~2,500-3,000 characters
-MAX_NESTING = 10  # deeper parentheses overflow the parser's recursion
+MAX_NESTING = 10  # deeper parentheses are refused (compel's own parser overflowed its recursion)
+MAX_WORDS = 600  # = MAX_CHUNKS * CHUNK_TOKENS: each word is at least one token, so more are refused before parsing
 CHUNK_TOKENS = 75
 # A1111's `(word:1.2)` is not compel's syntax; compel would read it as the text "word:1 . 2".
 A1111_WEIGHT = re.compile(r"\(([^()]*?):\s*[-+]?(\d+(\.\d*)?|\.\d+)\s*\)")
@@ -85,12 +87,15 @@ def parse(text: str, field: str):
     if A1111_WEIGHT.search(text):
         found = A1111_WEIGHT.search(text).group(0)
         raise InputError(field, f"{found!r} is A1111 syntax; with prompt_weighting write (words)1.2 or words++")
+    words = len(text.split())
+    if words > MAX_WORDS:
+        raise InputError(field, f"{words} words is too long; with prompt_weighting at most {MAX_WORDS} tokens are read")
     problem = _unbalanced(text)
     if problem:
         raise InputError(field, f"weighting syntax: {problem} (escape a literal parenthesis as \\( or \\))")
     try:
         return _parse_checked(text)
-    except Exception as error:  # compel's parser (pyparsing) or one of the weight checks
+    except ValueError as error:  # prompt_syntax.Refused or one of the weight checks
         raise InputError(field, f"weighting syntax: {error}") from None
 
 
@@ -98,10 +103,11 @@ def parse(text: str, field: str):
 def _parse_checked(text: str):
     """Parsed once per text: a request parses its prompts when checked, again after the trained-token swap, and
     when encoded. Conjunctions are only read afterwards, so sharing them is safe."""
-    from compel import Compel
     from compel.prompt_parser import Blend
 
-    conjunction = Compel.parse_prompt_string(text)
+    from sdxl.inputs import prompt_syntax  # compel loads only for requests that use it
+
+    conjunction = prompt_syntax.parse_conjunction(text, MAX_NESTING)
     for fragment in _fragments(conjunction):
         _check_weight(fragment.weight, f"the weight of {fragment.text!r}")
     for weight in conjunction.weights:

@@ -1,4 +1,4 @@
-"""Generation parameters as AUTOMATIC1111's `parameters` text, which A1111, ComfyUI readers and Civitai parse.
+r"""Generation parameters as AUTOMATIC1111's `parameters` text, which A1111, ComfyUI readers and Civitai parse.
 
 The layout A1111 writes and reads back (modules/infotext_utils.py):
 
@@ -6,7 +6,8 @@ The layout A1111 writes and reads back (modules/infotext_utils.py):
     Negative prompt: <negative prompt>            (left out when empty)
     Steps: 50, Sampler: Euler, CFG scale: 7.5, Seed: 123, Size: 1024x1024, Model: ..., ...
 
-The last line is `key: value` pairs; a value holding ',', ':' or a newline is JSON-quoted. Keys A1111 knows are used
+The last line is `key: value` pairs; a value holding ',', ':', '"', a backslash, a tab, a newline or a character of
+UNSAFE is JSON-quoted (UNSAFE ones as \uXXXX, which A1111's json.loads reads back). Keys A1111 knows are used
 where one fits (Steps, Sampler, CFG scale, Seed, Size, Model, Denoising strength, Refiner, Refiner switch at,
 Batch size, Batch pos); the others name this model's own inputs.
 
@@ -14,12 +15,25 @@ Reproducing an image: every output of a request comes from one seed. The pipelin
 latents from one generator seeded with it, so output i is reproduced by the same inputs with the same seed and
 num_outputs, taking output i: "Batch size" and "Batch pos" say which (as A1111 writes them; they are left out for a
 single output). URLs of weights appear only as host and file name: never a query string or credentials.
+
+A client's text must not forge or break the layout, whatever reader parses it (A1111 strips each line and looks for
+"Negative prompt:" at its start; other readers split at "\nNegative prompt:", "\nSteps:" or the words anywhere, or at
+splitlines()'s line breaks), nor fail to encode after the images were made:
+- newlines stay (A1111 prompts are multi-line; a CR or CRLF becomes one); UNSAFE characters are written as visible
+  `\x0b` / `\u2028` text (lone surrogates too: no UTF-8 or UTF-16 encoder writes them);
+- a label readers look for ("Negative prompt", "Steps", any case, then ':') gets a backslash before its colon,
+  wherever it stands: `Negative prompt\: x` reads as prompt text in every reader and shows that it was escaped
+  (a leading space would not do, A1111 strips it; an invisible joiner would mislead a person reading the raw text);
+- fit() cuts the prompt and negative prompt, each marked with MARKER, so the text fits its container; the parameters
+  line, what readers need most, is kept whole (weight names are at most MAX_NAME_CHARS, so it is small).
+The escaping is for display, not reversible: a prompt holding the same escapes reads the same.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -40,6 +54,14 @@ SAMPLERS = {
 NEGATIVE_PREFIX = "Negative prompt: "
 # A1111's pattern for one `key: value` pair of the last line.
 PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# Never written raw: C0 controls but tab and newline, DEL, C1 (NEL among them), the line and paragraph separators
+# (splitlines() breaks at these), lone surrogates.
+UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+LABEL = re.compile(r"(negative prompt|steps)([^\S\n]*):", re.IGNORECASE)
+NEEDS_QUOTES = re.compile(r'[,:"\\\n\t]|' + UNSAFE.pattern)
+MARKER = "… [truncated]"
+PARTIAL_ESCAPE = re.compile(r"\\(x[0-9a-f]?|u[0-9a-f]{0,3})?$")  # what a cut may leave of `\x0b`, `\u2028`, `\:`
+MAX_NAME_CHARS = 120  # a weights' host/file name; longer ones keep both ends
 
 
 @dataclass(frozen=True)
@@ -78,12 +100,31 @@ def source_name(url: str) -> str:
     except ValueError:
         return "(unreadable URL)"
     file = parts.path.rstrip("/").rpartition("/")[2]
-    return f"{host}/{file}" if host else file or "(unnamed)"
+    name = f"{host}/{file}" if host else file or "(unnamed)"
+    if len(name) <= MAX_NAME_CHARS:
+        return name
+    half = (MAX_NAME_CHARS - 1) // 2
+    return f"{name[:half]}…{name[-half:]}"  # the host and the file's extension stay readable
+
+
+def _visible(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape(text: str) -> str:
+    """A client's text as it may stand in the prompt lines: no unsafe character, no label a reader splits at."""
+    text = UNSAFE.sub(_visible, text.replace("\r\n", "\n").replace("\r", "\n"))
+    return LABEL.sub(r"\1\2\\:", text)
 
 
 def quote(value: object) -> str:
+    """A value of the last line as it is, or JSON-quoted where it could end its pair or the line."""
     text = str(value)
-    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+    if not NEEDS_QUOTES.search(text) and text == text.strip():
+        return text
+    quoted = json.dumps(text, ensure_ascii=False)  # escapes C0 controls, not DEL, C1, U+2028 or lone surrogates
+    return UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", quoted)
 
 
 def _number(value: float) -> str:
@@ -125,25 +166,74 @@ def _pairs(request: GenerationRequest, used: Weights, position: int) -> list[tup
 
 def parameters(request: GenerationRequest, used: Weights, position: int = 0) -> str:
     """The `parameters` text of output `position` (its index among the request's generated images)."""
-    lines = [request.prompt]
+    lines = [escape(request.prompt)]
     if request.negative_prompt:
-        lines.append(NEGATIVE_PREFIX + request.negative_prompt)
+        lines.append(NEGATIVE_PREFIX + escape(request.negative_prompt))
     lines.append(", ".join(f"{key}: {quote(value)}" for key, value in _pairs(request, used, position)))
     return "\n".join(lines)
 
 
+def _cut(block: str, keep: int, prefix: str = "") -> str:
+    """`block` with at most `keep` characters after its prefix, MARKER where it was cut (never inside an escape)."""
+    body = block[len(prefix) :]
+    return block if len(body) <= keep else prefix + PARTIAL_ESCAPE.sub("", body[:keep]) + MARKER
+
+
+def _longest(fits: Callable[[str], bool], make: Callable[[int], str], high: int) -> str:
+    """make(n) for the largest n in [0, high) found by halving where make(n) fits; make(high) does not."""
+    low = 0
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(make(middle)) else (low, middle)
+    return make(low)
+
+
+def fit(text: str, fits: Callable[[str], bool]) -> str:
+    """The text, or where fits() refuses it, its prompt and negative prompt cut to the longest length that fits
+    (the same for both) and marked; the parameters line stays whole. Never raises: a text without that layout, or
+    whose last line alone does not fit, is cut as a whole."""
+    text = UNSAFE.sub(_visible, text)  # parameters() leaves none; other callers' texts must encode too
+    if fits(text):
+        return text
+    *lines, last = text.split("\n")
+    split = next((i for i, line in enumerate(lines) if line.startswith(NEGATIVE_PREFIX)), len(lines))
+    prompt, negative = "\n".join(lines[:split]), "\n".join(lines[split:])
+
+    def cut(keep: int) -> str:
+        blocks = [_cut(prompt, keep), _cut(negative, keep, NEGATIVE_PREFIX)] if negative else [_cut(prompt, keep)]
+        return "\n".join([*blocks, last])
+
+    if lines and fits(cut(0)):
+        return _longest(fits, cut, max(len(prompt), len(negative)))
+    return _longest(fits, lambda keep: _cut(text, keep), len(text)) if fits(MARKER) else ""
+
+
 def parse(text: str) -> tuple[str, str, dict[str, str]]:
-    """(prompt, negative prompt, {key: value}) from a `parameters` text, read the way A1111 reads it."""
+    """(prompt, negative prompt, {key: value}) from a `parameters` text, read as A1111's parse_generation_parameters
+    reads it: each line stripped, the negative prompt from the first line starting "Negative prompt:"."""
     *lines, last = text.strip().split("\n")
     if len(PAIR.findall(last)) < 3:  # A1111: a last line with fewer than 3 pairs is part of the prompt
         lines, last = [*lines, last], ""
-    prompt, negative, in_negative = [], [], False
+    prompt, negative, in_negative = "", "", False
     for line in lines:
-        if line.startswith(NEGATIVE_PREFIX):
-            in_negative, line = True, line[len(NEGATIVE_PREFIX) :]
-        (negative if in_negative else prompt).append(line)
-    pairs = {key: json.loads(value) if value.startswith('"') else value for key, value in PAIR.findall(last)}
-    return "\n".join(prompt), "\n".join(negative), pairs
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[16:].strip()
+        if in_negative:
+            negative += ("" if negative == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+    return prompt, negative, {key: _unquote(value) for key, value in PAIR.findall(last)}
+
+
+def _unquote(value: str) -> str:
+    """A1111's unquote: a value in double quotes is JSON, if it reads as JSON."""
+    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def for_outputs(request: GenerationRequest, used: Weights, nsfw: list[bool]) -> list[str]:

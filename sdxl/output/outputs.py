@@ -5,20 +5,27 @@ Where the `parameters` text goes, so that A1111 (and Civitai, and ComfyUI's A111
 - JPEG and WebP: EXIF UserComment (tag 0x9286 in the Exif IFD), 8-byte character-code prefix then the text:
   `ASCII\\0\\0\\0` for ASCII text, else `UNICODE\\0` and UTF-16 big-endian, in a big-endian ("MM") EXIF block, as
   piexif writes it for A1111 (`UserComment.dump(text, encoding="unicode")`) and piexif's `UserComment.load` reads it.
+The text is made to fit before it is written (infotext.fit cuts the prompts, marked, never the parameters line), so
+writing never fails after the images were made: EXIF at most MAX_EXIF_BYTES, the limit of a JPEG APP1 segment, for
+WebP too (Pillow sets none there, but readers such as piexif and any copy of the EXIF into a JPEG expect it); a PNG
+text at most MAX_PNG_TEXT_BYTES, what Pillow reads back from a compressed text chunk (the prompt caps keep it far
+below).
 Each request's files go into a fresh folder, so concurrent requests never share a file name.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from PIL.PngImagePlugin import PngInfo
 
 from sdxl.errors import InputError
 from sdxl.formats import DEFAULT_FORMAT, DEFAULT_QUALITY, FORMATS, QUALITY_RANGE
+from sdxl.output import infotext
 
 PARAMETERS_KEY = "parameters"
 EXIF_IFD = 0x8769
@@ -26,6 +33,8 @@ USER_COMMENT = 0x9286
 ASCII_PREFIX = b"ASCII\x00\x00\x00"
 UNICODE_PREFIX = b"UNICODE\x00"
 FOLDER_PREFIX = "sdxl-out-"
+MAX_EXIF_BYTES = 65_533  # a JPEG marker segment's payload; Pillow refuses more ("EXIF data is too long")
+MAX_PNG_TEXT_BYTES = PngImagePlugin.MAX_TEXT_CHUNK  # 1 MiB
 
 
 @dataclass(frozen=True)
@@ -65,8 +74,16 @@ def _exif(text: str) -> Image.Exif:
     return exif
 
 
+def fits(output_format: str) -> Callable[[str], bool]:
+    """Whether a parameters text fits where `output_format` keeps it, measured as it will be written."""
+    if output_format == "png":
+        return lambda text: len(text.encode("utf-8")) <= MAX_PNG_TEXT_BYTES
+    return lambda text: len(_exif(text).tobytes()) <= MAX_EXIF_BYTES
+
+
 def save_image(image: Image.Image, path: Path, options: OutputOptions, parameters: str) -> Path:
     image = image.convert("RGB")
+    parameters = infotext.fit(parameters, fits(options.format))
     if options.format == "png":
         info = PngInfo()
         info.add_text(PARAMETERS_KEY, parameters)

@@ -26,6 +26,10 @@ def max_training_images() -> int:
 
 
 TOKEN_STRING_PATTERN = re.compile(r"^[^\s<>]{1,64}$")  # one word; angle brackets are for the new tokens <s0>, <s1>
+# Free text goes on to the preprocessing and the training's command line (one argument may hold at most 128 KiB):
+# CLIP reads 77 tokens (~300 characters), so these caps leave room and refuse the rest before any work.
+MAX_CAPTION_PREFIX_CHARS = 1000
+MAX_MASK_PROMPTS_CHARS = 2000
 
 
 def trainer_input(kind: type, description: str, default=None, **allowed) -> Spec:
@@ -38,10 +42,15 @@ RESOLUTION = trainer_input(int, "Square resolution to train at (multiple of 8)",
 
 TOKEN_STRING = trainer_input(str, "The word that stands for the trained concept", "TOK")
 
-CAPTION_PREFIX = trainer_input(str, "Prefix of automatic captions; must contain token_string", "a photo of TOK, ")
+CAPTION_PREFIX = trainer_input(str, "Prefix of automatic captions; must contain token_string", "a photo of TOK, ",
+                               max_chars=MAX_CAPTION_PREFIX_CHARS)  # fmt: skip
 
 MASK_TARGET_PROMPTS = trainer_input(
-    str, "What matters in the images (e.g. 'photo of a dog'): CLIPSeg masks the loss to it", None, optional=True
+    str,
+    "What matters in the images (e.g. 'photo of a dog'): CLIPSeg masks the loss to it",
+    None,
+    optional=True,
+    max_chars=MAX_MASK_PROMPTS_CHARS,
 )
 
 CROP_BASED_ON_SALIENCE = trainer_input(

@@ -21,6 +21,7 @@ TRAINED_FIELD = "replicate_weights"
 LORAS_FIELD = "loras"
 OWN_FIELD = "weights"  # the model's own weights (Cog's COG_WEIGHTS / setup(weights))
 MAX_LORAS_CHARS = 16 << 10  # four entries with long presigned URLs fit; checked before the JSON is parsed
+MAX_URL_CHARS = 8 << 10  # replicate_weights: a long presigned URL fits
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,11 @@ class AdapterRequest:
     def __post_init__(self):
         if self.replicate_weights is not None and not isinstance(self.replicate_weights, str):
             raise InputError(TRAINED_FIELD, f"{self.replicate_weights!r} is not a URL")
+        if isinstance(self.replicate_weights, str) and len(self.replicate_weights) > MAX_URL_CHARS:
+            raise InputError(
+                TRAINED_FIELD,
+                f"is {len(self.replicate_weights):,} characters long; at most {MAX_URL_CHARS:,} are accepted",
+            )
         if isinstance(self.replicate_weights, str) and not self.replicate_weights.strip():
             object.__setattr__(self, "replicate_weights", None)  # an empty string from a form means "none"
         LORA_SCALE.check("lora_scale", self.lora_scale)

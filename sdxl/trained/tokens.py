@@ -14,10 +14,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from sdxl.errors import InputError
 from sdxl.formats import EMBEDDING_KEYS, whole_word
-from sdxl.inputs.request import GenerationRequest
+from sdxl.inputs.request import MAX_PROMPT_CHARS, GenerationRequest
 
 log = logging.getLogger(__name__)
+LOG_CHARS = 500  # of a rewritten prompt in the log
 
 
 @dataclass(frozen=True)
@@ -34,9 +36,19 @@ class Applied:
         return re.sub(pattern, lambda m: self.rewrites[m.group(0)], text)
 
     def rewrite(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with its trained words written as their tokens; the longer texts are checked again (and only
+        then logged, cut to LOG_CHARS)."""
         prompt, negative = self.rewrite_text(request.prompt), self.rewrite_text(request.negative_prompt)
+        for name, text in (("prompt", prompt), ("negative_prompt", negative)):
+            if len(text) > MAX_PROMPT_CHARS:
+                raise InputError(
+                    name,
+                    f"is {len(text):,} characters long once its trained words are written as their tokens; "
+                    f"at most {MAX_PROMPT_CHARS:,} are accepted",
+                )
         if prompt != request.prompt:
-            log.info("prompt with trained tokens: %r", prompt)
+            cut = f"... ({len(prompt):,} characters)" if len(prompt) > LOG_CHARS else ""
+            log.info("prompt with trained tokens: %r%s", prompt[:LOG_CHARS], cut)
         return replace(request, prompt=prompt, negative_prompt=negative)
 
 

@@ -19,8 +19,11 @@ OWN_TAG = "own"  # the tag of the model's own weights (setup): <s0-own>, adapter
 @dataclass(frozen=True)
 class Trained:
     folder: Path
-    tag: str  # unique to these weights: names their adapter and their tokens
+    tag: str  # names their tokens (loaded for one request at a time: short is enough)
     field: str
+    # names their LoRA adapter, which stays resident across requests and is reused by name: the full digest of the
+    # weights' URL, so no other URL's weights can ever be taken for them (OWN_TAG for the model's own)
+    adapter_key: str = ""
 
     def file(self, name: str) -> Path | None:
         path = self.folder / name
@@ -28,7 +31,7 @@ class Trained:
 
     @property
     def adapter_name(self) -> str:
-        return f"trained_{self.tag}"
+        return f"trained_{self.adapter_key or self.tag}"
 
     def _token_count(self, te_widths: tuple[int, int]) -> int:
         """The new tokens' count, from embeddings.pti's header (capped) before any tensor is read."""

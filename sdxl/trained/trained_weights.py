@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sdxl.errors import InputError
+from sdxl.guard.request_deadline import RequestDeadline
 from sdxl.guard.url_policy import redact
 from sdxl.model.compute import stop_if_cancelled
 from sdxl.trained import weights_cache as wc
@@ -48,8 +49,11 @@ class TrainedWeights:
         self._own_lora: tuple[str, Path] | None = None  # (name, a private copy: no cache eviction can remove it)
 
     @contextlib.contextmanager
-    def applied(self, request: AdapterRequest, cancelled: threading.Event | None = None) -> Iterator[Applied]:
+    def applied(
+        self, request: AdapterRequest, cancelled: threading.Event | None = None, deadline: RequestDeadline | None = None
+    ) -> Iterator[Applied]:
         """Apply the request's weights for the with-block; on exit (also on error or cancel) the base is back.
+        Every fetch ends by the request's `deadline` (when given), and a cancel stops a running one.
 
         1. undo whatever an interrupted request may have left;
         2. replicate_weights: fetch through the WeightsCache (a hit uses no network), then its full fine-tune, its
@@ -62,13 +66,13 @@ class TrainedWeights:
             self._reset()  # 1
             rewrites, active = dict(self._own_rewrites), []
             if request.replicate_weights:  # 2
-                trained_rewrites, active = self._apply_trained(stack, request, cancelled)
+                trained_rewrites, active = self._apply_trained(stack, request, cancelled, deadline)
                 rewrites.update(trained_rewrites)
             elif self._own_lora is not None:
                 active = [(self.loras.ensure(*self._own_lora, OWN_FIELD), request.lora_scale, OWN_FIELD)]
             for i, lora in enumerate(request.loras):  # 3
                 stop_if_cancelled(cancelled, "while loading LoRAs")
-                active.append(self._extra_lora(stack, f"{LORAS_FIELD}[{i}]", lora))
+                active.append(self._extra_lora(stack, f"{LORAS_FIELD}[{i}]", lora, deadline))
             stop_if_cancelled(cancelled, "before the LoRAs were turned on")
             if active:  # 4
                 stack.callback(self.loras.deactivate)
@@ -83,12 +87,16 @@ class TrainedWeights:
         self.unet.restore()
 
     def _apply_trained(
-        self, stack: contextlib.ExitStack, request: AdapterRequest, cancelled: threading.Event | None
+        self,
+        stack: contextlib.ExitStack,
+        request: AdapterRequest,
+        cancelled: threading.Event | None,
+        deadline: RequestDeadline | None,
     ) -> tuple[dict[str, str], list[Active]]:
         """Step 2 for a request's trained weights: (prompt rewrites, its LoRA to turn on)."""
         url = request.replicate_weights
-        folder = stack.enter_context(self.cache.open("trained", url, TRAINED_FIELD))
-        trained = Trained(folder, wc.url_key(url)[:12], TRAINED_FIELD)
+        folder = stack.enter_context(self.cache.open("trained", url, TRAINED_FIELD, deadline))
+        trained = Trained(folder, wc.url_key(url)[:12], TRAINED_FIELD, adapter_key=wc.url_key(url))
         with self._discard_on_input_error("trained", url):
             stop_if_cancelled(cancelled, "after the trained weights were fetched")
             if trained.file(wc.UNET_FILE):
@@ -111,10 +119,13 @@ class TrainedWeights:
         self.tokens.load(names, rows)
         return rewrites
 
-    def _extra_lora(self, stack: contextlib.ExitStack, field: str, lora: LoraInput) -> Active:
-        folder = stack.enter_context(self.cache.open("lora", lora.url, field))
+    def _extra_lora(
+        self, stack: contextlib.ExitStack, field: str, lora: LoraInput, deadline: RequestDeadline | None
+    ) -> Active:
+        folder = stack.enter_context(self.cache.open("lora", lora.url, field, deadline))
         with self._discard_on_input_error("lora", lora.url):
-            adapter = self.loras.ensure(f"lora_{wc.url_key(lora.url)[:12]}", folder / wc.LORA_FILE, field)
+            # the full digest: a resident adapter is reused by name, so a name must stand for one URL only
+            adapter = self.loras.ensure(f"lora_{wc.url_key(lora.url)}", folder / wc.LORA_FILE, field)
         return adapter, lora.scale, field
 
     @contextlib.contextmanager

@@ -1,11 +1,21 @@
 """An on-disk cache of downloaded weights: trained_model.tar contents and single LoRA files, keyed by URL.
 
-- An entry is a folder named after the sha256 of its URL, under a folder for its kind (`trained/`, `lora/`).
-- A hit uses no network; it only touches the folder's mtime, which is the least-recently-used order.
+- An entry is a folder named after the sha256 of the downloaded bytes (`sha256-<hex>`), under a folder for its kind
+  (`trained/`, `lora/`); each URL that gave those bytes is a link named after the sha256 of the whole URL, query
+  string included. A URL is only ever served the bytes that URL itself gave: a newly signed URL for the same object
+  downloads again (a signature is the client's proof of access, never skipped), but takes no second copy on disk.
+- A hit uses no network; it only touches the entry's mtime, which is the least-recently-used order.
+- Disk use is bounded before a byte is written: a miss first asks the size the server announces (Content-Length),
+  reserves that (twice for a trained tar: the tar and its extracted copy), evicting unused entries least recently
+  used first, and the download is capped to the reservation. Held entries + every process's reservations never
+  exceed the budget; a request that does not fit beside the entries in use is refused, never written.
+- The budget is checked against the volume at start: without SDXL_WEIGHTS_CACHE_BYTES it is the free space plus what
+  the cache holds, less FREE_HEADROOM; a configured budget larger than that is lowered, with a warning.
+- Several processes may share one cache folder: an entry in use holds a shared flock (eviction tries the exclusive
+  one and skips an entry it cannot get), reservations and eviction run under a lock on the folder, and a temporary
+  folder is locked by its owner for its life, so only temporaries whose owner is gone are removed at start.
 - Inserting downloads into a temporary folder, validates and extracts there, then renames the folder into place:
   an entry is complete or absent. Any failure removes everything it wrote.
-- Entries are evicted least recently used first until the new entry fits the disk budget; entries in use by the
-  current request (`open`) are never evicted.
 - Tar extraction is done by hand: a plain (uncompressed) tar as the trainer writes it, headers capped before tarfile
   reads them (sdxl/guard/safe_tar.py), regular files only, no `..` or absolute paths, no links or devices, an entry count
   cap, a total size cap, per-file caps checked from the header before a byte is extracted, and only the file names
@@ -17,10 +27,12 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import tarfile
@@ -56,7 +68,9 @@ CACHE_DIR_ENV = "SDXL_WEIGHTS_CACHE_DIR"
 CACHE_BUDGET_ENV = "SDXL_WEIGHTS_CACHE_BYTES"
 MAX_TRAINED_ENV = "SDXL_MAX_TRAINED_BYTES"  # the largest trained_model.tar accepted
 MAX_LORA_ENV = "SDXL_MAX_LORA_BYTES"  # the largest single LoRA file accepted
-DEFAULT_BUDGET = 40 << 30
+FREE_HEADROOM = 2 << 30  # left free on the cache's volume for request files and outputs
+ENTRY_NAME = re.compile(r"sha256-[0-9a-f]{64}")
+RESERVED_FILE = "reserved"  # in a temporary folder: the bytes its download reserved
 
 
 MAX_TAR_ENTRIES = 64
@@ -86,7 +100,7 @@ KINDS = ("trained", "lora")
 
 @dataclass(frozen=True)
 class CacheLimits:
-    budget_bytes: int = DEFAULT_BUDGET
+    budget_bytes: int | None = None  # None: what the volume holds (volume_budget)
     max_trained_bytes: int = 12 << 30  # a full fine-tune's fp32 UNet is ~10.3 GB
     max_lora_bytes: int = 2 << 30
     read_timeout: float = remote.FetchLimits.read_timeout
@@ -102,25 +116,91 @@ def _size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
 
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _try_lock(path: Path, how: int) -> int | None:
+    """An open descriptor of `path` (a folder or file) holding flock `how` without waiting, or None if it is held."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+        return fd
+    except BlockingIOError:
+        os.close(fd)
+        return None
+
+
+def _lock_in_use(folder: Path) -> int | None:
+    """A shared lock on an entry for as long as it is used (eviction takes the exclusive one, without waiting, and
+    skips an entry it cannot get); None if the entry went meanwhile."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return None
+    fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while an evictor deletes it
+    try:
+        same = os.stat(folder).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        same = False
+    if not same:
+        os.close(fd)
+        return None
+    return fd
+
+
+def volume_budget(root: Path, budget: int | None, held: int) -> int:
+    """The budget the volume can hold: what is free plus what the cache holds, less FREE_HEADROOM for the rest of
+    the volume (request files, outputs); a configured budget above that is lowered, with a log line saying so."""
+    usage = shutil.disk_usage(root)
+    room = max(0, usage.free + held - FREE_HEADROOM)
+    if budget is None:
+        log.info("weights cache budget: %s (the free space of %s less %s)", _gib(room), root, _gib(FREE_HEADROOM))
+        return room
+    if budget > room:
+        log.warning(
+            "weights cache budget lowered from %s (%s) to %s: %s has %s free and the cache holds %s; set %s to fit "
+            "the volume (its size limit, less what requests write there)",
+            _gib(budget), CACHE_BUDGET_ENV, _gib(room), root, _gib(usage.free), _gib(held), CACHE_BUDGET_ENV,
+        )  # fmt: skip
+        return room
+    return budget
+
+
+def _gib(count: int) -> str:
+    return f"{count / (1 << 30):.2f} GiB"
+
+
 class WeightsCache:
+    """See the module's docstring. Shared safely by the threads of a process and by processes on one folder."""
+
     def __init__(self, root: Path, limits: CacheLimits = CacheLimits(), resolver: remote.Resolver | None = None):
         self.root = Path(root)
         self.limits = limits
         self.resolver = resolver
-        self._in_use: dict[Path, int] = {}
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # flock is per open file: this process's threads queue here first
+        self._discarded: set[Path] = set()  # discarded while in use: removed when the use ends
         private_dir(self.root, CACHE_DIR_ENV)
         for kind in KINDS:
             (self.root / kind).mkdir(mode=0o700, exist_ok=True)
-        for stale in self.root.glob(".tmp-*"):  # left by a process that was killed mid-insert
-            shutil.rmtree(stale, ignore_errors=True)
+        with self._root_lock():
+            self._reserved()  # removes what processes that ended left
+            self.budget = volume_budget(self.root, limits.budget_bytes, sum(_size(e) for e in self._entries()))
 
     @classmethod
     def from_env(cls) -> WeightsCache:
         root = Path(os.environ.get(CACHE_DIR_ENV) or Path(tempfile.gettempdir()) / "sdxl-weights-cache")
         defaults = CacheLimits()
+        budget = os.environ.get(CACHE_BUDGET_ENV)
         limits = CacheLimits(
-            budget_bytes=int(os.environ.get(CACHE_BUDGET_ENV) or defaults.budget_bytes),
+            budget_bytes=int(budget) if budget else None,
             max_trained_bytes=int(os.environ.get(MAX_TRAINED_ENV) or defaults.max_trained_bytes),
             max_lora_bytes=int(os.environ.get(MAX_LORA_ENV) or defaults.max_lora_bytes),
             **remote.timeouts_from_env(),
@@ -128,91 +208,214 @@ class WeightsCache:
         return cls(root, limits)
 
     def path_for(self, kind: str, url: str) -> Path:
+        """The URL's link to its entry (a link, so that URLs naming the same bytes share one entry)."""
         return self.root / kind / url_key(url)
 
     @contextlib.contextmanager
-    def open(self, kind: str, url: str, field: str):
-        """The entry's folder for `url` (fetched on a miss), protected from eviction inside the with-block."""
-        folder = self.get(kind, url, field)
-        with self._lock:
-            self._in_use[folder] = self._in_use.get(folder, 0) + 1
+    def open(self, kind: str, url: str, field: str, deadline: remote.RequestDeadline | None = None):
+        """The entry's folder for `url` (fetched on a miss, by the request's `deadline` when given, which a cancel
+        stops), protected from eviction (by any process) inside the with-block."""
+        for _ in range(3):  # an entry evicted between the look-up and the lock is fetched again
+            folder = self.get(kind, url, field, deadline)
+            fd = _lock_in_use(folder)
+            if fd is not None:
+                break
+        else:
+            raise InputError(field, "the weights cache is too full to keep these weights; try again later")
         try:
             yield folder
         finally:
-            with self._lock:
-                self._in_use[folder] -= 1
-                if not self._in_use[folder]:
-                    del self._in_use[folder]
+            os.close(fd)  # releases the shared lock
+            if folder in self._discarded:
+                with self._root_lock():
+                    if self._evict(folder) or not folder.is_dir():
+                        self._discarded.discard(folder)
 
-    def get(self, kind: str, url: str, field: str) -> Path:
+    def get(self, kind: str, url: str, field: str, deadline: remote.RequestDeadline | None = None) -> Path:
+        """The entry's folder for `url` (fetched on a miss); not protected from eviction: use `open` to use it."""
         if kind not in KINDS:
             raise ValueError(f"unknown cache kind {kind!r}")
-        folder = self.path_for(kind, url)
-        if folder.is_dir():
+        folder = self._lookup(kind, url)
+        if folder is not None:
             os.utime(folder)
-            log.info("weights cache hit for %s (%s)", field, folder.name[:12])
+            log.info("weights cache hit for %s (%s)", field, folder.name[:19])
             return folder
-        return self._insert(kind, url, field, folder)
+        return self._insert(kind, url, field, deadline)
+
+    def _lookup(self, kind: str, url: str) -> Path | None:
+        link = self.path_for(kind, url)
+        try:
+            target = os.readlink(link)
+        except OSError:
+            return None
+        folder = self.root / kind / target
+        if ENTRY_NAME.fullmatch(target) and folder.is_dir() and not folder.is_symlink():
+            return folder
+        link.unlink(missing_ok=True)  # its entry was evicted
+        return None
 
     def discard(self, kind: str, url: str) -> None:
-        """Drop an entry (for example one whose weights do not fit this model)."""
-        shutil.rmtree(self.path_for(kind, url), ignore_errors=True)
+        """Drop an entry (for example one whose weights do not fit this model): no URL leads to it any more, and it
+        goes now, or when this process's last user of it lets go (another process's use holds it until eviction)."""
+        folder = self._lookup(kind, url)
+        self.path_for(kind, url).unlink(missing_ok=True)
+        if folder is not None:
+            with self._root_lock():
+                if not self._evict(folder):
+                    self._discarded.add(folder)
 
-    def _insert(self, kind: str, url: str, field: str, folder: Path) -> Path:
+    def _insert(self, kind: str, url: str, field: str, deadline: remote.RequestDeadline | None = None) -> Path:
         cap = self.limits.max_trained_bytes if kind == "trained" else self.limits.max_lora_bytes
         fetch_limits = self.limits.fetch or remote.FetchLimits(
             max_bytes=cap, read_timeout=self.limits.read_timeout, deadline=self.limits.deadline
         )
         remote.check_url(url, field, self.resolver or remote.system_resolver)  # refuse early, before any disk work
         check_private_dir(self.root, CACHE_DIR_ENV)
-        work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+        factor = 2 if kind == "trained" else 1  # the tar and its extracted copy are both on disk until the end
+
+        def reserve(declared: int | None) -> int:
+            """Told the announced size before any body byte is written: the download is capped to what is granted.
+            A server that announces less than it sends is refused."""
+            need = factor * (declared if declared is not None else fetch_limits.max_bytes)
+            return self._grant(work, field, need, partial=declared is None) // factor
+
+        work, lock_fd = self._new_work()
         try:
             started = time.perf_counter()
-            download = remote.fetch_to_file(url, work, field, fetch_limits, self.resolver)
+            download = remote.fetch_to_file(url, work, field, fetch_limits, self.resolver, deadline, reserve=reserve)
             entry = work / "entry"
             entry.mkdir()
             if kind == "trained":
                 extract_trained_tar(download, entry, field, max_bytes=cap)
             else:
                 check_safetensors(download, field, "the LoRA file")
-                download.rename(entry / LORA_FILE)
-            download.unlink(missing_ok=True)
-            size = _size(entry)
-            self._make_room(size)
-            try:
-                entry.rename(folder)
-            except OSError:
-                if not folder.is_dir():  # another process inserted it first: theirs is as good as ours
-                    raise
+            folder = self._commit(kind, url, download, entry)
             log.info(
                 "cached %s for %s: %.1f MB in %.1fs (%s)",
-                kind,
-                field,
-                size / 1e6,
-                time.perf_counter() - started,
-                folder.name[:12],
-            )
+                kind, field, _size(folder) / 1e6, time.perf_counter() - started, folder.name[:19],
+            )  # fmt: skip
             return folder
         finally:
             shutil.rmtree(work, ignore_errors=True)
+            os.close(lock_fd)
 
-    def _make_room(self, incoming: int) -> None:
-        """Evict least recently used entries (never those in use) until `incoming` bytes fit the budget."""
+    def _commit(self, kind: str, url: str, download: Path, entry: Path) -> Path:
+        """Move the checked entry into place under its content's digest (a copy already there is used instead), and
+        link the URL to it."""
+        name = f"sha256-{_file_digest(download)}"
+        if kind == "lora":
+            download.rename(entry / LORA_FILE)
+        download.unlink(missing_ok=True)
+        folder = self.root / kind / name
+        with self._root_lock():
+            if folder.is_dir():
+                os.utime(folder)  # the same bytes under another URL (a newly signed one, say): no second copy
+            else:
+                entry.rename(folder)
+            (download.parent / RESERVED_FILE).write_text("0")  # its bytes are counted in the entries from now on
+            self._link(kind, url, name)
+        return folder
+
+    def _link(self, kind: str, url: str, name: str) -> None:
+        """Point the URL at entry `name`, replacing in one step any link it had (the caller holds the root lock)."""
+        link = self.root / kind / f".link-{url_key(url)}-{os.getpid()}"
+        link.unlink(missing_ok=True)
+        link.symlink_to(name)
+        os.replace(link, self.path_for(kind, url))
+
+    def put(self, kind: str, url: str, files: dict[str, bytes]) -> Path:
+        """An entry for `url` holding `files` (name -> bytes), as a finished download leaves it (unchecked, outside
+        the budget): for tests and benchmarks that must not fetch."""
+        digest = hashlib.sha256()
+        for name, body in sorted(files.items()):
+            digest.update(name.encode() + b"\0" + body)
+        folder = self.root / kind / f"sha256-{digest.hexdigest()}"
+        with self._root_lock():
+            folder.mkdir(mode=0o700, exist_ok=True)
+            for name, body in files.items():
+                (folder / name).write_bytes(body)
+            self._link(kind, url, folder.name)
+        return folder
+
+    @contextlib.contextmanager
+    def _root_lock(self):
+        """Reservations, eviction and the startup sweep run one at a time across every process using this folder."""
         with self._lock:
-            entries = [e for kind in KINDS for e in (self.root / kind).iterdir() if e.is_dir()]
-            entries.sort(key=lambda e: e.stat().st_mtime)
-            total = sum(_size(e) for e in entries)
-            for entry in entries:
-                if total + incoming <= self.limits.budget_bytes:
-                    break
-                if entry in self._in_use:
-                    continue
-                size = _size(entry)
-                shutil.rmtree(entry, ignore_errors=True)
-                total -= size
-                log.info("weights cache: evicted %s (%.1f MB) to stay under the budget", entry.name[:12], size / 1e6)
-            if total + incoming > self.limits.budget_bytes:
-                log.warning("weights cache is over its budget: the entries left are in use")
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
+    def _entries(self) -> list[Path]:
+        return [e for kind in KINDS for e in (self.root / kind).iterdir() if ENTRY_NAME.fullmatch(e.name)]
+
+    def _new_work(self) -> tuple[Path, int]:
+        """A new temporary folder for one download, locked by its owner for its life (so no other process's start-up
+        sweep removes it); it reserves nothing until `_grant`."""
+        with self._root_lock():
+            work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+            fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return work, fd
+
+    def _grant(self, work: Path, field: str, need: int, partial: bool) -> int:
+        """Reserve `need` bytes for the download in `work` (less if `partial` and only less fits), evicting unused
+        entries first: held entries + every process's reservations stay within the budget. The reservation is
+        written in the folder, where every process counts it."""
+        with self._root_lock():
+            room = self._make_room(need)
+            granted = min(need, room)
+            if granted < need and not (partial and granted > 0):
+                raise InputError(
+                    field,
+                    f"the weights cache has no room for {remote.human_size(need)} now (budget "
+                    f"{remote.human_size(self.budget)}, {remote.human_size(room)} free: the rest is in use by "
+                    "requests in progress); try again later",
+                )
+            (work / RESERVED_FILE).write_text(str(granted))
+            return granted
+
+    def _make_room(self, need: int) -> int:
+        """Evict least recently used entries that no process uses until `need` bytes fit; the bytes that fit."""
+        entries = sorted(self._entries(), key=lambda e: e.stat().st_mtime)
+        held = sum(_size(e) for e in entries)
+        used = held + self._reserved()
+        for entry in entries:
+            if used + need <= self.budget:
+                break
+            size = _size(entry)
+            if self._evict(entry):
+                used -= size
+                log.info("weights cache: evicted %s (%.1f MB) to stay under the budget", entry.name[:19], size / 1e6)
+        return max(0, self.budget - used)
+
+    def _evict(self, entry: Path) -> bool:
+        """Remove an entry unless a process holds it (its shared lock): the exclusive lock is only tried."""
+        fd = _try_lock(entry, fcntl.LOCK_EX)
+        if fd is None:
+            return False
+        try:
+            shutil.rmtree(entry, ignore_errors=True)
+        finally:
+            os.close(fd)
+        return True
+
+    def _reserved(self) -> int:
+        """The reservations of the downloads in progress, in every process. A temporary folder whose owner is gone
+        (killed mid-download; an owner holds its folder's lock for the folder's life) is removed instead."""
+        total = 0
+        for work in self.root.glob(".tmp-*"):
+            fd = _try_lock(work, fcntl.LOCK_EX)
+            if fd is None:  # its owner is alive
+                with contextlib.suppress(OSError, ValueError):
+                    total += int((work / RESERVED_FILE).read_text())
+                continue
+            shutil.rmtree(work, ignore_errors=True)
+            os.close(fd)
+            log.info("weights cache: removed %s, left by a process that ended mid-download", work.name)
+        return total
 
 
 def safetensors_header(path: Path, field: str, what: str) -> dict[str, dict]:

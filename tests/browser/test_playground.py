@@ -45,11 +45,13 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"browser test: {_RE
 
 @pytest.fixture(scope="module")
 def servers(tiny_weights_dir, tmp_path_factory):
-    """A predictions server and a trainings server (--x-mode train), started side by side. The predictions server
-    may fetch plain http from loopback, where the playground serves trained tars (as scripts/playground.sh runs it)."""
-    folder = tmp_path_factory.mktemp("cog")
+    """A predictions server and a trainings server (--x-mode train), started side by side, and the port the
+    playground serves trained tars on: the one loopback port the predictions server may fetch plain http from (as
+    scripts/playground.sh runs it)."""
+    folder, files_port = tmp_path_factory.mktemp("cog"), free_port()
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("SDXL_ALLOW_LOOPBACK_HTTP", "1")
+        env.delenv("SDXL_ALLOW_LOOPBACK_HTTP", raising=False)
+        env.setenv("SDXL_ALLOW_LOOPBACK_HTTP_PORTS", str(files_port))
         env.setenv("TMPDIR", str(folder))  # the trainer's scratch files and tar stay in this test's folder
         predict = CogServer(tiny_weights_dir, folder / "predict.log")
         trainer = {"COG_TRAIN_TYPE_STUB": "train.py:train"}
@@ -57,7 +59,7 @@ def servers(tiny_weights_dir, tmp_path_factory):
     try:
         predict.wait_for("READY")
         train.wait_for("READY")
-        yield predict, train
+        yield predict, train, files_port
     finally:
         predict.stop()
         train.stop()
@@ -70,17 +72,19 @@ def server(servers):
 
 @pytest.fixture(scope="module")
 def playground(servers, tmp_path_factory):
-    with running_playground(tmp_path_factory.mktemp("playground"), [servers[0].url], servers[1].url) as url:
+    folder = tmp_path_factory.mktemp("playground")
+    with running_playground(folder, [servers[0].url], servers[1].url, files_port=servers[2]) as url:
         yield url
 
 
 @contextlib.contextmanager
-def running_playground(folder: Path, server_urls: list[str], train_url: str | None = None):
+def running_playground(folder: Path, server_urls: list[str], train_url: str | None = None, files_port: int = 0):
     """tools/playground/ in its own environment on a free loopback port, its files in `folder`; yields its URL."""
     port = free_port()
     command = [PLAYGROUND_PYTHON, "-m", "tools.playground", "--port", str(port)]
     command += [arg for url in server_urls for arg in ("--server", url)]
     command += ["--train-server", train_url] if train_url else []
+    command += ["--files-port", str(files_port)]
     command += ["--output-dir", str(folder / "out"), "--busy-wait", "300", "--schema-wait", "60"]
     env = {**os.environ, "GRADIO_TEMP_DIR": str(folder / "gradio")}
     with open(folder / "playground.log", "wb") as log:

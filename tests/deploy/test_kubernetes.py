@@ -219,7 +219,7 @@ BLOCKED = [
     "100.100.100.200",  # Alibaba metadata (carrier-grade NAT range)
     "fd00:ec2::254",  # AWS IPv6 metadata
     "10.0.0.1", "172.16.5.4", "192.168.1.1", "127.0.0.1", "0.0.0.0", "::1", "fe80::1",
-    "::ffff:10.0.0.1", "::ffff:169.254.169.254", "64:ff9b::a00:1", "224.0.0.1",
+    "::ffff:10.0.0.1", "::ffff:169.254.169.254", "64:ff9b::a00:1", "64:ff9b:1::a00:1", "224.0.0.1",
 ]  # fmt: skip
 
 
@@ -296,3 +296,73 @@ def test_no_workload_allows_loopback_urls():
     for doc in (d for d in docs if d["kind"] in ("Deployment", "Job")):
         names = {e["name"] for c in doc["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
         assert "SDXL_ALLOW_LOOPBACK_HTTP" not in names, doc["metadata"]["name"]
+        # coglet sends this token with every webhook, to whatever URL the request names.
+        assert "WEBHOOK_AUTH_TOKEN" not in names, doc["metadata"]["name"]
+
+
+def image_user() -> int:
+    """The uid cog.yaml's build gives the image's non-root user."""
+    build = yaml.safe_load((ROOT / "cog.yaml").read_text())["build"]
+    return int(re.search(r"useradd --uid (\d+)", " ".join(build["run"])).group(1))
+
+
+def pod_templates() -> list[dict]:
+    docs = rendered("overlays/production") + rendered("training")
+    return [d for d in docs if d["kind"] in ("Deployment", "Job")]
+
+
+@needs_kustomize
+def test_every_pod_runs_unprivileged_on_a_read_only_root_filesystem():
+    templates = pod_templates()
+    assert {t["metadata"]["name"] for t in templates} == {
+        "sdxl-predictor",
+        "sdxl-balancer",
+        "sdxl-weights",
+        "sdxl-training",
+    }
+    for template in templates:
+        name, pod = template["metadata"]["name"], template["spec"]["template"]["spec"]
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] is True and context["runAsUser"] > 0, name
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        if container(template)["image"].endswith("sdxl-cog") or "sdxl-cog:" in container(template)["image"]:
+            assert context["runAsUser"] == image_user(), f"{name}: not the image's user"
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for main in pod["containers"]:
+            security = main["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True, name
+            assert security["allowPrivilegeEscalation"] is False and security["capabilities"] == {"drop": ["ALL"]}
+            for mount in main.get("volumeMounts", []):  # writable: scratch or a volume of its own, never the image
+                volume = volumes[mount["name"]]
+                assert mount.get("readOnly") or "emptyDir" in volume or "persistentVolumeClaim" in volume, name
+            env = {e["name"]: e.get("value") for e in main.get("env", [])}
+            if "HOME" in env:
+                assert any(env["HOME"] == m["mountPath"] and not m.get("readOnly") for m in main["volumeMounts"])
+
+
+@needs_kustomize
+def test_predictor_scratch_holds_twice_the_weights_cache_and_coglet_can_write_its_readiness_file():
+    predictor = find(rendered("overlays/production"), "Deployment", "sdxl-predictor")
+    pod, main = predictor["spec"]["template"]["spec"], container(predictor)
+    env = {e["name"]: e.get("value") for e in main["env"]}
+    mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert env["TMPDIR"] == "/tmp" and "emptyDir" in volumes[mounts["/tmp"]]
+    scratch = parse_quantity(volumes[mounts["/tmp"]]["emptyDir"]["sizeLimit"])
+    assert 2 * int(env["SDXL_WEIGHTS_CACHE_BYTES"]) <= scratch
+    assert parse_quantity(main["resources"]["limits"]["ephemeral-storage"]) > scratch, "eviction before the cap"
+    assert "emptyDir" in volumes[mounts["/var/run/cog"]]
+
+
+def parse_quantity(text: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+    return int(text[:-2]) * units[text[-2:]] if text[-2:] in units else int(text)
+
+
+@needs_kustomize
+def test_the_monitoring_port_is_not_on_the_clients_service():
+    docs = rendered("overlays/production")
+    assert [p["targetPort"] for p in find(docs, "Service", "sdxl")["spec"]["ports"]] == ["http"]
+    monitoring = find(docs, "Service", "sdxl-monitoring")["spec"]
+    assert [p["targetPort"] for p in monitoring["ports"]] == ["metrics"]
+    assert selected(docs, monitoring["selector"]) == {"sdxl-balancer"}

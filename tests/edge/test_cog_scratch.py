@@ -1,10 +1,17 @@
-"""cog_scratch: finished request folders coglet leaves under its fixed path go; fresh ones, links and files stay."""
+"""cog_scratch: request folders coglet leaves under its fixed path go once no live server may still use them;
+fresh ones, links and files stay; two servers sharing the path never remove a folder of the other's running
+request."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import time
 
+import cog_scratch
 from cog_scratch import STALE_AFTER_S, discard_finished_request_folders
+
+FORK = multiprocessing.get_context("fork")
 
 
 def _age(path, seconds):
@@ -20,6 +27,7 @@ def test_only_folders_untouched_for_a_while_are_removed(tmp_path):
     for entry in (old, old / "outputs", old / "outputs" / "spill_1.json", touched, touched / "outputs"):
         _age(entry, STALE_AFTER_S + 5)  # touched-lately's spill file is new: its folder is still in use
 
+    assert discard_finished_request_folders(tmp_path) == 0  # this server's first request: nothing known finished
     assert discard_finished_request_folders(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "touched-lately"]
 
@@ -34,9 +42,50 @@ def test_links_and_files_are_never_followed_or_removed(tmp_path):
     for entry in (root / "link", root / "file", outside, outside / "keep"):
         _age(entry, STALE_AFTER_S + 5)
 
-    assert discard_finished_request_folders(root) == 0
+    assert discard_finished_request_folders(root) + discard_finished_request_folders(root) == 0
     assert (outside / "keep").is_dir() and (root / "link").is_symlink() and (root / "file").exists()
 
 
 def test_a_missing_folder_is_nothing_to_do(tmp_path):
     assert discard_finished_request_folders(tmp_path / "absent") == 0
+
+
+def _server(root, commands, answers):
+    """One Cog server's side: for each request, coglet makes its folder, then run() sweeps."""
+    for name in iter(commands.recv, None):
+        (root / name / "outputs").mkdir(parents=True)
+        time.sleep(0.1)  # coglet's own work before run() (inputs); a folder made within CLOCK_SLACK_S waits longer
+        discard_finished_request_folders(root)
+        answers.send(sorted(p.name for p in root.iterdir()))
+
+
+def test_two_servers_sharing_the_path_keep_each_others_running_requests(tmp_path, monkeypatch):
+    """Server A runs a long request (its folder untouched meanwhile) while server B handles two requests: B's sweep
+    keeps A's folder. Each server's finished folders go at its next request, and a server that ended no longer holds
+    anything back."""
+    monkeypatch.setattr(cog_scratch, "STALE_AFTER_S", 0.0)  # the order of events decides, not the age
+    root = tmp_path / "predictions"
+    root.mkdir()
+    servers = {}
+    for name in "AB":
+        here, there = FORK.Pipe()
+        process = FORK.Process(target=_server, args=(root, there, there))
+        process.start()
+        servers[name] = (here, process)
+
+    def request(server: str, folder: str) -> list[str]:
+        time.sleep(0.15)  # apart by more than the file clock's slack
+        servers[server][0].send(folder)
+        return servers[server][0].recv()
+
+    assert request("A", "a1") == ["a1"]
+    assert request("A", "a2") == ["a2"]  # A's first request is finished: it goes
+    assert request("B", "b1") == ["a2", "b1"]
+    assert request("B", "b2") == ["a2", "b1", "b2"]  # A's request a2 is still running: kept
+    assert request("A", "a3") == ["a3", "b1", "b2"]  # a2 is finished now, and B started after it
+    servers["A"][0].send(None)
+    servers["A"][1].join(10)
+    assert request("B", "b3") == ["a3", "b3"]  # A ended: it holds nothing back; a3 is younger than B's last start
+    assert request("B", "b4") == ["b4"]
+    servers["B"][0].send(None)
+    servers["B"][1].join(10)

@@ -1,16 +1,21 @@
 """The download deadline holds whatever the sender does: a loopback server that trickles one byte at a time, each
 just inside the read timeout (in the status line, the headers, the body, the parallel ranges, across redirects)
-or that never answers the TLS handshake, cannot hold a fetch past its deadline. Loopback only."""
+or that never answers the TLS handshake, cannot hold a fetch past its deadline. One request's deadline covers all of
+its downloads, and a cancel (an event, or an exception raised in the fetching thread) stops one within a second.
+Loopback only."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import threading
 import time
 
 import pytest
 
 from sdxl.guard import remote
 from sdxl.guard.remote import FetchError, FetchLimits
+from sdxl.guard.request_deadline import RequestDeadline
 from tools.testing.slow_senders import TrickleServer
 
 FIELD = "replicate_weights"
@@ -173,8 +178,103 @@ def test_a_slow_name_server_keeps_to_the_deadline(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("connected")
 
-    monkeypatch.setattr(remote.socket, "create_connection", refuse)
+    monkeypatch.setattr(remote, "_connect", refuse)
     call = lambda: remote.fetch_to_file("http://weights.test/w.tar", tmp_path, FIELD, SLOW, slow_resolver)  # noqa: E731
     elapsed, error = timed_failure(call)
     assert f"cannot resolve 'weights.test': the download took longer than the {DEADLINE:g}s" in str(error), error
     assert DEADLINE - 0.05 <= elapsed < DEADLINE + MARGIN, elapsed
+
+
+def cancel_after(seconds: float) -> threading.Event:
+    event = threading.Event()
+    threading.Timer(seconds, event.set).start()
+    return event
+
+
+@pytest.mark.parametrize(
+    "how", [pytest.param(dict(reply=body_reply), id="body"), pytest.param(dict(silent=True), id="tls-handshake")]
+)
+def test_a_cancel_stops_a_running_download_within_a_second(trickle, tmp_path, how):
+    """The request's cancel event is set 0.3 s in; the read timeout (5 s), connect timeout (10 s) and deadline (60 s)
+    are all far away: the download stops in the next slice, not at any of them."""
+    server = trickle(**how)
+    url = server.url(scheme="https" if how.get("silent") else "http")
+    budget = RequestDeadline.start(60, cancelled=cancel_after(0.3))
+    limits = FetchLimits(max_bytes=10**7, connect_timeout=10, read_timeout=5, deadline=60)
+    elapsed, error = timed_failure(lambda: remote.fetch_to_file(url, tmp_path, FIELD, limits, deadline=budget))
+    assert isinstance(error, remote.DownloadCancelled) and error.field == FIELD, error
+    assert 0.3 <= elapsed < 0.3 + 1.0, elapsed  # measured 0.31 s
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cancel_stops_parallel_ranges_within_a_second(trickle, tmp_path):
+    total = 4_000_000
+
+    def reply(head: str) -> bytes:
+        if "Range:" not in head:
+            return b"HTTP/1.1 200 OK\r\nAccept-Ranges: bytes\r\nContent-Length: %d\r\n\r\n" % total, b""
+        return b"HTTP/1.1 206 Partial Content\r\n" + b"X-Pad: " + b"y" * 1000
+
+    server = trickle(reply=reply)
+    limits = FetchLimits(max_bytes=10**7, read_timeout=30, deadline=60, parallel_min_bytes=1, chunk_bytes=10**6)
+    budget = RequestDeadline.start(60, cancelled=cancel_after(0.3))
+    call = lambda: remote.fetch_to_file(server.url(), tmp_path, FIELD, limits, deadline=budget)  # noqa: E731
+    elapsed, error = timed_failure(call)
+    assert isinstance(error, remote.DownloadCancelled), error
+    assert elapsed < 0.3 + 1.0, elapsed
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_exception_raised_in_the_fetching_thread_lands_within_a_second(trickle, tmp_path):
+    """Cog cancels run() by raising an exception in its thread (PyThreadState_SetAsyncExc), which Python delivers
+    only between bytecodes: the image fetch on that thread waits in slices, so it lands within one."""
+    server = trickle(reply=body_reply)
+    limits = FetchLimits(max_bytes=10**7, read_timeout=20, deadline=60)
+    outcome: dict[str, object] = {}
+
+    def fetch():
+        try:
+            remote.fetch_to_file(server.url(), tmp_path, FIELD, limits)
+        except BaseException as error:  # the injected exception
+            outcome["error"], outcome["at"] = error, time.monotonic()
+
+    thread = threading.Thread(target=fetch)
+    thread.start()
+    time.sleep(0.3)
+    raised = time.monotonic()
+    assert ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Injected)) == 1
+    thread.join(5)
+    assert isinstance(outcome.get("error"), _Injected), outcome
+    assert outcome["at"] - raised < 1.0, outcome["at"] - raised  # measured ~0.01 s
+    assert list(tmp_path.iterdir()) == []
+
+
+class _Injected(BaseException):
+    """Stands for coglet's CancelationException."""
+
+
+def test_one_deadline_covers_all_of_a_requests_downloads(trickle, tmp_path):
+    """Three downloads, each allowed 60 s of its own, share the request's 1.5 s: all three end by it."""
+    server = trickle(reply=body_reply)
+    budget = RequestDeadline.start(1.5)
+    limits = FetchLimits(max_bytes=10**7, read_timeout=5, deadline=60)
+    started, errors = time.monotonic(), []
+    for name in ("/a", "/b", "/c"):
+        with pytest.raises(FetchError) as error:
+            remote.fetch_to_file(server.url(name), tmp_path, FIELD, limits, deadline=budget)
+        errors.append(str(error.value))
+    elapsed = time.monotonic() - started
+    assert 1.5 - 0.05 <= elapsed < 1.5 + MARGIN, elapsed
+    assert all("the request's downloads took longer than the 1.5s allowed for them" in e for e in errors), errors
+
+
+@pytest.mark.parametrize("value", ["²", "١٢", "+5", "5 5", "0x10"])
+def test_content_length_takes_ascii_digits_only(trickle, tmp_path, value):
+    """Python's isdigit() takes "²" and Arabic-Indic digits, which int() then refuses or reads: the header is refused
+    plainly, naming the field and the value, before any body is read."""
+    head = f"HTTP/1.1 200 OK\r\nContent-Length: {value}\r\n\r\n".encode()
+    server = trickle(reply=lambda _: (head, b""))
+    elapsed, error = timed_failure(lambda: remote.fetch_to_file(server.url(), tmp_path, FIELD, SLOW))
+    as_sent = value.encode().decode("latin-1")  # how HTTP headers are read
+    assert str(error) == f"{FIELD}: the server sent an invalid Content-Length {as_sent!r}", error
+    assert elapsed < MARGIN and list(tmp_path.iterdir()) == []

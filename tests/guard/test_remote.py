@@ -36,7 +36,7 @@ def no_connect(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"a connection was attempted: {args}")
 
-    monkeypatch.setattr(remote.socket, "create_connection", refuse)
+    monkeypatch.setattr(remote, "_connect", refuse)
 
 
 def stub(*addresses):
@@ -200,6 +200,18 @@ def test_http_needs_the_loopback_setting(monkeypatch, no_connect):
         remote.check_url("https://127.0.0.1:1/w.tar", FIELD)
 
 
+def test_the_ports_setting_allows_loopback_on_the_listed_ports_only(monkeypatch, no_connect):
+    """The playground's setting: its file server's port, never another loopback port (the predictor's own)."""
+    monkeypatch.delenv(remote.ALLOW_LOOPBACK_ENV, raising=False)
+    monkeypatch.setenv(remote.ALLOW_LOOPBACK_PORTS_ENV, "7861")
+    assert remote.check_url("http://127.0.0.1:7861/trained/x/trained_model.tar", FIELD).addresses == ("127.0.0.1",)
+    for url in ("http://127.0.0.1:5000/shutdown", "http://127.0.0.1/w.tar", "https://127.0.0.1:443/w.tar"):
+        with pytest.raises(FetchError, match="plain http is not allowed|loopback address"):
+            remote.check_url(url, FIELD)
+    with pytest.raises(FetchError, match="private address"):
+        remote.check_url("http://10.0.0.1:7861/w.tar", FIELD)
+
+
 def test_http_with_the_setting_is_for_loopback_only(loopback, no_connect):
     with pytest.raises(FetchError, match="public address|loopback test servers only"):
         remote.check_url("http://weights.example/w.tar", FIELD, stub("93.184.215.14"))
@@ -256,13 +268,13 @@ def test_redirect_followed_and_rechecked(server, tmp_path):
 )
 def test_redirect_to_a_refused_host(server, tmp_path, location, message, monkeypatch):
     server.redirects["/start"] = location
-    real = remote.socket.create_connection
+    real = remote._connect
 
     def loopback_only(address, *args, **kwargs):
         assert address[0] in ("127.0.0.1", "::1"), f"connected to {address}"
         return real(address, *args, **kwargs)
 
-    monkeypatch.setattr(remote.socket, "create_connection", loopback_only)
+    monkeypatch.setattr(remote, "_connect", loopback_only)
     with pytest.raises(FetchError, match=message):
         remote.fetch_to_file(server.url("/start"), tmp_path, FIELD, FetchLimits(max_bytes=100))
     assert list(tmp_path.iterdir()) == []
@@ -363,14 +375,14 @@ def hold_closed_on_ipv6_loopback(port: int) -> socket.socket | None:
 @pytest.fixture
 def connections(monkeypatch):
     """Every address a connection is attempted to, in order; anything but loopback fails the test."""
-    attempts, real = [], remote.socket.create_connection
+    attempts, real = [], remote._connect
 
     def loopback_only(address, *args, **kwargs):
         assert address[0] in ("127.0.0.1", "::1"), f"connected to {address}"
         attempts.append(address[0])
         return real(address, *args, **kwargs)
 
-    monkeypatch.setattr(remote.socket, "create_connection", loopback_only)
+    monkeypatch.setattr(remote, "_connect", loopback_only)
     return attempts
 
 

@@ -31,16 +31,16 @@ def loopback(monkeypatch):
 
 @pytest.fixture
 def connections(monkeypatch):
-    """Every address sdxl.guard.remote connects to, recorded; anything but loopback fails the test before connecting."""
+    """Every address sdxl.guard.remote connects to (its one connect function), recorded; anything but loopback fails the test before connecting."""
     made = []
-    real = socket.create_connection
+    real = remote._connect
 
     def recording(address, *args, **kwargs):
         made.append(address[0])
         assert address[0] in ("127.0.0.1", "::1"), f"a test tried to connect to {address}"
         return real(address, *args, **kwargs)
 
-    monkeypatch.setattr(socket, "create_connection", recording)
+    monkeypatch.setattr(remote, "_connect", recording)
     return made
 
 
@@ -295,6 +295,18 @@ def test_the_guard_lets_loopback_through_with_the_setting(listener):
     assert outcome["socket"] == "connected"
     assert listener.was_connected()
     assert "a private address" in outcome["private"]  # the setting is for loopback only
+
+
+def test_the_guard_lets_loopback_through_to_the_listed_ports_only(listener):
+    """The playground's setting: its own file server's port, not the predictor's or any other loopback port."""
+    other = _run_guarded(listener.port, **{remote.ALLOW_LOOPBACK_ENV: "0", remote.ALLOW_LOOPBACK_PORTS_ENV: "1"})
+    assert f"refused: connection to 127.0.0.1 port {listener.port} (a loopback address)" in other["socket"], other
+    assert not listener.was_connected()
+    listed = _run_guarded(
+        listener.port, **{remote.ALLOW_LOOPBACK_ENV: "0", remote.ALLOW_LOOPBACK_PORTS_ENV: str(listener.port)}
+    )
+    assert listed["socket"] == "connected"
+    assert listener.was_connected()
 
 
 def test_the_shell_entry_hands_run_a_local_file_or_the_raw_url(tmp_path):

@@ -3,6 +3,7 @@ compel defines, long prompts reach the encoders in full, bad syntax is refused n
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -160,6 +161,7 @@ def test_every_mode_plain_prompt_same_images_weighted_prompt_other_images(pipes,
         ("prompt", "a fox.swap(cat) in the snow", ".swap()"),
         ("prompt", "(" * 11 + "fox" + ")" * 11, "nest more than 10 deep"),
         ("negative_prompt", "fox " * 751, "3004 characters is too long; with prompt_weighting at most 3000"),
+        ("prompt", "a " * 601, "601 words is too long; with prompt_weighting at most 600 tokens are read"),
     ],
 )
 def test_bad_weighting_is_refused_naming_the_field(field, text, message):
@@ -170,13 +172,13 @@ def test_bad_weighting_is_refused_naming_the_field(field, text, message):
 
 
 def test_each_text_is_parsed_once_and_an_oversized_one_never(monkeypatch):
-    """compel's parser takes ~1 ms a character here (measured 0.77 s for 600): a request's texts are parsed once
-    (checked, swapped, encoded: three reads), and a text past MAX_CHARS is refused before the parser sees it."""
-    import compel
+    """A request's texts are parsed once (checked, swapped, encoded: three reads), and a text past MAX_CHARS is
+    refused before the parser sees it."""
+    from sdxl.inputs import prompt_syntax
 
     calls = []
-    parse = compel.Compel.parse_prompt_string
-    monkeypatch.setattr(compel.Compel, "parse_prompt_string", lambda text: calls.append(text) or parse(text))
+    parse = prompt_syntax.parse_conjunction
+    monkeypatch.setattr(prompt_syntax, "parse_conjunction", lambda text, *a: calls.append(text) or parse(text, *a))
     pw.clear_parse_cache()
     text = "a (fox)1.2 in the snow, " * 20
     for _ in range(3):
@@ -196,7 +198,8 @@ def test_prompts_past_the_token_bound_are_refused_before_encoding(pipes, monkeyp
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipes.text2img, name)
         monkeypatch.setattr(encoder, "forward", lambda *a, _f=encoder.forward, **k: calls.append(1) or _f(*a, **k))
-    request = GenerationRequest(prompt="fox " * (pw.MAX_CHUNKS * pw.CHUNK_TOKENS + 1), prompt_weighting=True, **SMALL)
+    fox_commas = ", ".join(["fox"] * 301)  # 301 words (within MAX_WORDS), 601 tokens
+    request = GenerationRequest(prompt=fox_commas, prompt_weighting=True, **SMALL)
     with pytest.raises(InputError, match="prompt: 601 tokens is too long; with prompt_weighting at most 600"):
         generate(pipes, request)
     assert calls == []  # no encoder ran
@@ -239,3 +242,36 @@ def test_trained_tokens_are_swapped_first_then_weighted(tiny_weights_dir, tokens
     assert len(token_positions) == 2  # <s0-...><s1-...>, one row each
     for i in token_positions:
         torch.testing.assert_close(scaled[i] - empty[i], 1.5 * (plain[i] - empty[i]), rtol=1e-5, atol=1e-6)
+
+
+def test_parse_cost_is_linear_in_length_at_the_caps():
+    """compel's grammar re-read each parenthesised group once per alternative: x4 a nesting level (depth 8: 63 s);
+    memoised, 0.4-3 s at 3,000 characters. Our reader (sdxl/inputs/prompt_syntax.py): under 15 ms here for every shape
+    found, the slowest a run of 1,500 fragments fused under a backslash run (compel's fusion is quadratic)."""
+    deepest = "(" * pw.MAX_NESTING + "fox" + ")1.1" * pw.MAX_NESTING
+    nested, quoted = "(" * pw.MAX_NESTING + "a" + ")" * pw.MAX_NESTING + " ", '"(((((a)))))" '
+    unread = "(" * pw.MAX_NESTING + "a -" + ")" * pw.MAX_NESTING + " "  # groups compel reads as plain text
+
+    def filled(unit: str) -> str:  # whole units up to the character cap
+        return unit * (pw.MAX_CHARS // len(unit))
+
+    shapes = {
+        "deepest": deepest,
+        "plain words": filled("abcd "),
+        "nested groups": filled(nested),
+        "quoted groups": filled(quoted),
+        "weighted nested groups": filled("(" * pw.MAX_NESTING + "a" + ")1.1" * pw.MAX_NESTING + " "),
+        "unreadable groups": filled(unread),
+        "quoted commas": '"' + "," * (pw.MAX_CHARS - 2) + '"',
+        "backslashes fused": "\\" * 1500 + "(" + "," * 1499,
+        "blend": "(" + ", ".join([quoted.strip()] * 199) + ").blend()",
+    }
+    pw.parse("warm", "prompt")  # imports compel's classes
+    for name, text in shapes.items():
+        assert len(text) <= pw.MAX_CHARS
+        pw.clear_parse_cache()
+        started = time.process_time()
+        pw.parse(text, "prompt")
+        seconds = time.process_time() - started
+        print(f"{name}: {len(text)} characters parsed in {seconds * 1000:.1f} ms")
+        assert seconds < 0.5, (name, seconds)

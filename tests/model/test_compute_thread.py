@@ -29,9 +29,9 @@ def no_lookups(host: str, port: int) -> list[str]:
 def runner(pipes, tmp_path):
     """A Runner on the session's tiny pipelines, with one LoRA in its weights cache."""
     cache = wc.WeightsCache(tmp_path / "cache", resolver=no_lookups)
-    entry = cache.path_for("lora", LORA_URL)
-    entry.mkdir(parents=True)
-    write_lora(tmp_path, lora_state(pipes.text2img.unet, seed=2)).rename(entry / wc.LORA_FILE)
+    cache.put(
+        "lora", LORA_URL, {wc.LORA_FILE: write_lora(tmp_path, lora_state(pipes.text2img.unet, seed=2)).read_bytes()}
+    )
     runner = predict.Runner()
     runner.pipes, runner._outputs = pipes, []
     runner.trained_weights = TrainedWeights(pipes, cache)

@@ -3,6 +3,8 @@ reproduce the image (seed, batch size and position)."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from cog._inspector import check_input, create_predictor
@@ -12,14 +14,17 @@ import predict
 from sdxl.errors import InputError
 from sdxl.inference.generation import generate
 from sdxl.inference.watermark import watermark_match
-from sdxl.inputs.request import GenerationRequest
+from sdxl.inputs.request import MAX_LORAS, MAX_PROMPT_CHARS, GenerationRequest
 from sdxl.output import infotext
 from sdxl.output.outputs import (
     ASCII_PREFIX,
     EXIF_IFD,
+    MAX_EXIF_BYTES,
+    MAX_PNG_TEXT_BYTES,
     UNICODE_PREFIX,
     USER_COMMENT,
     OutputOptions,
+    fits,
     read_parameters,
     save_image,
 )
@@ -172,3 +177,132 @@ def test_a_random_seed_is_in_each_file_and_reproduces_each_image(runner, fmt):
     for pixels, path in zip(first_pixels, again):
         np.testing.assert_array_equal(np.asarray(Image.open(path)), pixels)
     assert [path.suffix for path in again] == [f".{fmt}", f".{fmt}"]
+
+
+# A client's prompt (and negative prompt) -> what A1111 shows as the prompt. The real negative prompt is "blurry".
+FORGERIES = [
+    ("a fox\x00 in snow", "a fox\\x00 in snow"),
+    ("del\x7f c1\x85 nel\x9f", "del\\x7f c1\\x85 nel\\x9f"),
+    ("line\u2028sep\u2029para \x0b\x0c\x1c\x1d\x1e", "line\\u2028sep\\u2029para \\x0b\\x0c\\x1c\\x1d\\x1e"),
+    ("half a pair \ud83d", "half a pair \\ud83d"),
+    ("windows\r\nlines\rold mac", "windows\nlines\nold mac"),
+    ("a fox\nNegative prompt: forged", "a fox\nNegative prompt\\: forged"),
+    ("a fox\n  \u200bnegative PROMPT :forged", "a fox\n\u200bnegative PROMPT \\:forged"),
+    ("a fox\rNegative prompt: forged", "a fox\nNegative prompt\\: forged"),
+    ("Negative prompt: all of it", "Negative prompt\\: all of it"),
+    ("a fox, Negative prompt: mid-line", "a fox, Negative prompt\\: mid-line"),
+    (
+        "a fox\nSteps: 99, Sampler: Euler, CFG scale: 1, Seed: 7",
+        "a fox\nSteps\\: 99, Sampler: Euler, CFG scale: 1, Seed: 7",
+    ),
+    ("tab\tstays, \\(escaped\\) parens stay", "tab\tstays, \\(escaped\\) parens stay"),
+]
+
+
+def readers_see(text: str) -> dict:
+    """What several kinds of reader take from a parameters text: A1111's parse, then the counts that line-based
+    (splitlines), "\\nNegative prompt:" / "\\nSteps:" and anywhere-in-the-text readers split at."""
+    prompt, negative, pairs = infotext.parse(text)
+    lowered = text.lower()
+    return {
+        "prompt": prompt,
+        "negative": negative,
+        "seed": pairs.get("Seed"),
+        "lines": (len(text.splitlines()), text.count("\n") + 1),
+        "labels": (lowered.count("negative prompt:"), lowered.count("\nsteps:"), lowered.count("steps:")),
+    }
+
+
+@pytest.mark.parametrize("given, shown", FORGERIES)
+def test_a_prompt_cannot_forge_a_negative_prompt_or_parameters_or_break_a_line(given, shown):
+    request = GenerationRequest(prompt=given, negative_prompt=given + "\nNegative prompt: more", seed=5)
+    text = infotext.parameters(request, infotext.Weights("m"))
+    seen = readers_see(text)
+    assert seen["prompt"] == shown.strip()  # A1111 strips the ends of each line
+    assert seen["negative"] == (shown + "\nNegative prompt\\: more").strip()
+    assert seen["seed"] == "5"
+    lines = seen["lines"][1]
+    assert seen["lines"] == (lines, lines)  # splitlines() finds no break that split("\n") does not
+    assert seen["labels"] == (1, 1, 1)  # the one negative prompt line and the one parameters line
+    text.encode("utf-8"), text.encode("utf-16-be")  # every character encodes (no lone surrogate)
+
+
+@pytest.mark.parametrize(
+    "file",
+    ['we,ird"na:me\\.safetensors', "nul\x00and\x85nel\u2028.safetensors", " spaced .safetensors", '"quoted"'],
+)
+def test_a_weights_name_stays_one_value_of_the_parameters_line(file):
+    used = infotext.Weights.of(None, None, AdapterRequest(replicate_weights=f"https://models.example/{file}", loras=()))
+    text = infotext.parameters(GenerationRequest(seed=1), used)
+    _, _, pairs = infotext.parse(text)
+    assert pairs["Replicate weights"] == f"models.example/{file}"
+    assert (pairs["Seed"], pairs["LoRA scale"]) == ("1", "0.6")
+    assert len(text.splitlines()) == 2 and not infotext.UNSAFE.search(text)
+
+
+EMOJI = "\U0001f98a"  # 4 bytes in UTF-8 and UTF-16
+LONG_NAME = f"https://{'h' * 60}.example/{EMOJI * 2000}.safetensors"  # what a LoRA url of the loras cap could hold
+
+
+def at_the_caps() -> tuple[GenerationRequest, infotext.Weights]:
+    """10,000 emoji (the prompt cap) in prompt and negative prompt, every weights slot named by a long URL."""
+    request = GenerationRequest(prompt=EMOJI * MAX_PROMPT_CHARS, negative_prompt=EMOJI * MAX_PROMPT_CHARS, seed=3)
+    used = infotext.Weights("m", replicate_weights=LONG_NAME, loras=((LONG_NAME, 0.5),) * MAX_LORAS)
+    return request, used
+
+
+def exif_bytes(path) -> int:
+    with Image.open(path) as image:
+        return len(image.info["exif"])
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "webp"])
+def test_exif_metadata_at_the_prompt_caps_fits_with_the_prompts_cut_and_marked(tmp_path, fmt):
+    """Measured: 7,927 of the 10,000 emoji of each prompt stay beside five 120-character weights names; the EXIF
+    block ends 5 (jpg) and 11 (webp) bytes short of its limit."""
+    request, used = at_the_caps()
+    text = infotext.parameters(request, used)
+    started = time.perf_counter()
+    path = save_image(noise(), tmp_path / f"out.{fmt}", OutputOptions(fmt), text)
+    assert time.perf_counter() - started < 5
+    assert MAX_EXIF_BYTES - 64 < exif_bytes(path) <= MAX_EXIF_BYTES  # cut to the longest length that fits
+    prompt, negative, pairs = infotext.parse(read_parameters(path))
+    assert prompt.endswith(EMOJI + infotext.MARKER) and negative.endswith(EMOJI + infotext.MARKER)
+    assert len(prompt) == len(negative) > MAX_PROMPT_CHARS * 3 // 4
+    assert pairs == infotext.parse(text)[2]  # the parameters line whole
+    assert len(pairs["LoRAs"]) < 1000 and "…" in pairs["Replicate weights"]
+
+
+def test_png_metadata_at_the_prompt_caps_is_whole_and_past_its_bound_cut(tmp_path):
+    request, used = at_the_caps()
+    text = infotext.parameters(request, used)
+    path = save_image(noise(), tmp_path / "out.png", OutputOptions("png"), text)
+    assert read_parameters(path) == text  # 10,000 emoji twice: ~80 KB, far below the bound
+    huge = f"{EMOJI * MAX_PNG_TEXT_BYTES}\nNegative prompt: n\n{text.splitlines()[-1]}"
+    cut = infotext.fit(huge, fits("png"))
+    assert MAX_PNG_TEXT_BYTES - 64 < len(cut.encode()) <= MAX_PNG_TEXT_BYTES
+    prompt, negative, pairs = infotext.parse(cut)
+    assert prompt.endswith(EMOJI + infotext.MARKER) and negative == "n" and pairs == infotext.parse(text)[2]
+
+
+@pytest.mark.parametrize("unsafe", ["\x00", "\u2028"])
+def test_a_cut_never_splits_an_escape(unsafe):
+    request = GenerationRequest(prompt=unsafe * 9_999, negative_prompt=unsafe * 9_999, seed=1)
+    escaped = infotext.escape(unsafe)
+    prompt, negative, _ = infotext.parse(infotext.fit(infotext.parameters(request, infotext.Weights("m")), fits("jpg")))
+    for cut in (prompt, negative):
+        kept = cut.removesuffix(infotext.MARKER)
+        assert kept != cut and kept == escaped * (len(kept) // len(escaped))
+
+
+@pytest.mark.parametrize(
+    "text, fit",
+    [
+        ("x" * 100_000, fits("jpg")),  # no parameters line at all
+        ("a\nSteps: " + "y" * 100_000, fits("jpg")),  # a last line that does not fit alone
+        ("a\nNegative prompt: b\nSteps: 1, Seed: 2, Size: 3x3", lambda text: len(text) < 5),  # not even MARKER
+    ],
+)
+def test_a_text_of_any_layout_is_made_to_fit_and_never_raises(text, fit):
+    cut = infotext.fit(text, fit)
+    assert fit(cut) and (cut.endswith(infotext.MARKER) or cut == "")

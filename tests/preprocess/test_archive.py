@@ -1,7 +1,10 @@
 """Archive reading: type from content, layout tolerance, caption.csv by name, hostile archives refused cleanly."""
 
 import logging
+import signal
 import tarfile
+import time
+import tracemalloc
 
 import pytest
 
@@ -13,9 +16,12 @@ from tools.testing.archives import (
     exif_rotated_jpeg,
     make_tar,
     make_zip,
+    many_entry_zip,
+    negative_size_tar,
     png_header_only,
     solid,
     tar_with_special,
+    unnamed_member_tar,
     zeros,
     zip_with_symlink,
 )
@@ -137,7 +143,7 @@ HOSTILE = [
     ("tar hardlink", lambda p: tar_with_special(p, tarfile.LNKTYPE), "is a hard link"),
     ("tar device", lambda p: tar_with_special(p, tarfile.CHRTYPE), "is a device or special file"),
     ("tar fifo", lambda p: tar_with_special(p, tarfile.FIFOTYPE), "is a device or special file"),
-    ("zip entries", lambda p: make_zip(p, {f"{i}.png": RED_PNG for i in range(6)}), "6 entries; at most 5"),
+    ("zip entries", lambda p: make_zip(p, {f"{i}.png": RED_PNG for i in range(6)}), "more than 5 entries"),
     ("tar entries", lambda p: make_tar(p, {f"{i}.png": RED_PNG for i in range(6)}), "more than 5 entries"),
     (
         "zip size bomb",
@@ -146,6 +152,9 @@ HOSTILE = [
     ),
     ("tar.gz size bomb", lambda p: make_tar(p, {"z.png": zeros(3_000_000)}, "w:gz"), "more than 1,000,000 bytes"),
     ("pixel bomb", lambda p: make_zip(p, {"big.png": encode(solid("red", (200, 200)), "PNG")}), "200x200"),
+    ("tar.bz2 unnamed file", lambda p: unnamed_member_tar(p, 3_000_000), "entry '.' is a file without a name"),
+    ("tar negative size", negative_size_tar, "negative size"),
+    ("zip lying entry count", lambda p: many_entry_zip(p, 6, declared=1), "more than 5 entries"),
     ("corrupt tar", lambda p: p.write_bytes(make_tar(p, {"a.png": RED_PNG}).read_bytes()[:700]) and p, "corrupt"),
 ]
 
@@ -158,6 +167,32 @@ def test_hostile_archives_are_rejected_leaving_nothing(tmp_path, work, name, mak
     assert error.value.field == "input_images"
     assert list(work.iterdir()) == []  # the temporary extraction folder is gone
     assert not (tmp_path / "evil.png").exists() and not (tmp_path.parent / "evil.png").exists()
+
+
+def test_hostile_archive_headers_cost_neither_time_nor_memory(tmp_path, work):
+    """Refused before the costly part: a 64 MiB unnamed member before bzip2 decompresses it (it used to be skipped,
+    its bytes decompressed uncounted), a negative tar size before tarfile loops on it, and a 300,000-entry zip
+    before zipfile lists its directory (+94 MiB of ZipInfo objects; measured after: < 1 MiB)."""
+    cases = [
+        (unnamed_member_tar(tmp_path / "unnamed.tar.bz2", 64 << 20), "file without a name"),
+        (negative_size_tar(tmp_path / "negative.tar"), "negative size"),
+        (many_entry_zip(tmp_path / "many.zip", 300_000), "more than 10000 entries"),
+        (many_entry_zip(tmp_path / "lying.zip", 300_000, declared=1), "more than 10000 entries"),
+    ]
+    for path, message in cases:
+        signal.setitimer(signal.ITIMER_REAL, 60)  # a looping tarfile fails the test instead of hanging it
+        tracemalloc.start()
+        started = time.process_time()
+        try:
+            with pytest.raises(InputError, match=message):
+                read_samples(path, parent=work)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            seconds, peak = time.process_time() - started, tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+        print(f"{path.name} ({path.stat().st_size:,} bytes): refused in {seconds * 1000:.0f} ms, peak {peak >> 10} KiB")
+        assert seconds < 2 and peak < 8 << 20, (path.name, seconds, peak)
+    assert list(work.iterdir()) == []
 
 
 @pytest.mark.parametrize("width, height", [(30_000, 30_000), (10_000, 10_000)])  # above and below PIL's own guard

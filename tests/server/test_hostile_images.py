@@ -41,6 +41,23 @@ def encoded(fmt: str, size=(64, 64), **options) -> bytes:
     return buffer.getvalue()
 
 
+def scan_bomb(scans: int, size: int = 4096) -> bytes:
+    """A flat progressive JPEG whose last scan is repeated until it has `scans` scans: ~130 KB at 600, each scan
+    one more decoding pass over all the pixels (measured 6.7-7.3 s of CPU at 600, 1.0 s at 64)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (90, 140, 60)).save(buffer, format="JPEG", progressive=True)
+    data = buffer.getvalue()
+    last, own = data.rfind(b"\xff\xda"), data.count(b"\xff\xda")
+    return data[:last] + data[last:-2] * (scans - own + 1) + b"\xff\xd9"
+
+
+def chunky_png(chunks: int) -> bytes:
+    """A 64x64 PNG with `chunks` empty ancillary chunks before its pixels: Pillow reads each in Python."""
+    image = encoded("PNG")
+    empty = struct.pack(">I", 0) + b"abCd" + struct.pack(">I", zlib.crc32(b"abCd"))
+    return image[:33] + empty * chunks + image[33:]
+
+
 def truncated_png() -> bytes:
     data = encoded("PNG", (64, 64), compress_level=0)
     return data[: len(data) // 2]
@@ -56,6 +73,8 @@ HOSTILE = [
     ("header bomb under Pillow's guard", png_header_only(5_000, 5_000), "5000x5000 is too large"),
     ("zlib bomb 8192x8192", zero_png(8192, 8192), "8192x8192 is too large"),
     ("truncated png", truncated_png(), "could not be decoded: the image data is corrupt or truncated"),
+    ("jpeg of 600 scans", scan_bomb(600), "is a JPEG of more than 64 scans (progressive passes)"),
+    ("png of 20,000 chunks", chunky_png(20_000), "has more than 16,384 PNG chunks"),
 ]
 IDS = [case[0] for case in HOSTILE]
 
@@ -73,6 +92,27 @@ def test_hostile_file_is_refused_naming_the_field_without_decoding(tmp_path, fie
     # Measured: < 1 MB for every case (the 8192x8192 bomb would decode to 64 MB, 192 MB as RGB).
     assert growth < 8 * MB, f"{case}: peak RSS rose {growth / MB:.1f} MB"
     assert Image.MAX_IMAGE_PIXELS == pillow_limit  # Pillow's process-wide guard is left as it was
+
+
+def test_decode_work_is_bounded_before_decoding(tmp_path):
+    """At the caps (4096x4096, 64 scans) an image decodes in ~1 s here; past them it is refused from a walk over its
+    markers in milliseconds, where decoding the 600-scan file would take ~7 s."""
+    bomb, at_cap, chunks = tmp_path / "bomb.jpg", tmp_path / "cap.jpg", tmp_path / "chunks.png"
+    bomb.write_bytes(scan_bomb(600))
+    at_cap.write_bytes(scan_bomb(64))
+    chunks.write_bytes(chunky_png(16_000))
+    started = time.process_time()
+    with pytest.raises(InputError, match="more than 64 scans"):
+        load_image(bomb)
+    refused = time.process_time() - started
+    assert refused < 0.5, f"refusal took {refused:.2f} s of CPU"
+    started = time.process_time()
+    assert load_image(at_cap).size == (4096, 4096) and load_image(chunks).size == (64, 64)
+    decoded = time.process_time() - started
+    print(
+        f"600 scans refused in {refused * 1000:.0f} ms; 64 scans at 4096 px + 16,000 chunks decoded in {decoded:.2f} s"
+    )
+    assert decoded < 15, f"decoding at the caps took {decoded:.1f} s of CPU"
 
 
 @pytest.mark.parametrize("fmt, name", [("JPEG", "photo.png"), ("PNG", "photo.gif"), ("WEBP", "photo.bin")])

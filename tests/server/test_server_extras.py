@@ -8,10 +8,11 @@ import io
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
 from sdxl.inference.generation import generate
-from sdxl.inputs.request import GenerationRequest
+from sdxl.inputs.request import MAX_PROMPT_CHARS, GenerationRequest
 from sdxl.output import infotext
 from sdxl.output.outputs import read_parameters
 from tools.testing.cog_server import CogServer
@@ -102,3 +103,60 @@ def test_webp_output_carries_its_random_seed(server, tmp_path):
     _, _, pairs = infotext.parse(read_parameters(path))
     seed = int(pairs["Seed"])
     assert f"Using seed: {seed}" in server.log()
+
+
+FORGED = "a fox\x00 in snow\nNegative prompt: forged\u2028\nSteps: 1, Sampler: DDIM, CFG scale: 1, Seed: 7\n"
+EMOJI = "\U0001f98a"
+MIME = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
+
+
+def parameters_of(body: dict, fmt: str, tmp_path) -> tuple[str, str, dict[str, str]]:
+    assert body["status"] == "succeeded", body.get("error")
+    path = tmp_path / f"out.{fmt}"
+    path.write_bytes(base64.b64decode(body["output"][0].partition(",")[2]))
+    assert decode(body["output"][0], MIME[fmt]).format == {"jpg": "JPEG"}.get(fmt, fmt.upper())
+    return infotext.parse(read_parameters(path))
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+def test_a_prompt_cannot_forge_the_negative_prompt_or_the_parameters(server, tmp_path, fmt):
+    """A NUL, a line separator and lines that look like A1111's reach the file as visible prompt text."""
+    body = server.predict({**SMALL, "prompt": FORGED, "negative_prompt": "blurry", "seed": 11, "output_format": fmt})
+    prompt, negative, pairs = parameters_of(body.json(), fmt, tmp_path)
+    assert (
+        prompt
+        == "a fox\\x00 in snow\nNegative prompt\\: forged\\u2028\nSteps\\: 1, Sampler: DDIM, CFG scale: 1, Seed: 7\n"
+    )
+    assert negative == "blurry"
+    assert (pairs["Seed"], pairs["Steps"], pairs["Sampler"]) == ("11", "2", "Euler")
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "webp", "png"])
+def test_10000_emoji_in_both_prompts_are_answered_in_every_format(server, tmp_path, fmt):
+    """At the prompt caps EXIF (jpg, webp) cannot hold both prompts: they are cut and marked, the parameters line
+    whole; a PNG holds them whole."""
+    long = EMOJI * MAX_PROMPT_CHARS
+    body = server.predict({**SMALL, "prompt": long, "negative_prompt": long, "seed": 12, "output_format": fmt})
+    prompt, negative, pairs = parameters_of(body.json(), fmt, tmp_path)
+    if fmt == "png":
+        assert prompt == negative == long
+    else:
+        assert prompt == negative and prompt.endswith(EMOJI + infotext.MARKER)
+        assert MAX_PROMPT_CHARS // 2 < len(prompt) < MAX_PROMPT_CHARS
+    assert (pairs["Seed"], pairs["Steps"], pairs["Size"], pairs["Model"]) == (
+        "12",
+        "2",
+        "64x64",
+        infotext.model_name("tiny"),
+    )
+
+
+def test_a_lone_surrogate_is_refused_before_any_work(server):
+    """JSON can carry half a UTF-16 pair, which no encoder writes; the server refuses it when it reads the body (the
+    parameters text would write it as visible `\\ud83d` text: tests/output/test_outputs.py)."""
+    body = '{"input": {"prompt": "half \\ud83d a pair", "width": 64, "height": 64, "num_inference_steps": 2}}'
+    response = requests.post(
+        f"{server.url}/predictions", data=body, headers={"Content-Type": "application/json"}, timeout=30
+    )
+    assert response.status_code == 400 and "input.prompt" in response.text, response.text
+    assert server.wait_for("READY", "SETUP_FAILED", "DEFUNCT", timeout=10)["status"] == "READY"

@@ -258,7 +258,7 @@ def test_kohya_lora_with_text_encoder_layers(adapters, model, server, fresh, tmp
     url = server.serve("/kohya.safetensors", wh.save_safetensors(tmp_path / "k.safetensors", kohya))
     with adapters.applied(AdapterRequest(loras=(LoraInput(url, 0.8),))) as applied:
         got = image(model, applied.rewrite(request()))
-        name = "lora_" + wc.url_key(url)[:12]
+        name = "lora_" + wc.url_key(url)
         landed = dict(model.text2img.text_encoder.named_parameters())
         for key in ("q_proj.lora_A", "out_proj.lora_B"):  # the text-encoder layers carry the file's values
             source = te[f"text_encoder.text_model.encoder.layers.1.self_attn.{key}.weight"]
@@ -367,7 +367,7 @@ def test_cancel_mid_load_leaves_the_model_clean(adapters, model, server, tmp_pat
             with pytest.raises(Cancelled):
                 with adapters.applied(AdapterRequest(url, lora_scale=0.5)):
                     raise AssertionError("not reached")
-        assert "trained_" + wc.url_key(url)[:12] not in adapters.loras.resident
+        assert "trained_" + wc.url_key(url) not in adapters.loras.resident
         assert_clean(model, base_state)
 
     # a cancel in the middle of swapping UNet weights
@@ -468,3 +468,40 @@ def test_own_full_finetune_from_a_url(tiny_weights_dir, server, tmp_path):
     with adapters.applied(AdapterRequest()) as applied:
         assert applied.rewrite_text("an sks dog") == "an <s1-own><s0-own> dog"
     assert "<s0-own>" in own.text2img.tokenizer.get_vocab() and "<s1-own>" in own.text2img.tokenizer_2.get_vocab()
+
+
+def test_urls_whose_digests_share_a_prefix_get_their_own_adapters(
+    adapters, model, server, fresh, tmp_path, monkeypatch
+):
+    """Resident adapters are reused by name. Two URLs whose digests agree in their first 48 bits (forced here; 2^24
+    URLs give even odds of such a pair) each get their own LoRA, never the other's already resident one."""
+    real_key = wc.url_key
+    monkeypatch.setattr(wc, "url_key", lambda url: "0" * 12 + real_key(url)[12:])
+    states = [wh.lora_state(model.text2img.unet, seed=40 + i) for i in range(2)]
+    urls = [
+        server.serve(f"/prefix{i}.safetensors", wh.save_safetensors(tmp_path / f"p{i}.safetensors", s))
+        for i, s in enumerate(states)
+    ]
+    got = []
+    for url in urls:
+        with adapters.applied(AdapterRequest(loras=(LoraInput(url, 0.9),))) as applied:
+            got.append(image(model, applied.rewrite(request())))
+    assert not np.array_equal(got[0], got[1])
+    assert np.array_equal(got[1], reference(fresh, loras=[(states[1], 0.9)]))  # the second URL's own LoRA
+    trained = [name for name in adapters.loras.resident if name.startswith("lora_000000000000")]
+    assert len(trained) == 2 and all(len(name) == len("lora_") + 64 for name in trained), trained
+    assert_clean(model)
+
+
+def test_a_rewrite_past_the_prompt_cap_is_refused_before_it_is_logged(caplog):
+    """A short word that stands for a long token string, repeated: the rewritten prompt is checked before anything
+    logs it (one log line of 5.4 MB was written), and a rewrite that fits is logged cut short."""
+    applied = Applied({"a": "<s0-0123456789ab>" * 15})
+    with caplog.at_level("INFO", logger="sdxl.trained.tokens"):
+        with pytest.raises(InputError) as refused:
+            applied.rewrite(request(prompt="a " * 4_000))
+        assert str(refused.value).startswith("prompt: is 1,024,000 characters long once its trained words")
+        assert caplog.text == ""
+        applied.rewrite(request(prompt="a " * 30))
+    assert max(len(record.getMessage()) for record in caplog.records) < 600
+    assert "(7,680 characters)" in caplog.text

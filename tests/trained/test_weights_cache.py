@@ -1,6 +1,7 @@
 """The weights cache: hits use no network, LRU eviction under a budget, safe tar extraction, nothing left behind."""
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -37,8 +38,9 @@ def cache(tmp_path):
 
 
 def leftovers(cache):
-    """Everything in the cache folder but the (empty) kind folders."""
-    return sorted(str(p.relative_to(cache.root)) for p in cache.root.rglob("*") if p.name not in wc.KINDS)
+    """Everything in the cache folder but the (empty) kind folders and the lock file."""
+    skip = {*wc.KINDS, ".lock"}
+    return sorted(str(p.relative_to(cache.root)) for p in cache.root.rglob("*") if p.name not in skip)
 
 
 def test_hit_uses_no_network(server, cache):
@@ -46,10 +48,12 @@ def test_hit_uses_no_network(server, cache):
     folder = cache.get("trained", url, FIELD)
     assert sorted(p.name for p in folder.iterdir()) == sorted(GOOD)
     assert (folder / "lora.safetensors").read_bytes() == LORA
-    assert folder.name == wc.url_key(url)
+    assert folder.name == "sha256-" + hashlib.sha256(tar_bytes(GOOD)).hexdigest()
+    assert cache.path_for("trained", url).resolve() == folder
     assert cache.get("trained", url, FIELD) == folder
-    assert server.requests["/trained.tar"] == 1
-    assert leftovers(cache) == sorted([f"trained/{folder.name}"] + [f"trained/{folder.name}/{n}" for n in GOOD])
+    assert server.requests["/trained.tar"] == 1  # one download; the hit asks nothing
+    link = f"trained/{wc.url_key(url)}"
+    assert leftovers(cache) == sorted([link, f"trained/{folder.name}"] + [f"trained/{folder.name}/{n}" for n in GOOD])
 
 
 def test_full_finetune_tar_and_no_compression(server, cache):
@@ -79,15 +83,26 @@ def test_lru_eviction_under_the_budget(server, tmp_path):
 
 
 def test_entries_in_use_are_not_evicted(server, tmp_path):
-    cache = wc.WeightsCache(tmp_path / "c", wc.CacheLimits(budget_bytes=1500))
-    urls = [server.serve(f"/{i}.safetensors", save({"x": torch.full((200,), float(i))})) for i in range(2)]
+    """Room for two entries: with the first in use, a third evicts the second, though the first was used longest ago;
+    with both others in use, a fourth is refused (never written beside them over the budget)."""
+    cache = wc.WeightsCache(tmp_path / "c", wc.CacheLimits(budget_bytes=2000))
+    urls = [server.serve(f"/{i}.safetensors", save({"x": torch.full((200,), float(i))})) for i in range(4)]
     with cache.open("lora", urls[0], "loras[0]") as first:
-        cache.get("lora", urls[1], "loras[1]")
-        assert first.is_dir()
+        os.utime(first, (1, 1))
+        second = cache.get("lora", urls[1], "loras[1]")
+        with cache.open("lora", urls[2], "loras[2]") as third:
+            assert first.is_dir() and third.is_dir() and not second.is_dir()
+            with pytest.raises(InputError, match="loras.3.: the weights cache has no room for 872 bytes now"):
+                cache.get("lora", urls[3], "loras[3]")
+    assert leftovers(cache) == sorted(
+        [f"lora/{wc.url_key(u)}" for u in urls[:3]]
+        + [f"lora/{f.name}{n}" for f in (first, third) for n in ("", "/lora.safetensors")]
+    )
+    assert cache.get("lora", urls[3], "loras[3]").is_dir()  # free again: the least recent goes
 
 
 def test_stale_temporary_folders_are_removed_at_start(tmp_path):
-    (tmp_path / "c" / ".tmp-crashed").mkdir(parents=True)
+    (tmp_path / "c" / ".tmp-crashed").mkdir(parents=True)  # no process holds its lock: its owner is gone
     cache = wc.WeightsCache(tmp_path / "c")
     assert leftovers(cache) == []
 
@@ -193,3 +208,11 @@ def test_directory_entries_are_skipped(tmp_path):
     (tmp_path / "out").mkdir()
     wc.extract_trained_tar(archive, tmp_path / "out", "weights", max_bytes=10**6)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["lora.safetensors"]
+
+
+def test_an_entry_discarded_while_in_use_goes_when_its_use_ends(server, cache):
+    url = server.serve("/x.safetensors", LORA)
+    with cache.open("lora", url, "loras[0]") as folder:
+        cache.discard("lora", url)
+        assert (folder / wc.LORA_FILE).read_bytes() == LORA  # still whole for the request using it
+    assert leftovers(cache) == []

@@ -67,6 +67,9 @@ def test_defaults_are_the_contracts():
         ("caption_prefix", "", "'' does not contain token_string 'TOK' as a word"),
         ("caption_prefix", None, "None is not a string"),
         ("mask_target_prompts", 3, "3 is not a string"),
+        # free text is capped before any work (200 KB once passed, then the training's launch failed with E2BIG)
+        ("caption_prefix", "a photo of TOK, " + "x" * 200_000, "is 200,016 characters long; at most 1,000 are"),
+        ("mask_target_prompts", "a dog " * 40_000, "is 240,000 characters long; at most 2,000 are accepted"),
     ],
 )
 def test_bad_inputs_name_field_value_and_allowed(field, value, expected):

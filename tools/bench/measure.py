@@ -127,9 +127,7 @@ def two_cached_loras(pipes, files: list[Path] | None = None, rank: int = 16):
         cache = WeightsCache(Path(tmp) / "cache", resolver=_no_lookups)
         urls = [f"https://loras.invalid/{i}.safetensors" for i in range(len(files))]
         for url, path in zip(urls, files):
-            entry = cache.path_for("lora", url)
-            entry.mkdir(parents=True)
-            (entry / LORA_FILE).write_bytes(path.read_bytes())
+            cache.put("lora", url, {LORA_FILE: path.read_bytes()})
         adapters = TrainedWeights(pipes, cache)
         requests = [AdapterRequest(loras=(LoraInput(url, 1.0),)) for url in urls]
         for request in requests:

@@ -108,3 +108,42 @@ def zeros(count: int) -> bytes:
 
 def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image)
+
+
+def unnamed_member_tar(path: Path, size: int, mode: str = "w:bz2") -> Path:
+    """A compressed tar whose one file is named '.': bzip2 packs 64 MiB of zeros into ~80 bytes."""
+    with tarfile.open(path, mode) as archive:
+        info = tarfile.TarInfo(".")
+        info.size = size
+        archive.addfile(info, io.BytesIO(bytes(size)))
+    return path
+
+
+def negative_size_tar(path: Path) -> Path:
+    """A tar whose first member's size is base-256 -512: tarfile's next header would be this one again (the
+    negative-offset loop of CVE-2025-8194); it must be refused before tarfile acts on it."""
+    make_tar(path, {"a.png": b"x" * 10})
+    header = bytearray(path.read_bytes()[:512])
+    header[124:136] = b"\xff" + (256**11 - 512).to_bytes(11, "big")  # -512: back onto itself
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\x00 " % sum(header)
+    path.write_bytes(bytes(header) + bytes(1024))
+    return path
+
+
+def many_entry_zip(path: Path, count: int, declared: int | None = None) -> Path:
+    """A zip of `count` empty stored entries, written directly (zipfile.writestr takes ~10 s for 300,000); its end
+    record claims `declared` entries (default: the true count, as far as 16 bits hold it)."""
+    local, directory = bytearray(), bytearray()
+    for index in range(count):
+        name = b"%d" % index
+        offset = len(local)
+        local += struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, 0, 0, 0, 0, 0, 0, len(name), 0) + name
+        directory += struct.pack(
+            "<4s6H3I5H2I", b"PK\x01\x02", 20, 20, 0, 0, 0, 0, 0, 0, 0, len(name), 0, 0, 0, 0, 0, offset
+        )
+        directory += name
+    entries = min(count, 0xFFFF) if declared is None else declared
+    end = struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, entries, entries, len(directory), len(local), 0)
+    path.write_bytes(bytes(local + directory + end))
+    return path
