@@ -118,7 +118,7 @@ def load_pipelines(
         weights_dir=root,
         fastpath=fastpath,
         random_weights=weights.random_architecture(root),
-        control_views=_control_views(text2img, controlnets),
+        control_views=control_views(text2img, controlnets),
         depth_estimator=depth_estimator,
     )
     _log_loaded(pipes, time.perf_counter() - started)
@@ -191,7 +191,8 @@ def _load_control(root: Path, common: dict) -> tuple[dict, tuple | None]:
     return controlnets, depth_estimator
 
 
-def _control_views(base: StableDiffusionXLPipeline, controlnets: dict) -> dict:
+def control_views(base: StableDiffusionXLPipeline, controlnets: dict) -> dict:
+    """The ControlNet pipeline of each mode over the base's modules, for each ControlNet in `controlnets`."""
     return {
         (name, mode): _view(cls, base, controlnet=controlnet)
         for name, controlnet in controlnets.items()

@@ -22,8 +22,9 @@ EMBEDDING_GAIN = 2.0
 
 def _randomise(conv, gain: float, generator: torch.Generator) -> None:
     scale = gain / conv.weight[0].numel() ** 0.5
-    conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * scale)
-    conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * 0.01)
+    # drawn on the CPU (the generator's device), whatever the default device: the same seed, the same weights
+    conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator, device="cpu") * scale)
+    conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator, device="cpu") * 0.01)
 
 
 def _randomise_zero_convs(controlnet, generator: torch.Generator) -> None:
@@ -35,15 +36,22 @@ def _randomise_zero_convs(controlnet, generator: torch.Generator) -> None:
             _randomise(conv, ZERO_CONV_GAIN, generator)
 
 
+def random_controlnet(unet, seed: int):
+    """A ControlNet copied from `unet` (as the real ones were trained from SDXL's), its zero convolutions randomised."""
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_unet(unet).to(unet.dtype)
+    _randomise_zero_convs(controlnet, torch.Generator().manual_seed(seed))
+    return controlnet
+
+
 def write_controlnets(root: Path, seed: int) -> None:
-    """One ControlNet per registry entry, each from the written base UNet (as the real ones were trained from SDXL's)."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    """One ControlNet per registry entry, each from the written base UNet, with its own seed."""
+    from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(root / weights.BASE.folder / "unet")
     for offset, spec in enumerate(weights.CONTROLNETS.values()):
-        controlnet = ControlNetModel.from_unet(unet)
-        _randomise_zero_convs(controlnet, torch.Generator().manual_seed(seed + offset))
-        controlnet.save_pretrained(root / spec.folder)
+        random_controlnet(unet, seed + offset).save_pretrained(root / spec.folder)
 
 
 def write_depth_estimator(root: Path) -> None:
