@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from sdxl.errors import NSFWError
-from sdxl.inference import image_prompt
+from sdxl.inference import control, image_prompt
 from sdxl.inference.safety import nsfw_flags
 from sdxl.inference.watermark import apply_watermark
 from sdxl.inputs import images as image_io
@@ -68,7 +68,26 @@ def _warn_if_truncated(pipes: Pipelines, request: GenerationRequest) -> None:
 
 
 def base_call(pipes: Pipelines, request: GenerationRequest):
-    """The base pipeline view for the request's mode and the arguments only that mode takes."""
+    """The base pipeline view for the request's mode and the arguments only that mode takes; with a ControlNet, the
+    ControlNet view of that mode and its control map."""
+    pipe, kwargs = _plain_base_call(pipes, request)
+    if request.controlnet == "none":
+        return pipe, kwargs
+    size = (request.width, request.height) if request.mode != "img2img" else kwargs["image"].size
+    control_map = control.control_map(request, size, pipes.depth_estimator)
+    # The text-to-image ControlNet pipeline takes the map as `image`; img2img and inpaint as `control_image`.
+    kwargs["image" if request.mode == "text2img" else "control_image"] = control_map
+    if request.mode == "img2img":
+        kwargs.update(width=size[0], height=size[1])
+    kwargs.update(
+        controlnet_conditioning_scale=request.controlnet_conditioning_scale,
+        control_guidance_start=request.control_guidance_start,
+        control_guidance_end=request.control_guidance_end,
+    )
+    return pipes.control_views[(request.controlnet, request.mode)], kwargs
+
+
+def _plain_base_call(pipes: Pipelines, request: GenerationRequest):
     if request.mode == "text2img":
         return pipes.text2img, dict(width=request.width, height=request.height)
     if request.mode == "img2img":
@@ -191,14 +210,16 @@ def generate(
     started = time.perf_counter()
     request = request.with_seed()
     log.info(
-        "generate: mode=%s refine=%s scheduler=%s steps=%d outputs=%d seed=%d",
+        "generate: mode=%s controlnet=%s refine=%s scheduler=%s steps=%d outputs=%d seed=%d",
         request.mode,
+        request.controlnet,
         request.refine,
         request.scheduler,
         request.num_inference_steps,
         request.num_outputs,
         request.seed,
     )
+    control.require_loaded(pipes.control_views, pipes.depth_estimator, request.controlnet, request.control_preprocess)
     if not request.prompt_weighting:
         _warn_if_truncated(pipes, request)
     pipes.placement.use_cpu_threads()

@@ -35,6 +35,8 @@ def check_request(pipes: Pipelines, request: GenerationRequest, trained_weights:
     check_weights(pipes, request.ip_adapter_image is not None, request.inpaint_model)
     if request.inpaint_model != "inpainting":
         return
+    if getattr(request, "controlnet", "none") != "none":
+        raise InputError("inpaint_model", "a ControlNet steers the base UNet; use inpaint_model 'base' with controlnet")
     if request.uses_image_prompt:
         raise InputError(
             "ip_adapter_image",

@@ -17,6 +17,7 @@ from sdxl.validation import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, Spec, check_field
 
 DEFAULT_PROMPT = "An astronaut riding a rainbow unicorn"
 REFINE_MODES = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
+CONTROLNETS = ("none", "canny", "depth")
 MAX_OUTPUTS = 4
 MAX_STEPS = 500
 # CLIP reads 77 tokens (~300 characters). A longer text is only tokenized to warn where the cut fell, which costs
@@ -94,6 +95,30 @@ OUTPUT_FORMAT = Spec(str, "Beyond the hosted model: format of the output images"
 OUTPUT_QUALITY = Spec(int, "Beyond the hosted model: quality of webp and jpg outputs (png is lossless)",
                       DEFAULT_QUALITY, ge=QUALITY_RANGE[0], le=QUALITY_RANGE[1])  # fmt: skip
 
+# ControlNet (beyond the hosted model). Defaults as diffusers' SDXL ControlNet examples use them: scale 0.5, control
+# over the whole schedule (0 to 1), the edge or depth map computed from control_image.
+CONTROLNET = Spec(
+    str,
+    "Beyond the hosted model: steer composition with control_image through a ControlNet: canny (edges) or depth",
+    "none",
+    choices=CONTROLNETS,
+)
+CONTROL_IMAGE = Spec(object, "Beyond the hosted model: the image whose edges or depth steer the ControlNet",
+                     optional=True)  # fmt: skip
+CONTROLNET_CONDITIONING_SCALE = Spec(
+    float, "Beyond the hosted model: how strongly the ControlNet steers (0 turns it off)", 0.5, ge=0.0, le=2.0
+)
+CONTROL_GUIDANCE_START = Spec(
+    float, "Beyond the hosted model: fraction of the denoising steps where the ControlNet starts", 0.0, ge=0.0, le=1.0
+)
+CONTROL_GUIDANCE_END = Spec(
+    float, "Beyond the hosted model: fraction of the denoising steps where the ControlNet stops", 1.0, ge=0.0, le=1.0
+)
+CONTROL_PREPROCESS = Spec(
+    bool,
+    "Beyond the hosted model: compute the edge or depth map from control_image (false: control_image is the map)",
+    True,
+)
 INPAINT_MODELS = ("base", "inpainting")
 INPAINT_MODEL = Spec(
     str,
@@ -137,6 +162,12 @@ class GenerationRequest:
     apply_watermark: bool = described(APPLY_WATERMARK)
     disable_safety_checker: bool = described(DISABLE_SAFETY_CHECKER)
     prompt_weighting: bool = described(PROMPT_WEIGHTING)  # beyond the hosted model: compel's syntax, long prompts
+    controlnet: str = described(CONTROLNET)  # beyond the hosted model: ControlNet
+    control_image: Optional[Image.Image] = field(default=None, repr=False)
+    controlnet_conditioning_scale: float = described(CONTROLNET_CONDITIONING_SCALE)
+    control_guidance_start: float = described(CONTROL_GUIDANCE_START)
+    control_guidance_end: float = described(CONTROL_GUIDANCE_END)
+    control_preprocess: bool = described(CONTROL_PREPROCESS)
     inpaint_model: str = described(INPAINT_MODEL)  # beyond the hosted model: the dedicated inpainting UNet
     ip_adapter_image: Optional[Image.Image] = field(default=None, repr=False)  # beyond the hosted model: image prompt
     ip_adapter_scale: float = described(IP_ADAPTER_SCALE)
@@ -148,6 +179,7 @@ class GenerationRequest:
 
             check_syntax(self.prompt, self.negative_prompt)
         self._check_images()
+        self._check_control()
         self._check_steps_run()
 
     def _check_images(self) -> None:
@@ -163,6 +195,27 @@ class GenerationRequest:
                 "mask",
                 f"its size {self.mask.size[0]}x{self.mask.size[1]} differs from the image's "
                 f"{self.image.size[0]}x{self.image.size[1]}; send a mask of the same size",
+            )
+
+    def _check_control(self) -> None:
+        if self.control_image is not None and self.controlnet == "none":
+            raise InputError(
+                "control_image", "a control image needs a ControlNet; set `controlnet` (canny or depth), or drop it"
+            )
+        if self.controlnet != "none" and self.control_image is None:
+            raise InputError("controlnet", f"{self.controlnet!r} needs a `control_image` to steer by; send one")
+        if self.control_guidance_end <= self.control_guidance_start:
+            raise InputError(
+                "control_guidance_end",
+                f"{self.control_guidance_end} is not after control_guidance_start {self.control_guidance_start}; "
+                "the end must be greater than the start",
+            )
+        if self.controlnet != "none" and self.refine == "expert_ensemble_refiner" and self.mode == "img2img":
+            # diffusers' StableDiffusionXLControlNetImg2ImgPipeline has no denoising_end to hand over at
+            raise InputError(
+                "refine",
+                "expert_ensemble_refiner with controlnet in img2img mode (image without mask) is not supported; "
+                "use refine=base_image_refiner or no_refiner, or controlnet=none",
             )
 
     def _check_steps_run(self) -> None:
