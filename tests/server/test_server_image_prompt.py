@@ -12,7 +12,9 @@ import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     EulerDiscreteScheduler,
+    StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
@@ -198,6 +200,10 @@ def failed(server, inputs) -> str:
     [
         ({"inpaint_model": "inpainting"}, "inpaint_model: 'inpainting' inpaints, so it needs `image` and `mask`"),
         ({**INPAINT, **WITH_IMAGE_PROMPT, "inpaint_model": "inpainting"}, "ip_adapter_image: the IP-Adapter steers"),
+        (
+            {**INPAINT, "inpaint_model": "inpainting", "controlnet": "canny", "control_image": png_data_uri(INIT)},
+            "inpaint_model: a ControlNet steers the base UNet",
+        ),
         ({"ip_adapter_image": "/etc/passwd"}, "ip_adapter_image: a file path on the server is not accepted"),
         ({"ip_adapter_image": png_data_uri(IMAGE_PROMPT)[:40]}, "ip_adapter_image: "),
     ],
@@ -217,3 +223,25 @@ def test_a_loopback_image_prompt_url_is_refused_unconnected(server, listener):
     error = failed(server, {"ip_adapter_image": f"https://127.0.0.1:{listener.port}/face.png"})
     assert error.startswith("ip_adapter_image: refused: ") and "a loopback address" in error, error
     assert not listener.was_connected()
+
+
+def test_a_controlnet_and_an_image_prompt_together_equal_diffusers(server, tiny_weights_dir):
+    """Both in one request: diffusers' SDXL ControlNet pipeline with load_ip_adapter, the same map and image prompt."""
+    vae = AutoencoderKL.from_pretrained(tiny_weights_dir / weights.VAE.folder)
+    controlnet = ControlNetModel.from_pretrained(tiny_weights_dir / weights.CONTROLNET_CANNY.folder)
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
+        tiny_weights_dir / weights.BASE.folder, vae=vae, controlnet=controlnet, add_watermarker=False
+    )
+    subfolder, weight_name = weights.IP_ADAPTER_FILE.split("/")
+    pipe.load_ip_adapter(str(tiny_weights_dir / weights.IP_ADAPTER.folder), subfolder=subfolder,
+                         weight_name=weight_name, image_encoder_folder=weights.IP_ADAPTER_ENCODER)  # fmt: skip
+    pipe.set_ip_adapter_scale(SCALE)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    edges = Image.new("RGB", (64, 64))
+    edges.paste((255, 255, 255), (0, 0, 32, 64))
+    expected = pipe(**common(), image=edges, controlnet_conditioning_scale=0.5, width=64, height=64,
+                    ip_adapter_image=IMAGE_PROMPT).images  # fmt: skip
+    control = {"controlnet": "canny", "control_image": png_data_uri(edges), "control_preprocess": False}
+    got = served(server, width=64, height=64, **control, **WITH_IMAGE_PROMPT)
+    np.testing.assert_array_equal(got, arrays(expected))
+    assert not np.array_equal(got, served(server, width=64, height=64, **control))  # the image prompt counted
