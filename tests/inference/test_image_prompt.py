@@ -17,6 +17,7 @@ from sdxl.errors import InputError
 from sdxl.inference.generation import generate
 from sdxl.inputs.request import GenerationRequest
 from sdxl.model import weights
+from sdxl.model.fastpath import FastPath
 from sdxl.model.loading import load_pipelines
 from sdxl.serving import predict_once
 from sdxl.trained.lora_store import LoraStore
@@ -137,3 +138,19 @@ def _file(path):
     from safetensors.torch import load_file
 
     return load_file(path)
+
+
+@pytest.mark.parametrize("fastpath", [FastPath(fuse_qkv=True), FastPath(compile=True)], ids=["fuse_qkv", "compile"])
+def test_the_fast_path_keeps_the_image_prompt_and_the_plain_image(own_pipes, tiny_weights_dir, fastpath):
+    """Fused q/k/v or compiled transformer blocks: an image prompt draws what it draws without them (up to rounding),
+    and the plain request after it is the plain request before it, bit for bit (the fused processors come back)."""
+    fast = load_pipelines(tiny_weights_dir, fastpath=fastpath)
+    plain = dict(prompt=PROMPT, seed=SEED, width=64, height=64, num_inference_steps=3, apply_watermark=False)
+    steered = dict(plain, ip_adapter_image=IMAGE_PROMPT, ip_adapter_scale=0.8)
+
+    def draw(pipes, inputs):
+        return np.asarray(generate(pipes, GenerationRequest(**inputs)).images[0]).astype(int)
+
+    before = draw(fast, plain)
+    assert np.abs(draw(fast, steered) - draw(own_pipes, steered)).max() <= 2
+    np.testing.assert_array_equal(draw(fast, plain), before)
