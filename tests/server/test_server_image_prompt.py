@@ -245,3 +245,27 @@ def test_a_controlnet_and_an_image_prompt_together_equal_diffusers(server, tiny_
     got = served(server, width=64, height=64, **control, **WITH_IMAGE_PROMPT)
     np.testing.assert_array_equal(got, arrays(expected))
     assert not np.array_equal(got, served(server, width=64, height=64, **control))  # the image prompt counted
+
+
+def test_a_server_without_the_optional_weights_refuses_naming_the_command(server, tiny_weights_dir, tmp_path):
+    """The same tiny set without the inpainting UNet and the IP-Adapter: setup succeeds, and a request that needs one
+    fails at once naming its field and the download command; the server stays READY."""
+    bare = tmp_path / "weights"
+    bare.mkdir()
+    for entry in tiny_weights_dir.iterdir():
+        if entry.name not in (weights.IP_ADAPTER.folder, weights.INPAINTING_UNET.folder):
+            (bare / entry.name).symlink_to(entry)
+    cog = CogServer(bare, tmp_path / "server.log")
+    try:
+        cog.wait_for("READY", "SETUP_FAILED")
+        error = failed(cog, WITH_IMAGE_PROMPT)
+        assert error.startswith("ip_adapter_image: this server has no IP-Adapter weights"), error
+        assert "python scripts/download_weights.py --ip-adapter" in error
+        error = failed(cog, {**INPAINT, "inpaint_model": "inpainting"})
+        assert error.startswith("inpaint_model: this server has no inpainting UNet"), error
+        assert "python scripts/download_weights.py --inpainting" in error
+        assert cog.wait_for("READY", timeout=10)["status"] == "READY"
+        # its plain images are the server-with-everything's: the optional models change nothing when unused
+        np.testing.assert_array_equal(served(cog, width=64, height=64), served(server, width=64, height=64))
+    finally:
+        cog.stop()
