@@ -15,6 +15,8 @@ from cog import BaseRunner, Path
 from cog_inputs import FileInput, field, guard_worker_egress
 from cog_scratch import discard_finished_request_folders
 from sdxl.guard.request_deadline import RequestDeadline
+from sdxl.inference.control import require_loaded
+from sdxl.inference.image_prompt import check_weights
 from sdxl.inputs import file_inputs
 from sdxl.inputs import request as spec
 from sdxl.inputs.images import load_image, load_mask
@@ -36,15 +38,25 @@ def log_progress(stage: str, step: int, steps: int) -> None:
         log.info("%s: step %d/%d", stage, step, steps)
 
 
-def read_input_images(image, mask, deadline: RequestDeadline | None = None):
-    """`image` and `mask` (https URLs or data: URIs over HTTP; see sdxl.inputs.file_inputs) as decoded images, fetched by
-    the request's `deadline`. The fetched files are removed as soon as their pixels are in memory."""
+def read_input_images(image, mask, control_image=None, deadline: RequestDeadline | None = None):
+    """`image`, `mask` and `control_image` (https URLs or data: URIs over HTTP; see sdxl.inputs.file_inputs) as decoded
+    images, fetched by the request's `deadline`. The fetched files are removed as soon as their pixels are in memory."""
     limits = file_inputs.FileInputLimits.for_images()
-    with file_inputs.local_files({"image": image, "mask": mask}, limits, deadline=deadline) as files:
+    values = {"image": image, "mask": mask, "control_image": control_image}
+    with file_inputs.local_files(values, limits, deadline=deadline) as files:
         return (
             load_image(files["image"], "image") if files["image"] else None,
             load_mask(files["mask"], "mask") if files["mask"] else None,
+            load_image(files["control_image"], "control_image") if files["control_image"] else None,
         )
+
+
+def read_image_prompt(ip_adapter_image, deadline: RequestDeadline | None = None):
+    """`ip_adapter_image` (beyond the hosted model), fetched and decoded like `image`, under the same network policy
+    and the request's one `deadline`."""
+    limits = file_inputs.FileInputLimits.for_images()
+    with file_inputs.local_files({"ip_adapter_image": ip_adapter_image}, limits, deadline=deadline) as files:
+        return load_image(files["ip_adapter_image"], "ip_adapter_image") if files["ip_adapter_image"] else None
 
 
 class Runner(BaseRunner):
@@ -94,12 +106,25 @@ class Runner(BaseRunner):
         prompt_weighting: bool = field(spec.PROMPT_WEIGHTING),
         output_format: str = field(spec.OUTPUT_FORMAT),
         output_quality: int = field(spec.OUTPUT_QUALITY),
+        controlnet: str = field(spec.CONTROLNET),
+        control_image: Optional[FileInput] = field(spec.CONTROL_IMAGE),
+        controlnet_conditioning_scale: float = field(spec.CONTROLNET_CONDITIONING_SCALE),
+        control_guidance_start: float = field(spec.CONTROL_GUIDANCE_START),
+        control_guidance_end: float = field(spec.CONTROL_GUIDANCE_END),
+        control_preprocess: bool = field(spec.CONTROL_PREPROCESS),
+        inpaint_model: str = field(spec.INPAINT_MODEL),
+        ip_adapter_image: Optional[FileInput] = field(spec.IP_ADAPTER_IMAGE),
+        ip_adapter_scale: float = field(spec.IP_ADAPTER_SCALE),
     ) -> list[Path]:
         deadline = RequestDeadline.from_env()  # one for all of the request's downloads
         self._discard_previous_outputs()
         options = OutputOptions(output_format, output_quality)
         extra = AdapterRequest(replicate_weights=replicate_weights, lora_scale=lora_scale, loras=parse_loras(loras))
-        input_image, input_mask = read_input_images(image, mask, deadline)
+        # before anything is fetched: a ControlNet this server has not loaded fails at once
+        require_loaded(self.pipes.control_views, self.pipes.depth_estimator, controlnet, control_preprocess)
+        check_weights(self.pipes, image_prompt_given=bool(ip_adapter_image), inpaint_model=inpaint_model)
+        input_image, input_mask, input_control = read_input_images(image, mask, control_image, deadline)
+        image_prompt = read_image_prompt(ip_adapter_image, deadline)
         request = GenerationRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -119,6 +144,15 @@ class Runner(BaseRunner):
             apply_watermark=apply_watermark,
             disable_safety_checker=disable_safety_checker,
             prompt_weighting=prompt_weighting,
+            controlnet=controlnet,
+            control_image=input_control,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            control_guidance_start=control_guidance_start,
+            control_guidance_end=control_guidance_end,
+            control_preprocess=control_preprocess,
+            inpaint_model=inpaint_model,
+            ip_adapter_image=image_prompt,
+            ip_adapter_scale=ip_adapter_scale,
         ).with_seed()
         log.info("Using seed: %d", request.seed)
         result = on_compute_thread(

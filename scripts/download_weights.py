@@ -3,6 +3,10 @@
     python scripts/download_weights.py                 # prediction weights into ./weights (or $SDXL_WEIGHTS_DIR)
     python scripts/download_weights.py --training      # also the preprocessing models the trainer uses (BLIP,
                                                        # CLIPSeg, Swin2SR and the YuNet face detector)
+    python scripts/download_weights.py --controlnet    # also the canny and depth ControlNets and the depth
+                                                       # estimator (5.1 GB; requests with `controlnet` need them)
+    python scripts/download_weights.py --inpainting    # also the SDXL inpainting UNet (inpaint_model=inpainting)
+    python scripts/download_weights.py --ip-adapter    # also the IP-Adapter and its image encoder (ip_adapter_image)
     python scripts/download_weights.py --dry-run       # say what would be fetched
 
 Each model comes from the revision pinned in sdxl/model/weights.py. Downloads resume where they stopped (huggingface_hub
@@ -103,11 +107,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=weights.weights_dir(), help="weights folder (default: %(default)s)")
     parser.add_argument("--training", action="store_true", help="also fetch the trainer's preprocessing models")
+    parser.add_argument("--controlnet", action="store_true", help="also fetch the ControlNets and the depth estimator")
+    for option, spec in weights.OPTIONAL_PREDICTION_WEIGHTS.items():
+        parser.add_argument(option, action="store_true", help=f"also fetch {spec.purpose}")
     parser.add_argument("--dry-run", action="store_true", help="list what would be fetched and exit")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    specs = weights.ALL_WEIGHTS if args.training else weights.PREDICTION_WEIGHTS
+    specs = weights.PREDICTION_WEIGHTS
+    if args.training:
+        specs += weights.TRAINING_WEIGHTS + weights.OPTIONAL_TRAINING_WEIGHTS
+    if args.controlnet:
+        specs += weights.CONTROLNET_WEIGHTS
+    specs += tuple(
+        spec
+        for option, spec in weights.OPTIONAL_PREDICTION_WEIGHTS.items()
+        if getattr(args, option[2:].replace("-", "_"))
+    )
     for spec in specs:
         if args.dry_run:
             print(f"{spec.name:15s} {spec.repo_id}@{spec.revision or 'main'} -> {args.dir / spec.folder}")

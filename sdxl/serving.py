@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 from sdxl.guard.request_deadline import RequestDeadline
+from sdxl.inference import image_prompt
 from sdxl.inference.generation import GenerationResult, StepCallback, generate
 from sdxl.inputs.request import GenerationRequest
 from sdxl.model.compute import stop_if_cancelled
@@ -37,7 +38,10 @@ def predict_once(
 ) -> GenerationResult:
     """1. apply the request's trained weights  2. generate with its trained words rewritten  3. take the weights
     off again (also on error or cancel). A cancel stops it between steps, after each denoising step, and within a
-    second in a download. Every download ends by the request's `deadline` (default: from the environment, now)."""
+    second in a download. Every download ends by the request's `deadline` (default: from the environment, now).
+    What the server's optional models cannot do is refused first, before anything is fetched."""
+    uses_trained = bool(adapter_request.replicate_weights or adapter_request.loras or trained_weights.has_own_weights)
+    image_prompt.check_request(pipes, request, trained_weights=uses_trained)
     deadline = (deadline or RequestDeadline.from_env()).cancelled_by(cancelled)
     with trained_weights.applied(adapter_request, cancelled, deadline) as applied:
         stop_if_cancelled(cancelled, "before generating")

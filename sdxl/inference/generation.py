@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from sdxl.errors import NSFWError
+from sdxl.inference import control, image_prompt
 from sdxl.inference.safety import nsfw_flags
 from sdxl.inference.watermark import apply_watermark
 from sdxl.inputs import images as image_io
@@ -67,7 +68,26 @@ def _warn_if_truncated(pipes: Pipelines, request: GenerationRequest) -> None:
 
 
 def base_call(pipes: Pipelines, request: GenerationRequest):
-    """The base pipeline view for the request's mode and the arguments only that mode takes."""
+    """The base pipeline view for the request's mode and the arguments only that mode takes; with a ControlNet, the
+    ControlNet view of that mode and its control map."""
+    pipe, kwargs = _plain_base_call(pipes, request)
+    if request.controlnet == "none":
+        return pipe, kwargs
+    size = (request.width, request.height) if request.mode != "img2img" else kwargs["image"].size
+    control_map = control.control_map(request, size, pipes.depth_estimator)
+    # The text-to-image ControlNet pipeline takes the map as `image`; img2img and inpaint as `control_image`.
+    kwargs["image" if request.mode == "text2img" else "control_image"] = control_map
+    if request.mode == "img2img":
+        kwargs.update(width=size[0], height=size[1])
+    kwargs.update(
+        controlnet_conditioning_scale=request.controlnet_conditioning_scale,
+        control_guidance_start=request.control_guidance_start,
+        control_guidance_end=request.control_guidance_end,
+    )
+    return pipes.control_views[(request.controlnet, request.mode)], kwargs
+
+
+def _plain_base_call(pipes: Pipelines, request: GenerationRequest):
     if request.mode == "text2img":
         return pipes.text2img, dict(width=request.width, height=request.height)
     if request.mode == "img2img":
@@ -78,7 +98,7 @@ def base_call(pipes: Pipelines, request: GenerationRequest):
             else request.image.resize((width, height), Image.LANCZOS)
         )
         return pipes.img2img, dict(image=image, strength=request.prompt_strength)
-    return pipes.inpaint, dict(
+    return pipes.inpainting if request.inpaint_model == "inpainting" else pipes.inpaint, dict(
         image=request.image,
         mask_image=request.mask,
         strength=request.prompt_strength,
@@ -158,12 +178,12 @@ def denoise(
     base, base_kwargs = base_call(pipes, request)
     base_kwargs.update(_progress(on_step, "base", cancelled))
     if request.refine == "no_refiner":
-        with _scheduler_for(base, request.scheduler):
-            return base(**common, **base_kwargs).images
+        with _scheduler_for(base, request.scheduler), image_prompt.applied(pipes, request, base) as prompt_kwargs:
+            return base(**common, **base_kwargs, **prompt_kwargs).images
     if request.refine == "expert_ensemble_refiner":
         base_kwargs["denoising_end"] = request.high_noise_frac
-    with _scheduler_for(base, request.scheduler):
-        latents = base(**common, **base_kwargs, output_type="latent").images
+    with _scheduler_for(base, request.scheduler), image_prompt.applied(pipes, request, base) as prompt_kwargs:
+        latents = base(**common, **base_kwargs, **prompt_kwargs, output_type="latent").images
     refiner, refiner_kwargs = refiner_call(pipes, request, latents)
     # Each prompt's latents are already repeated num_outputs times: the refiner takes one image per latent.
     refiner_common = {
@@ -190,14 +210,16 @@ def generate(
     started = time.perf_counter()
     request = request.with_seed()
     log.info(
-        "generate: mode=%s refine=%s scheduler=%s steps=%d outputs=%d seed=%d",
+        "generate: mode=%s controlnet=%s refine=%s scheduler=%s steps=%d outputs=%d seed=%d",
         request.mode,
+        request.controlnet,
         request.refine,
         request.scheduler,
         request.num_inference_steps,
         request.num_outputs,
         request.seed,
     )
+    control.require_loaded(pipes.control_views, pipes.depth_estimator, request.controlnet, request.control_preprocess)
     if not request.prompt_weighting:
         _warn_if_truncated(pipes, request)
     pipes.placement.use_cpu_threads()

@@ -17,6 +17,7 @@ from sdxl.validation import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, Spec, check_field
 
 DEFAULT_PROMPT = "An astronaut riding a rainbow unicorn"
 REFINE_MODES = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
+CONTROLNETS = ("none", "canny", "depth")
 MAX_OUTPUTS = 4
 MAX_STEPS = 500
 # CLIP reads 77 tokens (~300 characters). A longer text is only tokenized to warn where the cut fell, which costs
@@ -94,6 +95,48 @@ OUTPUT_FORMAT = Spec(str, "Beyond the hosted model: format of the output images"
 OUTPUT_QUALITY = Spec(int, "Beyond the hosted model: quality of webp and jpg outputs (png is lossless)",
                       DEFAULT_QUALITY, ge=QUALITY_RANGE[0], le=QUALITY_RANGE[1])  # fmt: skip
 
+# ControlNet (beyond the hosted model). Defaults as diffusers' SDXL ControlNet examples use them: scale 0.5, control
+# over the whole schedule (0 to 1), the edge or depth map computed from control_image.
+CONTROLNET = Spec(
+    str,
+    "Beyond the hosted model: steer composition with control_image through a ControlNet: canny (edges) or depth",
+    "none",
+    choices=CONTROLNETS,
+)
+CONTROL_IMAGE = Spec(object, "Beyond the hosted model: the image whose edges or depth steer the ControlNet",
+                     optional=True)  # fmt: skip
+CONTROLNET_CONDITIONING_SCALE = Spec(
+    float, "Beyond the hosted model: how strongly the ControlNet steers (0 turns it off)", 0.5, ge=0.0, le=2.0
+)
+CONTROL_GUIDANCE_START = Spec(
+    float, "Beyond the hosted model: fraction of the denoising steps where the ControlNet starts", 0.0, ge=0.0, le=1.0
+)
+CONTROL_GUIDANCE_END = Spec(
+    float, "Beyond the hosted model: fraction of the denoising steps where the ControlNet stops", 1.0, ge=0.0, le=1.0
+)
+CONTROL_PREPROCESS = Spec(
+    bool,
+    "Beyond the hosted model: compute the edge or depth map from control_image (false: control_image is the map)",
+    True,
+)
+INPAINT_MODELS = ("base", "inpainting")
+INPAINT_MODEL = Spec(
+    str,
+    "Beyond the hosted model: the UNet that inpaints (image + mask): base (as the hosted model) or inpainting "
+    "(SDXL 1.0's dedicated inpainting UNet, which blends the repainted area in)",
+    "base",
+    choices=INPAINT_MODELS,
+)
+IP_ADAPTER_IMAGE = Spec(
+    object,
+    "Beyond the hosted model: an image prompt (IP-Adapter): its style and subject steer the image",
+    optional=True,
+)
+IP_ADAPTER_SCALE = Spec(
+    float, "Beyond the hosted model: how strongly ip_adapter_image steers the image (0 = not at all)", 0.6, ge=0.0,
+    le=1.0,
+)  # fmt: skip
+
 
 def random_seed() -> int:
     return secrets.randbelow(SEED_RANGE[1] + 1)
@@ -119,6 +162,15 @@ class GenerationRequest:
     apply_watermark: bool = described(APPLY_WATERMARK)
     disable_safety_checker: bool = described(DISABLE_SAFETY_CHECKER)
     prompt_weighting: bool = described(PROMPT_WEIGHTING)  # beyond the hosted model: compel's syntax, long prompts
+    controlnet: str = described(CONTROLNET)  # beyond the hosted model: ControlNet
+    control_image: Optional[Image.Image] = field(default=None, repr=False)
+    controlnet_conditioning_scale: float = described(CONTROLNET_CONDITIONING_SCALE)
+    control_guidance_start: float = described(CONTROL_GUIDANCE_START)
+    control_guidance_end: float = described(CONTROL_GUIDANCE_END)
+    control_preprocess: bool = described(CONTROL_PREPROCESS)
+    inpaint_model: str = described(INPAINT_MODEL)  # beyond the hosted model: the dedicated inpainting UNet
+    ip_adapter_image: Optional[Image.Image] = field(default=None, repr=False)  # beyond the hosted model: image prompt
+    ip_adapter_scale: float = described(IP_ADAPTER_SCALE)
 
     def __post_init__(self):
         check_fields(self)
@@ -127,16 +179,43 @@ class GenerationRequest:
 
             check_syntax(self.prompt, self.negative_prompt)
         self._check_images()
+        self._check_control()
         self._check_steps_run()
 
     def _check_images(self) -> None:
         if self.mask is not None and self.image is None:
             raise InputError("mask", "a mask needs an image to inpaint; send `image` too, or drop `mask`")
+        if self.inpaint_model != "base" and self.mask is None:
+            raise InputError(
+                "inpaint_model",
+                f"{self.inpaint_model!r} inpaints, so it needs `image` and `mask`; send both, or leave it at 'base'",
+            )
         if self.mask is not None and self.mask.size != self.image.size:
             raise InputError(
                 "mask",
                 f"its size {self.mask.size[0]}x{self.mask.size[1]} differs from the image's "
                 f"{self.image.size[0]}x{self.image.size[1]}; send a mask of the same size",
+            )
+
+    def _check_control(self) -> None:
+        if self.control_image is not None and self.controlnet == "none":
+            raise InputError(
+                "control_image", "a control image needs a ControlNet; set `controlnet` (canny or depth), or drop it"
+            )
+        if self.controlnet != "none" and self.control_image is None:
+            raise InputError("controlnet", f"{self.controlnet!r} needs a `control_image` to steer by; send one")
+        if self.control_guidance_end <= self.control_guidance_start:
+            raise InputError(
+                "control_guidance_end",
+                f"{self.control_guidance_end} is not after control_guidance_start {self.control_guidance_start}; "
+                "the end must be greater than the start",
+            )
+        if self.controlnet != "none" and self.refine == "expert_ensemble_refiner" and self.mode == "img2img":
+            # diffusers' StableDiffusionXLControlNetImg2ImgPipeline has no denoising_end to hand over at
+            raise InputError(
+                "refine",
+                "expert_ensemble_refiner with controlnet in img2img mode (image without mask) is not supported; "
+                "use refine=base_image_refiner or no_refiner, or controlnet=none",
             )
 
     def _check_steps_run(self) -> None:
@@ -157,6 +236,11 @@ class GenerationRequest:
     def refiner_steps(self) -> int:
         """base_image_refiner's num_inference_steps: refine_steps, else num_inference_steps (as the hosted model)."""
         return self.refine_steps or self.num_inference_steps
+
+    @property
+    def uses_image_prompt(self) -> bool:
+        """An image prompt at scale 0 steers nothing: the request runs (and draws) exactly as without it."""
+        return self.ip_adapter_image is not None and self.ip_adapter_scale > 0
 
     @property
     def mode(self) -> str:

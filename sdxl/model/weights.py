@@ -145,10 +145,90 @@ FACE_DETECTOR = WeightSpec(
     sha256=(("face_detection_yunet_2023mar.onnx", "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"),),
 )
 
+# ControlNets (optional: setup loads those whose folders are complete). The full-size diffusers SDXL ControlNets
+# (1.25 B params, 2.5 GB in fp16 each), the ones diffusers' SDXL ControlNet examples use; the -mid (5x smaller) and
+# -small (7x smaller) variants trade fidelity to the map for memory, with no published quality numbers to weigh.
+CONTROLNET_CANNY = WeightSpec(
+    "controlnet_canny",
+    "controlnet-canny-sdxl-1.0",
+    "diffusers/controlnet-canny-sdxl-1.0",
+    # "Update README.md" (2023-08-09), right after "move the checkpoint to root"; later commits touch README.md only.
+    "e04b87383a6ed517185cfa46b5b4f39a0b25c68f",
+    *_model_files("diffusion_pytorch_model", ".fp16"),
+    "ControlNet for SDXL steered by canny edge maps",
+)
+CONTROLNET_DEPTH = WeightSpec(
+    "controlnet_depth",
+    "controlnet-depth-sdxl-1.0",
+    "diffusers/controlnet-depth-sdxl-1.0",
+    "d409e4318358891d37974b9625c565e6cb8e9b2e",  # "add model" (2023-08-12): config and weights
+    *_model_files("diffusion_pytorch_model", ".fp16"),
+    "ControlNet for SDXL steered by depth maps",
+)
+# Depth Anything V2 Small (24.8 M params, 99 MB fp32, Apache-2.0) rather than Intel/dpt-hybrid-midas (123 M params,
+# ~490 MB), which diffusers' SDXL depth example uses: the Depth Anything papers report their ViT-S model ahead of
+# MiDaS v3.1's largest (BEiT-L) on zero-shot relative depth, and DPT-Hybrid is MiDaS v3.0, older and weaker than that.
+DEPTH_ESTIMATOR = WeightSpec(
+    "depth_estimator",
+    "depth-anything-v2-small",
+    "depth-anything/Depth-Anything-V2-Small-hf",
+    "870a35c76c2bc1d82fbde922d95015496cb7dd6c",  # "Fix yaml": model files as first uploaded; later: README only
+    *_transformers_files(),
+    "depth maps for controlnet=depth (control_preprocess)",
+)
+
+# Optional prediction models: setup loads each one whose folder is complete, and a request that needs a missing one
+# is refused naming the download option that fetches it.
+INPAINTING_UNET = WeightSpec(
+    "inpainting",
+    "sdxl-inpainting-0.1",
+    "diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
+    "115134f363124c53c7d878647567d04daf26e41e",
+    *_model_files("unet/diffusion_pytorch_model", ".fp16"),
+    "SDXL 1.0 inpainting UNet (9 input channels; shares the base's VAE, text encoders and scheduler)",
+)
+IP_ADAPTER_FILE = "sdxl_models/ip-adapter_sdxl_vit-h.safetensors"
+IP_ADAPTER_ENCODER = "models/image_encoder"
+IP_ADAPTER = WeightSpec(
+    name="ip_adapter",
+    folder="ip-adapter",
+    # The SDXL IP-Adapter for OpenCLIP ViT-H/14 image embeddings (README, Weights: why ViT-H and not bigG). The
+    # commit and the encoder's sha256 are those other projects pin for models/image_encoder/model.safetensors.
+    repo_id="h94/IP-Adapter",
+    revision="018e402774aeeddd60609b4ecdb7e298259dc729",
+    allow_patterns=(IP_ADAPTER_FILE, f"{IP_ADAPTER_ENCODER}/config.json", f"{IP_ADAPTER_ENCODER}/model.safetensors"),
+    required_files=(IP_ADAPTER_FILE, f"{IP_ADAPTER_ENCODER}/config.json", f"{IP_ADAPTER_ENCODER}/model.safetensors"),
+    purpose="image prompts: the SDXL IP-Adapter (ViT-H) and its CLIP image encoder",
+    sha256=(
+        (f"{IP_ADAPTER_ENCODER}/model.safetensors", "6ca9667da1ca9e0b0f75e46bb030f7e011f44f86cbfb8d5a36590fcd7507b030"),
+    ),
+)
+# The download options that fetch them (scripts/download_weights.py), named in refusals.
+OPTIONAL_PREDICTION_WEIGHTS = {"--inpainting": INPAINTING_UNET, "--ip-adapter": IP_ADAPTER}
+
 PREDICTION_WEIGHTS = (BASE, VAE, REFINER, SAFETY_CHECKER)
+CONTROLNETS = {"canny": CONTROLNET_CANNY, "depth": CONTROLNET_DEPTH}
+CONTROLNET_WEIGHTS = (CONTROLNET_CANNY, CONTROLNET_DEPTH, DEPTH_ESTIMATOR)
+CONTROLNET_DOWNLOAD_COMMAND = f"{DOWNLOAD_COMMAND} --controlnet"
 TRAINING_WEIGHTS = (UPSCALER, CAPTIONER, SEGMENTER)  # required by the preprocessing steps that use them
 OPTIONAL_TRAINING_WEIGHTS = (FACE_DETECTOR,)  # fetched with them; without it a fallback runs
-ALL_WEIGHTS = PREDICTION_WEIGHTS + TRAINING_WEIGHTS + OPTIONAL_TRAINING_WEIGHTS
+ALL_WEIGHTS = (
+    PREDICTION_WEIGHTS
+    + TRAINING_WEIGHTS
+    + OPTIONAL_TRAINING_WEIGHTS
+    + CONTROLNET_WEIGHTS
+    + tuple(OPTIONAL_PREDICTION_WEIGHTS.values())
+)
+
+
+def is_present(root: Path, spec: WeightSpec) -> bool:
+    return not missing_files(root, spec)
+
+
+def fetch_command(spec: WeightSpec) -> str:
+    """The command that fetches an optional prediction model."""
+    option = next(option for option, known in OPTIONAL_PREDICTION_WEIGHTS.items() if known is spec)
+    return f"{DOWNLOAD_COMMAND} {option}"
 
 
 class WeightsMissingError(RuntimeError):

@@ -161,6 +161,11 @@ def _pairs(request: GenerationRequest, used: Weights, position: int) -> list[tup
         pairs.append(("LoRAs", ", ".join(f"{source_name(url)}: {_number(scale)}" for url, scale in used.loras)))
     if request.prompt_weighting:
         pairs.append(("Prompt weighting", "compel"))
+    if request.inpaint_model != "base":
+        pairs.append(("Inpaint model", weights.INPAINTING_UNET.repo_id.rpartition("/")[2]))
+    if request.uses_image_prompt:  # the image itself is not recorded: only that one steered, and how strongly
+        pairs += [("IP-Adapter", weights.IP_ADAPTER_FILE.rpartition("/")[2]),
+                  ("IP-Adapter scale", _number(request.ip_adapter_scale))]  # fmt: skip
     return pairs
 
 

@@ -47,6 +47,12 @@ class TrainedWeights:
         self._lock = threading.Lock()
         self._own_rewrites: dict[str, str] = {}
         self._own_lora: tuple[str, Path] | None = None  # (name, a private copy: no cache eviction can remove it)
+        self._own_unet = False  # the model's own full fine-tune is the base UNet
+
+    @property
+    def has_own_weights(self) -> bool:
+        """The model's own LoRA or fine-tuned UNet is part of every request."""
+        return self._own_lora is not None or self._own_unet
 
     @contextlib.contextmanager
     def applied(
@@ -144,6 +150,7 @@ class TrainedWeights:
             trained = Trained(self._own_folder(stack, source), OWN_TAG, OWN_FIELD)
             if trained.file(wc.UNET_FILE):
                 self.unet.make_base(self.unet.check(trained.file(wc.UNET_FILE), OWN_FIELD))
+                self._own_unet = True
             if trained.file(wc.EMBEDDINGS_FILE):
                 self._own_rewrites, names, rows = trained.tokens(self.tokens.widths())
                 self.tokens.load(names, rows, for_request=False)

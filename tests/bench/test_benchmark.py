@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 from tools.bench.gpu_plan import Config, allowed_until, estimate, steps_for  # noqa: E402
 
-ALL_ROWS = ["1", "2a", "2b", "3", "4", "5a", "5b", "5c", "5d", "6a", "6b", "6c"]
+ALL_ROWS = ["1", "2a", "2b", "3", "4", "5a", "5b", "5c", "5d", "6a", "6b", "6c", "7"]
 STARTUP_SLACK_S = 30  # python start of the parent and the shell's own steps, outside the measured budget
 # Only a hang guard: the device command's rows are checked for running and reporting, never for time (measured: 53 s
 # beside the other commands at load ~3; its compile row alone ran past 54 s on a busy machine).
@@ -169,6 +169,7 @@ def test_device_command_measures_every_row_on_tiny_shapes(commands, request):
     assert rows["4"]["metrics"]["lora_switch_ms"] > 0
     assert all(rows[row]["metrics"]["max_pixel_diff"] <= 2 for row in ("5a", "5b", "5c", "5d"))
     assert all(rows[row]["metrics"]["unet_calls"] == rows[row]["metrics"]["expected"] for row in ("6a", "6b", "6c"))
+    assert rows["7"]["metrics"]["s_per_image"] > 0 and rows["7"]["metrics"]["plain_s_per_image"] > 0
 
 
 def test_a_small_budget_skips_what_does_not_fit_and_stops_an_overrun(commands, request):

@@ -248,6 +248,40 @@ def test_img2img_upload_equals_the_same_request_over_http(server, playground, pa
     np.testing.assert_array_equal(shown, direct(server, **TINY, seed=7, prompt_strength=0.6, image=uri)[0])
 
 
+def test_a_controlnet_request_equals_the_same_request_over_http(server, playground, page, tmp_path):
+    control = tmp_path / "map.png"
+    edges = Image.new("RGB", (64, 64))
+    edges.paste((255, 255, 255), (0, 0, 32, 64))
+    edges.save(control)
+    page.upload("#input-control_image input[type=file]", control)
+    page.find("#input-control_image img", timeout=20)
+    page.click(_field("controlnet"))
+    page.wait(lambda: "canny" in page.attribute_all("ul[role=listbox] li", "innerText")[1], 10, "controlnet choices")
+    page.script(
+        "[...document.querySelectorAll('ul[role=listbox] li')].find(li => li.innerText.includes('canny')).dispatchEvent("
+        "new MouseEvent('mousedown', {bubbles: true}))"
+    )
+    page.wait(lambda: page.value(_field("controlnet")) == "canny", 10, "canny chosen")
+    status = generate(page, **TINY, seed=11)
+    assert "Done" in status, status
+    (shown,) = gallery_images(page, playground)
+    uri = "data:image/png;base64," + base64.b64encode(control.read_bytes()).decode()
+    np.testing.assert_array_equal(shown, direct(server, **TINY, seed=11, controlnet="canny", control_image=uri)[0])
+
+
+def test_an_image_prompt_request_equals_the_same_request_over_http(server, playground, page, tmp_path):
+    prompt_image = tmp_path / "style.png"
+    Image.fromarray((np.random.RandomState(4).rand(40, 48, 3) * 255).astype("uint8")).save(prompt_image)
+    page.upload("#input-ip_adapter_image input[type=file]", prompt_image)
+    page.find("#input-ip_adapter_image img", timeout=20)
+    status = generate(page, **TINY, seed=13)
+    assert "Done" in status, status
+    (shown,) = gallery_images(page, playground)
+    uri = "data:image/png;base64," + base64.b64encode(prompt_image.read_bytes()).decode()
+    np.testing.assert_array_equal(shown, direct(server, **TINY, seed=13, ip_adapter_image=uri)[0])
+    assert not np.array_equal(shown, direct(server, **TINY, seed=13)[0])  # the image prompt steered it
+
+
 def test_a_bad_value_shows_the_422_naming_the_field(server, page):
     status = generate(page, **{**TINY, "width": 5000})
     assert "refused the input (422)" in status, status

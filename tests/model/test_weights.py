@@ -78,7 +78,7 @@ def test_missing_folder_fails_naming_every_model(tmp_path):
 
 
 def test_registry_pins_revisions_for_prediction_and_training_weights():
-    for spec in weights.PREDICTION_WEIGHTS + weights.TRAINING_WEIGHTS:
+    for spec in weights.PREDICTION_WEIGHTS + weights.TRAINING_WEIGHTS + weights.CONTROLNET_WEIGHTS:
         assert re.fullmatch(r"[0-9a-f]{40}", spec.revision or ""), spec.name
     assert len({spec.folder for spec in weights.ALL_WEIGHTS}) == len(weights.ALL_WEIGHTS)
 

@@ -136,6 +136,16 @@ def test_parameters_text_layout_and_a1111_parse():
     assert "Negative prompt" not in single and "Batch" not in single
 
 
+def test_image_prompts_and_the_inpainting_unet_are_recorded():
+    image, mask = Image.new("RGB", (64, 64)), Image.new("L", (64, 64))
+    request = GenerationRequest(seed=1, image=image, mask=mask, inpaint_model="inpainting", ip_adapter_image=image)
+    _, _, pairs = infotext.parse(infotext.parameters(request, infotext.Weights("m")))
+    assert pairs["Inpaint model"] == "stable-diffusion-xl-1.0-inpainting-0.1"
+    assert (pairs["IP-Adapter"], pairs["IP-Adapter scale"]) == ("ip-adapter_sdxl_vit-h.safetensors", "0.6")
+    unused = GenerationRequest(seed=1, ip_adapter_image=image, ip_adapter_scale=0)  # scale 0 steers nothing
+    assert "IP-Adapter" not in infotext.parameters(unused, infotext.Weights("m"))
+
+
 def test_weights_appear_as_host_and_file_name_only():
     secret = "X-Amz-Signature=s3cr3t"
     used = infotext.Weights.of(

@@ -79,6 +79,15 @@ EXTRA_INPUTS = {
     "prompt_weighting": ("boolean", False),
     "output_format": (None, "png"),  # a choice: its type is in the enum's own schema
     "output_quality": ("integer", 80),
+    "controlnet": (None, "none"),
+    "control_image": ("string", None),
+    "controlnet_conditioning_scale": ("number", 0.5),
+    "control_guidance_start": ("number", 0.0),
+    "control_guidance_end": ("number", 1.0),
+    "control_preprocess": ("boolean", True),
+    "inpaint_model": (None, "base"),
+    "ip_adapter_image": ("string", None),  # a file input: no image prompt unless sent
+    "ip_adapter_scale": ("number", 0.6),
 }
 
 
@@ -87,7 +96,7 @@ def test_inputs_match_the_contract_in_order():
     properties = schema["Input"]["properties"]
     assert list(properties) == list(CONTRACT) + list(EXTRA_INPUTS)
     for name, (json_type, default) in EXTRA_INPUTS.items():
-        assert (properties[name].get("type"), properties[name]["default"]) == (json_type, default)
+        assert (properties[name].get("type"), properties[name].get("default")) == (json_type, default), name
     assert schema["output_format"] == {
         "title": "output_format",
         "description": "An enumeration.",
@@ -95,6 +104,9 @@ def test_inputs_match_the_contract_in_order():
         "type": "string",
     }
     assert (properties["output_quality"]["minimum"], properties["output_quality"]["maximum"]) == (1, 100)
+    assert schema["inpaint_model"]["enum"] == ["base", "inpainting"]
+    assert properties["ip_adapter_image"]["format"] == "uri"
+    assert (properties["ip_adapter_scale"]["minimum"], properties["ip_adapter_scale"]["maximum"]) == (0, 1)
     assert "required" not in schema["Input"]  # every input has a default: old clients may send any subset
     for order, (name, (json_type, default, choices, minimum, maximum)) in enumerate(CONTRACT.items()):
         prop = properties[name]

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sdxl.errors import InputError
 from sdxl.guard import remote
@@ -75,7 +76,7 @@ def trained(model, server, tmp_path_factory):
     return dict(url=url, lora=folder / "lora.safetensors", rows=rows)
 
 
-def reference(fresh, lora=None, scale=1.0, rows=None, prompt="a photo", loras=()):
+def reference(fresh, lora=None, scale=1.0, rows=None, prompt="a photo", loras=(), **fields):
     """The same call made with diffusers' own loaders on a fresh model."""
     pipe = fresh.text2img
     names, weights = [], []
@@ -94,7 +95,7 @@ def reference(fresh, lora=None, scale=1.0, rows=None, prompt="a photo", loras=()
         pipe.load_textual_inversion(
             rows["text_encoders_1"], token=tokens, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
         )
-    return image(fresh, request(prompt=prompt))
+    return image(fresh, request(prompt=prompt, **fields))
 
 
 def assert_clean(model, fresh_unet_state=None):
@@ -192,6 +193,23 @@ def test_lora_tar_equals_diffusers_and_leaves_nothing(adapters, model, trained, 
     assert not np.array_equal(got, base_images[PROMPT])
     assert_clean(model)
     assert np.array_equal(image(model, request(prompt=PROMPT)), base_images[PROMPT])
+
+
+def test_trained_weights_apply_to_a_controlnet_request(adapters, model, trained, fresh):
+    """The ControlNet views share the base's UNet and text encoders: a trained tar's LoRA and tokens steer them as
+    diffusers' own loaders do."""
+    control_map = Image.new("RGB", (64, 64))
+    control_map.paste((255, 255, 255), (0, 0, 32, 64))
+    control = dict(controlnet="canny", control_image=control_map, control_preprocess=False)
+    with adapters.applied(AdapterRequest(trained["url"], lora_scale=0.5)) as applied:
+        got = image(model, applied.rewrite(request(prompt=PROMPT, **control)))
+    without = image(model, request(prompt=PROMPT, **control))
+    expected = reference(
+        fresh, lora=trained["lora"], scale=0.5, rows=trained["rows"], prompt="a photo of <s0><s1> in tokyo", **control
+    )
+    assert np.array_equal(got, expected)
+    assert not np.array_equal(got, without)
+    assert_clean(model)
 
 
 def test_again_scale_zero_no_download_no_reload(adapters, model, trained, base_images, server, monkeypatch):

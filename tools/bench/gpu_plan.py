@@ -26,6 +26,10 @@ PRIORS = {
     "tiny": dict(load_s=1.0, image_s=0.2, unet_step_s=0.02, decode_s=0.05, process_start_s=8.0, compile_s=15.0),
 }
 LORA_SETUP_S = {"full": 10.0, "mid": 3.0, "tiny": 1.0}  # write two rank-16 LoRAs and load each once
+# A ControlNet copies the base UNet's encoder half (1.25 B of 2.57 B params at full size): a guess of its share of a
+# UNet step, and the seconds to build a random one from the loaded UNet on the device.
+CONTROLNET_STEP_SHARE = 0.5
+CONTROLNET_SETUP_S = {"full": 15.0, "mid": 2.0, "tiny": 1.0}
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ def steps_for(config: Config) -> list[Step]:
         Step(f"refine_{mode}", f"6{'abc'[i]}", f"{mode}, {outputs} outputs, {refine_steps} steps, {size}")
         for i, mode in enumerate(REFINE_MODES)
     ]
+    steps.append(Step("controlnet", "7", f"ControlNet (canny) request vs plain, {size}, {config.steps} steps"))
     return steps
 
 
@@ -121,6 +126,9 @@ def estimate(step: str, facts: dict, config: Config) -> float:
         seconds = f["load_s"] + images + upcast
     elif step.startswith("refine_"):
         seconds = _refine_estimate(step.removeprefix("refine_"), config, f)
+    elif step == "controlnet":
+        controlled = _image_runs(config) * (f["image_s"] + config.steps * f["unet_step_s"] * CONTROLNET_STEP_SHARE)
+        seconds = CONTROLNET_SETUP_S[config.shapes] + images + controlled
     else:
         raise ValueError(f"unknown step {step!r}")
     return seconds * config.estimate_scale

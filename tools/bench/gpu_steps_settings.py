@@ -7,8 +7,12 @@ import time
 from dataclasses import replace
 from functools import partial
 
+import torch
+from PIL import Image
+
 from sdxl.model.fastpath import FastPath, apply_fastpath, warm_up
-from sdxl.model.loading import load_pipelines
+from sdxl.model.loading import control_views, load_pipelines
+from sdxl.model.random_weights.control import random_controlnet
 from tools.bench.gpu_plan import REFINE_MODES, VARIANTS, unet_calls
 from tools.bench.gpu_steps import (
     Context,
@@ -121,9 +125,36 @@ def step_refine(ctx: Context, m: dict, until: float, mode: str) -> str:
     return f"{m['s_per_image']:.3f} s/image; peak {fmt(m['peak_gib'], '.2f', ' GiB')}; UNet calls {m['unet_calls']} {check}"
 
 
+def step_controlnet(ctx: Context, m: dict, until: float) -> str:
+    """Row 7: a canny ControlNet request (its edge map computed from a photo-like image) against the same plain
+    request, both timed here. The ControlNet is random, built from the loaded base UNet on the device."""
+    pipes = ctx.default_pipes()
+    started = time.perf_counter()
+    if ("canny", "text2img") not in pipes.control_views:
+        with torch.device(pipes.placement.device):
+            controlnet = random_controlnet(pipes.text2img.unet, seed=0).eval().requires_grad_(False)
+        pipes.control_views.update(control_views(pipes.text2img, {"canny": controlnet}))
+    sync()
+    m["controlnet_setup_s"] = time.perf_counter() - started
+    size = ctx.config.size
+    control_image = Image.radial_gradient("L").resize((size, size)).convert("RGB")
+    plain = ctx.request()
+    controlled = replace(plain, controlnet="canny", control_image=control_image)
+    m["plain_s_per_image"], _ = time_images(pipes, plain, ctx.config.repeats, until)
+    cuda_peak_reset()
+    m["s_per_image"], _ = time_images(pipes, controlled, ctx.config.repeats, until)
+    m["peak_gib"] = cuda_peak_gib()
+    m["vs_plain"] = m["s_per_image"] / m["plain_s_per_image"]
+    return (
+        f"{m['s_per_image']:.3f} s/image vs {m['plain_s_per_image']:.3f} plain (x{m['vs_plain']:.2f});"
+        f" peak {fmt(m['peak_gib'], '.2f', ' GiB')}; ControlNet built in {m['controlnet_setup_s']:.1f} s"
+    )
+
+
 BODIES = {
     "compile": step_compile,
     "lora": step_lora,
     **{f"variant_{name}": partial(step_variant, name=name) for name in VARIANTS},
     **{f"refine_{mode}": partial(step_refine, mode=mode) for mode in REFINE_MODES},
+    "controlnet": step_controlnet,
 }

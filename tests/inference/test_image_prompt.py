@@ -1,0 +1,156 @@
+"""Image prompts and the inpainting UNet with the rest of the model, in process: a LoRA and an image prompt together
+equal diffusers (load_ip_adapter + load_lora_weights); a server without the optional weights refuses a request that
+needs them before anything is fetched, naming the field and the download command; what diffusers does with a
+base-UNet LoRA on the 9-channel inpainting UNet."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
+from PIL import Image
+
+from sdxl.errors import InputError
+from sdxl.inference.generation import generate
+from sdxl.inputs.request import GenerationRequest
+from sdxl.model import weights
+from sdxl.model.fastpath import FastPath
+from sdxl.model.loading import load_pipelines
+from sdxl.serving import predict_once
+from sdxl.trained.lora_store import LoraStore
+from sdxl.trained.request import AdapterRequest, LoraInput
+from sdxl.trained.trained_weights import TrainedWeights
+from tools.testing.trained import lora_state, write_lora
+
+SEED = 3
+PROMPT = "a red fox"
+IMAGE_PROMPT = Image.fromarray((np.random.RandomState(5).rand(40, 40, 3) * 255).astype("uint8"))
+MASK = Image.new("L", (64, 64), 0)
+MASK.paste(255, (16, 16, 48, 48))
+INIT = Image.fromarray((np.random.RandomState(6).rand(64, 64, 3) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def own_pipes(tiny_weights_dir):
+    """Pipelines of this module's own: the LoRA loaded here stays out of the session's."""
+    return load_pipelines(tiny_weights_dir)
+
+
+@pytest.fixture(scope="module")
+def lora_file(tiny_weights_dir, tmp_path_factory):
+    base = StableDiffusionXLPipeline.from_pretrained(tiny_weights_dir / weights.BASE.folder, vae=None)
+    return write_lora(tmp_path_factory.mktemp("lora"), lora_state(base.unet, seed=9))
+
+
+def load_reference_ip_adapter(pipe, root):
+    subfolder, weight_name = weights.IP_ADAPTER_FILE.split("/")
+    pipe.load_ip_adapter(str(root / weights.IP_ADAPTER.folder), subfolder=subfolder, weight_name=weight_name,
+                         image_encoder_folder=weights.IP_ADAPTER_ENCODER)  # fmt: skip
+
+
+def test_a_lora_and_an_image_prompt_together_equal_diffusers(own_pipes, lora_file, tiny_weights_dir):
+    store = LoraStore(own_pipes.text2img)
+    store.activate([(store.ensure("style", lora_file, "loras[0]"), 0.8, "loras[0]")])
+    try:
+        request = GenerationRequest(prompt=PROMPT, seed=SEED, width=64, height=64, num_inference_steps=3,
+                                    apply_watermark=False, disable_safety_checker=True, ip_adapter_image=IMAGE_PROMPT,
+                                    ip_adapter_scale=0.8)  # fmt: skip
+        got = np.asarray(generate(own_pipes, request).images[0])
+    finally:
+        store.deactivate()
+    vae = AutoencoderKL.from_pretrained(tiny_weights_dir / weights.VAE.folder)
+    reference = StableDiffusionXLPipeline.from_pretrained(
+        tiny_weights_dir / weights.BASE.folder, vae=vae, add_watermarker=False
+    )
+    reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config)
+    load_reference_ip_adapter(reference, tiny_weights_dir)
+    reference.set_ip_adapter_scale(0.8)
+    reference.load_lora_weights(lora_file, adapter_name="style")
+    reference.set_adapters(["style"], adapter_weights=[0.8])
+    expected = reference(prompt=PROMPT, negative_prompt="", num_inference_steps=3, width=64, height=64, guidance_scale=7.5,
+                         generator=torch.Generator("cpu").manual_seed(SEED), ip_adapter_image=IMAGE_PROMPT).images[0]  # fmt: skip
+    np.testing.assert_array_equal(got, np.asarray(expected))
+    # The LoRA moved the image: without it the same request draws something else.
+    assert not np.array_equal(got, np.asarray(generate(own_pipes, request).images[0]))
+
+
+@pytest.mark.parametrize(
+    "inputs, field, command",
+    [
+        ({"ip_adapter_image": IMAGE_PROMPT}, "ip_adapter_image", "download_weights.py --ip-adapter"),
+        (
+            {"image": INIT, "mask": MASK, "inpaint_model": "inpainting"},
+            "inpaint_model",
+            "download_weights.py --inpainting",
+        ),
+    ],
+)
+def test_without_the_weights_a_request_is_refused_before_any_fetch(own_pipes, listener, inputs, field, command):
+    bare = dataclasses.replace(own_pipes, image_prompt=None, inpainting=None)
+    lora = LoraInput(f"https://127.0.0.1:{listener.port}/style.safetensors", 1.0)
+    request = GenerationRequest(prompt=PROMPT, seed=SEED, width=64, height=64, num_inference_steps=2, **inputs)
+    with pytest.raises(InputError) as refused:
+        predict_once(bare, TrainedWeights(bare), AdapterRequest(loras=(lora,)), request)
+    assert refused.value.field == field and command in str(refused.value)
+    assert not listener.was_connected()
+
+
+def test_the_inpainting_unet_refuses_trained_weights_before_any_fetch(own_pipes, listener):
+    lora = LoraInput(f"https://127.0.0.1:{listener.port}/style.safetensors", 1.0)
+    request = GenerationRequest(prompt=PROMPT, seed=SEED, width=64, height=64, num_inference_steps=2, image=INIT,
+                                mask=MASK, inpaint_model="inpainting")  # fmt: skip
+    with pytest.raises(InputError, match="trained weights and loras") as refused:
+        predict_once(own_pipes, TrainedWeights(own_pipes), AdapterRequest(loras=(lora,)), request)
+    assert refused.value.field == "inpaint_model"
+    assert not listener.was_connected()
+
+
+def test_what_diffusers_does_with_a_base_unet_lora_on_the_inpainting_unet(own_pipes, lora_file, tiny_weights_dir):
+    """An attention LoRA trained on the base UNet loads into the 9-channel UNet (its attention layers have the base's
+    names and shapes) and changes its images; a LoRA on conv_in does not fit its 9 input channels."""
+    view = StableDiffusionXLInpaintPipeline(**{**own_pipes.inpainting.components, "image_encoder": None})
+    unet = view.unet
+    args = dict(prompt=PROMPT, image=INIT, mask_image=MASK, num_inference_steps=2, width=64, height=64)
+    before = np.asarray(view(**args, generator=torch.Generator("cpu").manual_seed(SEED)).images[0])
+    view.load_lora_into_unet(
+        {k: v for k, v in _file(lora_file).items()}, network_alphas=None, unet=unet, adapter_name="base_lora"
+    )
+    try:
+        after = np.asarray(view(**args, generator=torch.Generator("cpu").manual_seed(SEED)).images[0])
+        assert not np.array_equal(before, after)
+    finally:
+        unet.delete_adapters("base_lora")
+    conv_in = {
+        "unet.conv_in.lora_A.weight": torch.zeros(4, 4, 3, 3),
+        "unet.conv_in.lora_B.weight": torch.zeros(32, 4, 1, 1),
+    }
+    with pytest.raises(Exception, match="size mismatch|shape"):
+        view.load_lora_into_unet(conv_in, network_alphas=None, unet=unet, adapter_name="conv_lora")
+    np.testing.assert_array_equal(
+        np.asarray(view(**args, generator=torch.Generator("cpu").manual_seed(SEED)).images[0]), before
+    )
+
+
+def _file(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+@pytest.mark.parametrize("fastpath", [FastPath(fuse_qkv=True), FastPath(compile=True)], ids=["fuse_qkv", "compile"])
+def test_the_fast_path_keeps_the_image_prompt_and_the_plain_image(own_pipes, tiny_weights_dir, fastpath):
+    """Fused q/k/v or compiled transformer blocks: an image prompt draws what it draws without them (up to rounding),
+    and the plain request after it is the plain request before it, bit for bit (the fused processors come back)."""
+    fast = load_pipelines(tiny_weights_dir, fastpath=fastpath)
+    plain = dict(prompt=PROMPT, seed=SEED, width=64, height=64, num_inference_steps=3, apply_watermark=False)
+    steered = dict(plain, ip_adapter_image=IMAGE_PROMPT, ip_adapter_scale=0.8)
+
+    def draw(pipes, inputs):
+        return np.asarray(generate(pipes, GenerationRequest(**inputs)).images[0]).astype(int)
+
+    before = draw(fast, plain)
+    assert np.abs(draw(fast, steered) - draw(own_pipes, steered)).max() <= 2
+    np.testing.assert_array_equal(draw(fast, plain), before)
