@@ -7,11 +7,12 @@ worker channel (files of 28 MB and 100 MB were found left there): one folder per
 Several Cog servers on one host share that path (scripts/cluster.sh, tests), and a request's code is never told its
 folder's name, so a server cannot tell its folders from the others'. What it can tell is when a folder may still be
 in use. A server handles one request at a time, and coglet makes a request's folder only after the server has
-answered the one before; so when a server starts its request number n, every folder last changed before it started
-request n-1 is finished, as far as that server is concerned. Each server records that moment (`since`) in a
-registry beside the predictions folder, in a file it holds locked for its life; a folder goes only when it was last
-changed before every live server's `since` (a server that ended no longer counts) and STALE_AFTER_S ago (for Cog
-servers of other models, which do not register).
+answered the one before; so while a server runs a request, every folder last changed before its previous request
+ended is finished, as far as that server is concerned, and while it waits between requests, every folder is. Each
+server records that moment (`since`: 0 during its first request, infinity while idle) in a registry beside the
+predictions folder, in a file it holds locked for its life; a folder goes only when it was last changed before every
+live server's `since` (a server that ended no longer counts) and STALE_AFTER_S ago (for Cog servers of other
+models, which do not register, and for the moments between coglet making a folder and the request's run starting).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import shutil
 import stat
@@ -51,15 +53,23 @@ class _Server:
         pending = registry / f"{os.getpid()}-{time.time_ns()}.new"
         self.fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)  # locked before others can see it: unlocked means its owner is gone
+        self._write(0.0)  # its first request's folder was made before it registered: nothing is known finished
         self.path = pending.with_suffix(".live")
         os.rename(pending, self.path)
-        self.last_start = 0.0  # no request before this one: nothing is known to be finished yet
+        self.last_end = 0.0
 
-    def request_started(self) -> None:
-        """A new request starts: every folder older than the previous request's start is finished for us."""
-        since, self.last_start = self.last_start, time.time()
+    def _write(self, since: float) -> None:
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, repr(since).encode(), 0)
+
+    def request_started(self) -> None:
+        """A new request runs: every folder older than the end of the previous one is finished for us."""
+        self._write(self.last_end)
+
+    def request_ended(self) -> None:
+        """Idle: none of the folders there is ours to keep (a fresh one is kept by STALE_AFTER_S)."""
+        self.last_end = time.time()
+        self._write(math.inf)
 
 
 def _oldest_since(registry: Path) -> float:
@@ -90,9 +100,10 @@ def discard_finished_request_folders(root: Path = COGLET_PREDICTIONS, now: float
     if not root.is_dir():  # no request so far
         return 0
     registry = registry_for(root)
-    if root not in _servers:
+    if root in _servers:
+        _servers[root].request_started()
+    else:
         _servers[root] = _Server(registry)
-    _servers[root].request_started()
     finished_before = min(_oldest_since(registry) - CLOCK_SLACK_S, now - STALE_AFTER_S)
     removed = 0
     with contextlib.suppress(OSError):  # not ours to read
@@ -101,6 +112,13 @@ def discard_finished_request_folders(root: Path = COGLET_PREDICTIONS, now: float
     if removed:
         log.info("removed %d finished request folder(s) coglet left under %s", removed, root)
     return removed
+
+
+def request_finished(root: Path = COGLET_PREDICTIONS) -> None:
+    """The request this server ran has ended (returned, failed or cancelled): while it waits for the next one, it
+    holds no folder back from the other servers' sweeps."""
+    if root in _servers:
+        _servers[root].request_ended()
 
 
 def _discard_if_finished(folder: Path, finished_before: float) -> int:

@@ -13,7 +13,7 @@ from typing import Optional
 from cog import BaseRunner, Path
 
 from cog_inputs import FileInput, field, guard_worker_egress
-from cog_scratch import discard_finished_request_folders
+from cog_scratch import discard_finished_request_folders, request_finished
 from sdxl.guard.request_deadline import RequestDeadline
 from sdxl.inference.control import require_loaded
 from sdxl.inference.image_prompt import check_weights
@@ -118,49 +118,52 @@ class Runner(BaseRunner):
     ) -> list[Path]:
         deadline = RequestDeadline.from_env()  # one for all of the request's downloads
         self._discard_previous_outputs()
-        options = OutputOptions(output_format, output_quality)
-        extra = AdapterRequest(replicate_weights=replicate_weights, lora_scale=lora_scale, loras=parse_loras(loras))
-        # before anything is fetched: a ControlNet this server has not loaded fails at once
-        require_loaded(self.pipes.control_views, self.pipes.depth_estimator, controlnet, control_preprocess)
-        check_weights(self.pipes, image_prompt_given=bool(ip_adapter_image), inpaint_model=inpaint_model)
-        input_image, input_mask, input_control = read_input_images(image, mask, control_image, deadline)
-        image_prompt = read_image_prompt(ip_adapter_image, deadline)
-        request = GenerationRequest(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            image=input_image,
-            mask=input_mask,
-            width=width,
-            height=height,
-            num_outputs=num_outputs,
-            scheduler=scheduler,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            prompt_strength=prompt_strength,
-            seed=seed,
-            refine=refine,
-            high_noise_frac=high_noise_frac,
-            refine_steps=refine_steps,
-            apply_watermark=apply_watermark,
-            disable_safety_checker=disable_safety_checker,
-            prompt_weighting=prompt_weighting,
-            controlnet=controlnet,
-            control_image=input_control,
-            controlnet_conditioning_scale=controlnet_conditioning_scale,
-            control_guidance_start=control_guidance_start,
-            control_guidance_end=control_guidance_end,
-            control_preprocess=control_preprocess,
-            inpaint_model=inpaint_model,
-            ip_adapter_image=image_prompt,
-            ip_adapter_scale=ip_adapter_scale,
-        ).with_seed()
-        log.info("Using seed: %d", request.seed)
-        result = on_compute_thread(
-            lambda cancelled: predict_once(
-                self.pipes, self.trained_weights, extra, request, cancelled, log_progress, deadline
+        try:
+            options = OutputOptions(output_format, output_quality)
+            extra = AdapterRequest(replicate_weights=replicate_weights, lora_scale=lora_scale, loras=parse_loras(loras))
+            # before anything is fetched: a ControlNet this server has not loaded fails at once
+            require_loaded(self.pipes.control_views, self.pipes.depth_estimator, controlnet, control_preprocess)
+            check_weights(self.pipes, image_prompt_given=bool(ip_adapter_image), inpaint_model=inpaint_model)
+            input_image, input_mask, input_control = read_input_images(image, mask, control_image, deadline)
+            image_prompt = read_image_prompt(ip_adapter_image, deadline)
+            request = GenerationRequest(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                image=input_image,
+                mask=input_mask,
+                width=width,
+                height=height,
+                num_outputs=num_outputs,
+                scheduler=scheduler,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                prompt_strength=prompt_strength,
+                seed=seed,
+                refine=refine,
+                high_noise_frac=high_noise_frac,
+                refine_steps=refine_steps,
+                apply_watermark=apply_watermark,
+                disable_safety_checker=disable_safety_checker,
+                prompt_weighting=prompt_weighting,
+                controlnet=controlnet,
+                control_image=input_control,
+                controlnet_conditioning_scale=controlnet_conditioning_scale,
+                control_guidance_start=control_guidance_start,
+                control_guidance_end=control_guidance_end,
+                control_preprocess=control_preprocess,
+                inpaint_model=inpaint_model,
+                ip_adapter_image=image_prompt,
+                ip_adapter_scale=ip_adapter_scale,
+            ).with_seed()
+            log.info("Using seed: %d", request.seed)
+            result = on_compute_thread(
+                lambda cancelled: predict_once(
+                    self.pipes, self.trained_weights, extra, request, cancelled, log_progress, deadline
+                )
             )
-        )
-        used = infotext.Weights.of(self.pipes.random_weights, self.own_weights, extra)
-        texts = infotext.for_outputs(request, used, result.nsfw)  # what each file says about how it was made
-        self._outputs = [Path(path) for path in save_images(result.images, options, texts)]
-        return self._outputs
+            used = infotext.Weights.of(self.pipes.random_weights, self.own_weights, extra)
+            texts = infotext.for_outputs(request, used, result.nsfw)  # what each file says about how it was made
+            self._outputs = [Path(path) for path in save_images(result.images, options, texts)]
+            return self._outputs
+        finally:
+            request_finished()  # this server holds no request folder back while it waits for the next

@@ -14,7 +14,7 @@ from typing import Optional
 from cog import BaseModel, Path
 
 from cog_inputs import FileInput, field, guard_worker_egress
-from cog_scratch import discard_finished_request_folders
+from cog_scratch import discard_finished_request_folders, request_finished
 from sdxl.errors import InputError
 from sdxl.inputs import file_inputs
 from sdxl.model import weights
@@ -65,7 +65,6 @@ def train(
 ) -> TrainingOutput:
     _log_to_stdout()
     guard_worker_egress()
-    discard_finished_request_folders()
     # 1. Validate every input before any work (errors name the field, the value and what is allowed).
     config = TrainingConfig(
         seed=seed,
@@ -95,7 +94,11 @@ def train(
     weights.require(weights_root, (weights.BASE, weights.VAE))
     # 3. Fetch the archive (https URL or data: URI, under the network policy), preprocess, train, return the tar.
     archive_limits = file_inputs.FileInputLimits.for_archives()
-    with file_inputs.local_files({"input_images": input_images}, archive_limits) as files:
-        if files["input_images"] is None:
-            raise InputError("input_images", "is required: give an https:// URL or a data: URI of a .zip or .tar")
-        return TrainingOutput(weights=Path(train_from_archive(config, files["input_images"], weights_root)))
+    discard_finished_request_folders()
+    try:
+        with file_inputs.local_files({"input_images": input_images}, archive_limits) as files:
+            if files["input_images"] is None:
+                raise InputError("input_images", "is required: give an https:// URL or a data: URI of a .zip or .tar")
+            return TrainingOutput(weights=Path(train_from_archive(config, files["input_images"], weights_root)))
+    finally:
+        request_finished()  # this server holds no request folder back while it waits for the next

@@ -28,6 +28,8 @@ def test_only_folders_untouched_for_a_while_are_removed(tmp_path):
         _age(entry, STALE_AFTER_S + 5)  # touched-lately's spill file is new: its folder is still in use
 
     assert discard_finished_request_folders(tmp_path) == 0  # this server's first request: nothing known finished
+    assert discard_finished_request_folders(tmp_path) == 0  # the same request still runs: still nothing
+    cog_scratch.request_finished(tmp_path)
     assert discard_finished_request_folders(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "touched-lately"]
 
@@ -51,8 +53,14 @@ def test_a_missing_folder_is_nothing_to_do(tmp_path):
 
 
 def _server(root, commands, answers):
-    """One Cog server's side: for each request, coglet makes its folder, then run() sweeps."""
+    """One Cog server's side: for each request, its previous run() has returned, then coglet makes the new request's
+    folder, then run() sweeps."""
     for name in iter(commands.recv, None):
+        cog_scratch.request_finished(root)  # nothing to do before the first request
+        if not name:  # its run() returned, and no request comes yet: it waits
+            answers.send([])
+            continue
+        time.sleep(0.1)
         (root / name / "outputs").mkdir(parents=True)
         time.sleep(0.1)  # coglet's own work before run() (inputs); a folder made within CLOCK_SLACK_S waits longer
         discard_finished_request_folders(root)
@@ -61,8 +69,8 @@ def _server(root, commands, answers):
 
 def test_two_servers_sharing_the_path_keep_each_others_running_requests(tmp_path, monkeypatch):
     """Server A runs a long request (its folder untouched meanwhile) while server B handles two requests: B's sweep
-    keeps A's folder. Each server's finished folders go at its next request, and a server that ended no longer holds
-    anything back."""
+    keeps A's folder. Finished folders go at the next sweep after every live server has moved past them, and a
+    server that waits between requests, or has ended, holds nothing back."""
     monkeypatch.setattr(cog_scratch, "STALE_AFTER_S", 0.0)  # the order of events decides, not the age
     root = tmp_path / "predictions"
     root.mkdir()
@@ -82,10 +90,37 @@ def test_two_servers_sharing_the_path_keep_each_others_running_requests(tmp_path
     assert request("A", "a2") == ["a2"]  # A's first request is finished: it goes
     assert request("B", "b1") == ["a2", "b1"]
     assert request("B", "b2") == ["a2", "b1", "b2"]  # A's request a2 is still running: kept
-    assert request("A", "a3") == ["a3", "b1", "b2"]  # a2 is finished now, and B started after it
+    assert request("A", "a3") == ["a3", "b2"]  # a2 and b1 are finished now; B's b2 still runs
     servers["A"][0].send(None)
     servers["A"][1].join(10)
-    assert request("B", "b3") == ["a3", "b3"]  # A ended: it holds nothing back; a3 is younger than B's last start
+    assert request("B", "b3") == ["b3"]  # A ended: it holds nothing back; a3 and b2 are finished
     assert request("B", "b4") == ["b4"]
     servers["B"][0].send(None)
     servers["B"][1].join(10)
+
+
+def test_a_server_waiting_between_requests_holds_nothing_back(tmp_path, monkeypatch):
+    """Server A served one request and waits for the next (for hours, say): B's sweeps still remove every finished
+    folder, A's included, and keep only B's running one."""
+    monkeypatch.setattr(cog_scratch, "STALE_AFTER_S", 0.0)
+    root = tmp_path / "predictions"
+    root.mkdir()
+    servers = {}
+    for name in "AB":
+        here, there = FORK.Pipe()
+        process = FORK.Process(target=_server, args=(root, there, there))
+        process.start()
+        servers[name] = (here, process)
+
+    def request(server: str, folder: str) -> list[str]:
+        time.sleep(0.15)  # apart by more than the file clock's slack
+        servers[server][0].send(folder)
+        return servers[server][0].recv()
+
+    assert request("A", "a1") == ["a1"]
+    assert request("A", "") == []  # a1 returned; A waits
+    assert request("B", "b1") == ["a1", "b1"]  # B's first request: nothing is known finished for B yet
+    assert request("B", "b2") == ["b2"]  # A holds nothing back while it waits: a1 and b1 go
+    for here, process in servers.values():
+        here.send(None)
+        process.join(10)
