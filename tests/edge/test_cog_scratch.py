@@ -67,12 +67,9 @@ def _server(root, commands, answers):
         answers.send(sorted(p.name for p in root.iterdir()))
 
 
-def test_two_servers_sharing_the_path_keep_each_others_running_requests(tmp_path, monkeypatch):
-    """Server A runs a long request (its folder untouched meanwhile) while server B handles two requests: B's sweep
-    keeps A's folder. Finished folders go at the next sweep after every live server has moved past them, and a
-    server that waits between requests, or has ended, holds nothing back."""
-    monkeypatch.setattr(cog_scratch, "STALE_AFTER_S", 0.0)  # the order of events decides, not the age
-    root = tmp_path / "predictions"
+def _two_servers(root):
+    """Servers A and B sharing `root`, each in its own process; request(server, folder) runs one request there
+    ("" ends the running one without starting another) and answers what the sweep left."""
     root.mkdir()
     servers = {}
     for name in "AB":
@@ -86,6 +83,15 @@ def test_two_servers_sharing_the_path_keep_each_others_running_requests(tmp_path
         servers[server][0].send(folder)
         return servers[server][0].recv()
 
+    return servers, request
+
+
+def test_two_servers_sharing_the_path_keep_each_others_running_requests(tmp_path, monkeypatch):
+    """Server A runs a long request (its folder untouched meanwhile) while server B handles two requests: B's sweep
+    keeps A's folder. Finished folders go at the next sweep after every live server has moved past them, and a
+    server that waits between requests, or has ended, holds nothing back."""
+    monkeypatch.setattr(cog_scratch, "STALE_AFTER_S", 0.0)  # the order of events decides, not the age
+    servers, request = _two_servers(tmp_path / "predictions")
     assert request("A", "a1") == ["a1"]
     assert request("A", "a2") == ["a2"]  # A's first request is finished: it goes
     assert request("B", "b1") == ["a2", "b1"]
@@ -103,20 +109,7 @@ def test_a_server_waiting_between_requests_holds_nothing_back(tmp_path, monkeypa
     """Server A served one request and waits for the next (for hours, say): B's sweeps still remove every finished
     folder, A's included, and keep only B's running one."""
     monkeypatch.setattr(cog_scratch, "STALE_AFTER_S", 0.0)
-    root = tmp_path / "predictions"
-    root.mkdir()
-    servers = {}
-    for name in "AB":
-        here, there = FORK.Pipe()
-        process = FORK.Process(target=_server, args=(root, there, there))
-        process.start()
-        servers[name] = (here, process)
-
-    def request(server: str, folder: str) -> list[str]:
-        time.sleep(0.15)  # apart by more than the file clock's slack
-        servers[server][0].send(folder)
-        return servers[server][0].recv()
-
+    servers, request = _two_servers(tmp_path / "predictions")
     assert request("A", "a1") == ["a1"]
     assert request("A", "") == []  # a1 returned; A waits
     assert request("B", "b1") == ["a1", "b1"]  # B's first request: nothing is known finished for B yet

@@ -5,14 +5,13 @@ error. Loopback only."""
 
 import re
 import time
-from unittest import mock
 
 import numpy as np
 import pytest
 from diffusers import UNet2DConditionModel
 
 from sdxl.model import weights
-from tools.testing.cog_server import CogServer, decode_png
+from tools.testing.cog_server import CogServer, decode_png, ready_server
 from tools.testing.file_server import FileServer
 from tools.testing.slow_senders import TrickleServer
 from tools.testing.trained import lora_state, trained_tar
@@ -51,13 +50,8 @@ def server(tiny_weights_dir, files, tmp_path_factory):
         "SDXL_FETCH_DEADLINE": str(DEADLINE),
         "COG_WEIGHTS": files.url(f"/own?X-Amz-Signature={SECRET}-1"),  # the model's own weights, presigned
     }
-    with mock.patch.dict("os.environ", env):
-        cog = CogServer(tiny_weights_dir, tmp_path_factory.mktemp("log") / "server.log")
-    try:
-        cog.wait_for("READY", timeout=300)
+    with ready_server(tiny_weights_dir, tmp_path_factory.mktemp("log") / "server.log", env) as cog:
         yield cog
-    finally:
-        cog.stop()
 
 
 def image_of(response) -> np.ndarray:

@@ -16,7 +16,6 @@ import tarfile
 import time
 import tracemalloc
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -33,7 +32,7 @@ from sdxl.trained.unet_swap import unet_tensors
 from tools.testing import file_server
 from tools.testing import hostile_builders as hb
 from tools.testing import trained as wh
-from tools.testing.cog_server import CogServer, decode_png, free_port
+from tools.testing.cog_server import CogServer, decode_png, free_port, ready_server
 
 BOMB = 300_000_000  # the header size tarfile alone would read into memory (measured: 967 MB peak, 3.2 s, unpatched)
 
@@ -373,14 +372,9 @@ def _pgid(proc: Path) -> int:
 def http(tiny_weights_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     env = {"SDXL_ALLOW_LOOPBACK_HTTP": "1", "SDXL_WEIGHTS_CACHE_DIR": str(cache / "c")}
-    with mock.patch.dict("os.environ", env):
-        server = CogServer(tiny_weights_dir, tmp_path_factory.mktemp("log") / "server.log")
     files = file_server.FileServer()
-    try:
-        server.wait_for("READY", timeout=300)
+    with ready_server(tiny_weights_dir, tmp_path_factory.mktemp("log") / "server.log", env) as server:
         yield server, files, cache / "c"
-    finally:
-        server.stop()
         files.close()
 
 

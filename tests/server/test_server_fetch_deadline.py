@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import time
-from unittest import mock
 
 import pytest
 import requests
 
-from tools.testing.cog_server import TERMINAL, CogServer, WebhookReceiver
+from tools.testing.cog_server import TERMINAL, CogServer, WebhookReceiver, ready_server
 from tools.testing.slow_senders import TrickleServer
 
 REQUEST_DEADLINE = 6
@@ -38,13 +37,8 @@ def server(tiny_weights_dir, tmp_path_factory):
         "SDXL_REQUEST_FETCH_DEADLINE": str(REQUEST_DEADLINE),
         "SDXL_FETCH_READ_TIMEOUT": "5",
     }
-    with mock.patch.dict("os.environ", env):
-        cog = CogServer(tiny_weights_dir, tmp_path_factory.mktemp("log") / "server.log")
-    try:
-        cog.wait_for("READY", timeout=300)
+    with ready_server(tiny_weights_dir, tmp_path_factory.mktemp("log") / "server.log", env) as cog:
         yield cog
-    finally:
-        cog.stop()
 
 
 def ready_within(cog: CogServer, seconds: float) -> float:

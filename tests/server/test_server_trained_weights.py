@@ -5,7 +5,6 @@ stays READY. Connections go only to 127.0.0.1: private and link-local addresses 
 import io
 import re
 import tarfile
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from safetensors.torch import save
 
 from sdxl.model import weights
 from sdxl.trained.weights_cache import url_key
-from tools.testing.cog_server import CogServer, decode_png
+from tools.testing.cog_server import decode_png, ready_server
 from tools.testing.file_server import FileServer
 from tools.testing.trained import embeddings, lora_state, tar_bytes, trained_tar, write_lora
 
@@ -44,13 +43,8 @@ def server(tiny_weights_dir, cache_dir, tmp_path_factory):
         "SDXL_MAX_TRAINED_BYTES": str(MAX_TRAINED_BYTES),
         "SDXL_FETCH_READ_TIMEOUT": "2",
     }
-    with mock.patch.dict("os.environ", env):
-        cog = CogServer(tiny_weights_dir, tmp_path_factory.mktemp("log") / "server.log")
-    try:
-        cog.wait_for("READY", timeout=300)
+    with ready_server(tiny_weights_dir, tmp_path_factory.mktemp("log") / "server.log", env) as cog:
         yield cog
-    finally:
-        cog.stop()
 
 
 @pytest.fixture(scope="module")

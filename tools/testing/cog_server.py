@@ -139,6 +139,17 @@ class CogServer:
         self._log.close()
 
 
+@contextlib.contextmanager
+def ready_server(weights_dir: Path, log_path: Path, env: dict[str, str] | None = None, **kwargs):
+    """A CogServer that has reached READY (within 300 s, setup included), stopped when the block ends."""
+    server = CogServer(weights_dir, log_path, env=env, **kwargs)
+    try:
+        server.wait_for("READY", timeout=300)
+        yield server
+    finally:
+        server.stop()
+
+
 def child_pids(pid: int) -> list[int]:
     """The process's children. Each thread lists the children it started, and coglet spawns from a tokio thread."""
     children = set()
