@@ -141,6 +141,7 @@ def _file(path):
 
 
 @pytest.mark.parametrize("fastpath", [FastPath(fuse_qkv=True), FastPath(compile=True)], ids=["fuse_qkv", "compile"])
+@pytest.mark.heavy
 def test_the_fast_path_keeps_the_image_prompt_and_the_plain_image(own_pipes, tiny_weights_dir, fastpath):
     """Fused q/k/v or compiled transformer blocks: an image prompt draws what it draws without them (up to rounding),
     and the plain request after it is the plain request before it, bit for bit (the fused processors come back)."""

@@ -290,6 +290,7 @@ def test_the_guard_refuses_every_connection_to_a_non_public_address(listener):
     assert not listener.was_connected()  # nothing reached the loopback listener either
 
 
+@pytest.mark.heavy
 def test_the_guard_lets_loopback_through_with_the_setting(listener):
     outcome = _run_guarded(listener.port, **{remote.ALLOW_LOOPBACK_ENV: "1"})
     assert outcome["socket"] == "connected"
@@ -297,6 +298,7 @@ def test_the_guard_lets_loopback_through_with_the_setting(listener):
     assert "a private address" in outcome["private"]  # the setting is for loopback only
 
 
+@pytest.mark.heavy
 def test_the_guard_lets_loopback_through_to_the_listed_ports_only(listener):
     """The playground's setting: its own file server's port, not the predictor's or any other loopback port."""
     other = _run_guarded(listener.port, **{remote.ALLOW_LOOPBACK_ENV: "0", remote.ALLOW_LOOPBACK_PORTS_ENV: "1"})

@@ -130,6 +130,7 @@ MODES = [
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(f"{k}={v}" for k, v in m.items()))
+@pytest.mark.heavy
 def test_every_mode_plain_prompt_same_images_weighted_prompt_other_images(pipes, init_image, mask, mode):
     files = {"image": init_image, "mask": mask}
     args = {**SMALL, **{k: files.get(v, v) if k in files else v for k, v in mode.items()}, "negative_prompt": "blurry"}

@@ -55,6 +55,7 @@ def test_bad_settings_are_named(monkeypatch, env, message):
         FastPath.from_env()
 
 
+@pytest.mark.heavy
 def test_regional_compile_keeps_the_image(pipes, tiny_weights_dir):
     fast = load_pipelines(tiny_weights_dir, fastpath=FastPath(compile=True))
     assert np.abs(image(fast) - image(pipes)).max() <= 2

@@ -93,6 +93,7 @@ def lora_sets(unet, text_encoder, lpb):
 
 
 @pytest.mark.parametrize("case", ["peft_alpha", "kohya_with_text_encoder", "two_loras"])
+@pytest.mark.heavy
 def test_slots_give_the_peft_image_then_the_base_bit_for_bit(
     case, slotted, server, tmp_path, tiny_weights_dir, base_image
 ):

@@ -67,6 +67,7 @@ def _old_detector_finds(image: Image.Image) -> bool:
     return len(cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(20, 20))) > 0
 
 
+@pytest.mark.heavy
 def test_a_face_is_found_in_every_portrait_where_it_is():
     detector = faces.CascadeDetector()
     old_found = 0
@@ -81,6 +82,7 @@ def test_a_face_is_found_in_every_portrait_where_it_is():
 
 
 @pytest.mark.parametrize("name", ["chelsea", "coffee", "rocket"])
+@pytest.mark.heavy
 def test_no_face_in_face_free_photos(name):
     assert faces.find_faces(_photo(name), faces.CascadeDetector()) == []
 

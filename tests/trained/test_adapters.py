@@ -180,6 +180,7 @@ def test_lora_scale_range(scale):
 # -- trained weights on the model ------------------------------------------------------------------------------------
 
 
+@pytest.mark.heavy
 def test_lora_tar_equals_diffusers_and_leaves_nothing(adapters, model, trained, fresh, base_images, server):
     with adapters.applied(AdapterRequest(trained["url"], lora_scale=0.5)) as applied:
         rewritten = applied.rewrite(request(prompt=PROMPT))
@@ -195,6 +196,7 @@ def test_lora_tar_equals_diffusers_and_leaves_nothing(adapters, model, trained, 
     assert np.array_equal(image(model, request(prompt=PROMPT)), base_images[PROMPT])
 
 
+@pytest.mark.heavy
 def test_trained_weights_apply_to_a_controlnet_request(adapters, model, trained, fresh):
     """The ControlNet views share the base's UNet and text encoders: a trained tar's LoRA and tokens steer them as
     diffusers' own loaders do."""
@@ -212,6 +214,7 @@ def test_trained_weights_apply_to_a_controlnet_request(adapters, model, trained,
     assert_clean(model)
 
 
+@pytest.mark.heavy
 def test_again_scale_zero_no_download_no_reload(adapters, model, trained, base_images, server, monkeypatch):
     """lora_scale 0 gives the base image; the same URL again makes no HTTP request and reads no file."""
     with adapters.applied(AdapterRequest(trained["url"])):  # cached and resident (maybe already)
@@ -228,6 +231,7 @@ def test_again_scale_zero_no_download_no_reload(adapters, model, trained, base_i
     assert_clean(model)
 
 
+@pytest.mark.heavy
 def test_switching_back_uses_the_resident_adapter(adapters, model, server, tmp_path, monkeypatch, caplog):
     urls = [
         server.serve(f"/switch{i}.tar", wh.trained_tar(tmp_path, lora=wh.lora_state(model.text2img.unet, seed=10 + i)))
@@ -248,6 +252,7 @@ def test_switching_back_uses_the_resident_adapter(adapters, model, server, tmp_p
     assert_clean(model)
 
 
+@pytest.mark.heavy
 def test_two_loras_equal_set_adapters(adapters, model, server, fresh, tmp_path):
     states = [wh.lora_state(model.text2img.unet, seed=20 + i, rank=2 + 2 * i) for i in range(2)]
     urls = [
@@ -285,6 +290,7 @@ def test_kohya_lora_with_text_encoder_layers(adapters, model, server, fresh, tmp
     assert_clean(model)
 
 
+@pytest.mark.heavy
 def test_full_unet_tar_applied_then_restored(adapters, model, server, fresh, tmp_path, base_images):
     base_state = {k: v.clone() for k, v in fresh.text2img.unet.state_dict().items()}
     generator = torch.Generator().manual_seed(3)
@@ -339,6 +345,7 @@ def wrong(model, base_state):
     ]
 
 
+@pytest.mark.heavy
 def test_weights_that_do_not_fit(adapters, model, server, tmp_path, base_images, fresh):
     base_state = {k: v.clone() for k, v in fresh.text2img.unet.state_dict().items()}
     adapters_before = model.text2img.get_list_adapters()
@@ -359,6 +366,7 @@ class Cancelled(BaseException):
     """What a cancel looks like inside a request: not an Exception."""
 
 
+@pytest.mark.heavy
 def test_cancel_mid_load_leaves_the_model_clean(adapters, model, server, tmp_path, monkeypatch, base_images, fresh):
     base_state = {k: v.clone() for k, v in fresh.text2img.unet.state_dict().items()}
     lora_state = wh.lora_state(model.text2img.unet, seed=50)
@@ -411,6 +419,7 @@ def test_cancel_mid_load_leaves_the_model_clean(adapters, model, server, tmp_pat
     assert_clean(model)
 
 
+@pytest.mark.heavy
 def test_own_weights_from_setup(tiny_weights_dir, trained, server, tmp_path, fresh, base_images):
     """COG_WEIGHTS: a trained tar becomes the model's own; requests use it unless they bring replicate_weights."""
     own = load_pipelines(tiny_weights_dir)

@@ -67,6 +67,7 @@ def direct_diffusers(root, tar_path, folder) -> np.ndarray:
     return np.asarray(image)
 
 
+@pytest.mark.heavy
 def test_replicate_weights_serve_the_trained_model(runner_env, tiny_weights_dir, trained_tar, tmp_path):
     server = FileServer()
     try:

@@ -38,8 +38,9 @@ def lora(value: float, floats: int = 200) -> bytes:
 
 def weight_bytes(root) -> int:
     """The bytes of weights under the cache folder: entries, downloads, extracted copies (bookkeeping files aside);
-    folders and files removed while it looks are skipped."""
-    total = 0
+    folders and files removed while it looks are skipped. Files are counted once per inode: an entry renamed from its
+    download folder into place while the walk runs is met twice, and is one file on disk."""
+    sizes = {}
     for folder, _, names in os.walk(root):  # never follows the URL links; ignores folders that vanish
         for name in names:
             if name not in (".lock", wc.RESERVED_FILE):
@@ -47,8 +48,9 @@ def weight_bytes(root) -> int:
                     info = os.lstat(os.path.join(folder, name))
                 except FileNotFoundError:
                     continue
-                total += info.st_size if stat.S_ISREG(info.st_mode) else 0
-    return total
+                if stat.S_ISREG(info.st_mode):
+                    sizes[(info.st_dev, info.st_ino)] = info.st_size
+    return sum(sizes.values())
 
 
 class PeakSampler:

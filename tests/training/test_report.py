@@ -52,6 +52,7 @@ def run(tiny_weights_dir, tmp_path_factory):
     return result.tar_path, extracted / "report", recorder
 
 
+@pytest.mark.heavy
 def test_report_files_exist_and_parse(run):
     _, report, _ = run
     assert sorted(p.name for p in report.iterdir()) == ["loss.png", "report.json", "samples.png"]
@@ -93,6 +94,7 @@ def test_report_says_where_captions_and_masks_came_from(run):
     assert 0 < by_source["me/astronaut.png"]["mask_coverage"] < 1
 
 
+@pytest.mark.heavy
 def test_last_column_is_what_the_predictor_draws_with_the_tar(run, tiny_weights_dir, tmp_path, monkeypatch):
     tar_path, report, _ = run
     monkeypatch.setenv("SDXL_WEIGHTS_DIR", str(tiny_weights_dir))

@@ -62,6 +62,7 @@ def _generate(pipe, prompt="a photo of <s0><s1>"):
     return pipe(prompt, num_inference_steps=2, height=64, width=64, output_type="np", generator=generator).images
 
 
+@pytest.mark.heavy
 def test_lora_tar_has_the_contract_files_and_shapes(lora_run, tmp_path):
     result, _, output = lora_run
     assert result.tar_path == output / "trained_model.tar" and result.steps == 3
@@ -148,6 +149,7 @@ def test_constant_schedule_keeps_the_learning_rates(tiny_weights_dir, dataset, t
     assert recorder.lrs == [[3e-3, 2e-3], [3e-3, 2e-3]]
 
 
+@pytest.mark.heavy
 def test_full_fine_tune_updates_the_unet_at_the_real_resolution(tiny_weights_dir, tmp_path):
     data = make_dataset(tmp_path / "data128", n=2, resolution=128)
     recorder = Recorder()
@@ -169,6 +171,7 @@ def test_full_fine_tune_updates_the_unet_at_the_real_resolution(tiny_weights_dir
     assert len(changed) > len(base) // 2, f"only {len(changed)} of {len(base)} UNet tensors changed"
 
 
+@pytest.mark.heavy
 def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(
     lora_run, tiny_weights_dir, dataset, tmp_path
 ):
