@@ -83,16 +83,16 @@ def test_the_deadline_spans_redirects(trickle, tmp_path):
     assert len(server.requests) == 2  # the second hop was cut off by the deadline, not by a redirect cap
 
 
+def _ranges_then_trickle(head: str):
+    """The first answer offers ranges of 4 MB; every range request then gets headers that never end."""
+    if "Range:" not in head:
+        return b"HTTP/1.1 200 OK\r\nAccept-Ranges: bytes\r\nContent-Length: %d\r\n\r\n" % 4_000_000, b""
+    return b"HTTP/1.1 206 Partial Content\r\n" + b"X-Pad: " + b"y" * 1000
+
+
 def test_parallel_ranges_keep_to_the_deadline(trickle, tmp_path):
     """The first answer offers ranges; every range request then trickles."""
-    total = 4_000_000
-
-    def reply(head: str) -> bytes:
-        if "Range:" not in head:
-            return b"HTTP/1.1 200 OK\r\nAccept-Ranges: bytes\r\nContent-Length: %d\r\n\r\n" % total, b""
-        return b"HTTP/1.1 206 Partial Content\r\n" + b"X-Pad: " + b"y" * 1000
-
-    server = trickle(reply=reply)
+    server = trickle(reply=_ranges_then_trickle)
     limits = FetchLimits(max_bytes=10**7, read_timeout=5, deadline=1.5, parallel_min_bytes=1, chunk_bytes=10**6)
     elapsed, error = timed_failure(lambda: remote.fetch_to_file(server.url(), tmp_path, FIELD, limits))
     assert_deadline_error(elapsed, error, deadline=1.5)
@@ -208,14 +208,7 @@ def test_a_cancel_stops_a_running_download_within_a_second(trickle, tmp_path, ho
 
 
 def test_a_cancel_stops_parallel_ranges_within_a_second(trickle, tmp_path):
-    total = 4_000_000
-
-    def reply(head: str) -> bytes:
-        if "Range:" not in head:
-            return b"HTTP/1.1 200 OK\r\nAccept-Ranges: bytes\r\nContent-Length: %d\r\n\r\n" % total, b""
-        return b"HTTP/1.1 206 Partial Content\r\n" + b"X-Pad: " + b"y" * 1000
-
-    server = trickle(reply=reply)
+    server = trickle(reply=_ranges_then_trickle)
     limits = FetchLimits(max_bytes=10**7, read_timeout=30, deadline=60, parallel_min_bytes=1, chunk_bytes=10**6)
     budget = RequestDeadline.start(60, cancelled=cancel_after(0.3))
     call = lambda: remote.fetch_to_file(server.url(), tmp_path, FIELD, limits, deadline=budget)  # noqa: E731
