@@ -40,9 +40,9 @@ def predict_once(
     off again (also on error or cancel). A cancel stops it between steps, after each denoising step, and within a
     second in a download. Every download ends by the request's `deadline` (default: from the environment, now).
     What the server's optional models cannot do is refused first, before anything is fetched."""
-    uses_trained = bool(adapter_request.replicate_weights or adapter_request.loras or trained_weights.has_own_weights)
-    image_prompt.check_request(pipes, request, trained_weights=uses_trained)
+    image_prompt.check_request(pipes, request, own_full_finetune=trained_weights.has_own_full_finetune)
     deadline = (deadline or RequestDeadline.from_env()).cancelled_by(cancelled)
-    with trained_weights.applied(adapter_request, cancelled, deadline) as applied:
+    inpainting = request.base_view == "inpainting"
+    with trained_weights.applied(adapter_request, cancelled, deadline, inpainting) as applied:
         stop_if_cancelled(cancelled, "before generating")
         return generate(pipes, applied.rewrite(request), on_step=on_step, cancelled=cancelled)

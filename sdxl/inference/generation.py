@@ -68,8 +68,8 @@ def _warn_if_truncated(pipes: Pipelines, request: GenerationRequest) -> None:
 
 
 def base_call(pipes: Pipelines, request: GenerationRequest):
-    """The base pipeline view for the request's mode and the arguments only that mode takes; with a ControlNet, the
-    ControlNet view of that mode and its control map."""
+    """The base pipeline view for the request's mode (over the base or the inpainting UNet) and the arguments only that
+    mode takes; with a ControlNet, the ControlNet view of that mode over the same UNet, and its control map."""
     pipe, kwargs = _plain_base_call(pipes, request)
     if request.controlnet == "none":
         return pipe, kwargs
@@ -84,7 +84,7 @@ def base_call(pipes: Pipelines, request: GenerationRequest):
         control_guidance_start=request.control_guidance_start,
         control_guidance_end=request.control_guidance_end,
     )
-    return pipes.control_views[(request.controlnet, request.mode)], kwargs
+    return pipes.control_views[(request.controlnet, request.base_view)], kwargs
 
 
 def _plain_base_call(pipes: Pipelines, request: GenerationRequest):
@@ -98,7 +98,7 @@ def _plain_base_call(pipes: Pipelines, request: GenerationRequest):
             else request.image.resize((width, height), Image.LANCZOS)
         )
         return pipes.img2img, dict(image=image, strength=request.prompt_strength)
-    return pipes.inpainting if request.inpaint_model == "inpainting" else pipes.inpaint, dict(
+    return pipes.inpainting if request.base_view == "inpainting" else pipes.inpaint, dict(
         image=request.image,
         mask_image=request.mask,
         strength=request.prompt_strength,

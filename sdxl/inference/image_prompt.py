@@ -1,5 +1,5 @@
 """Image prompts (IP-Adapter) and the dedicated inpainting UNet in one request: what a request may ask of the
-optional models this server has, checked before any work, and the image prompt attached around the base's call."""
+optional models this server has, checked before any work, and the image prompt attached around the first call."""
 
 from __future__ import annotations
 
@@ -29,30 +29,22 @@ def check_weights(pipes: Pipelines, image_prompt_given: bool, inpaint_model: str
         )
 
 
-def check_request(pipes: Pipelines, request: GenerationRequest, trained_weights: bool = False) -> None:
-    """check_weights, and the combinations the inpainting UNet does not take. `trained_weights`: the request runs
-    with LoRAs or a fine-tune."""
+def check_request(pipes: Pipelines, request: GenerationRequest, own_full_finetune: bool = False) -> None:
+    """check_weights, and the one combination the inpainting UNet does not take: this model's own full fine-tune (it
+    replaces the base UNet's weights; the inpainting UNet has its own). `own_full_finetune`: the server runs one."""
     check_weights(pipes, request.ip_adapter_image is not None, request.inpaint_model)
-    if request.inpaint_model != "inpainting":
-        return
-    if getattr(request, "controlnet", "none") != "none":
-        raise InputError("inpaint_model", "a ControlNet steers the base UNet; use inpaint_model 'base' with controlnet")
-    if request.uses_image_prompt:
-        raise InputError(
-            "ip_adapter_image",
-            "the IP-Adapter steers the base UNet only; use inpaint_model 'base' with an image prompt",
-        )
-    if trained_weights:
+    if request.base_view == "inpainting" and own_full_finetune:
         raise InputError(
             "inpaint_model",
-            "'inpainting' runs without trained weights and loras (they were trained for the base UNet); "
-            "use 'base' with them",
+            "this model's own weights are a full fine-tune of the base UNet, which the inpainting UNet cannot take; "
+            "use 'base'",
         )
 
 
 @contextlib.contextmanager
 def applied(pipes: Pipelines, request: GenerationRequest, view) -> Iterator[dict]:
-    """The base call's image-prompt arguments, with the IP-Adapter on `view`'s UNet for the with-block."""
+    """The first call's image-prompt arguments, with the IP-Adapter on `view`'s UNet (base or inpainting) for the
+    with-block."""
     if not request.uses_image_prompt:
         yield {}
         return

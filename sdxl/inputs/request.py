@@ -248,6 +248,11 @@ class GenerationRequest:
             return "text2img"
         return "inpaint" if self.mask is not None else "img2img"
 
+    @property
+    def base_view(self) -> str:
+        """The view that denoises first: the mode's over the base UNet, or "inpainting" over the dedicated UNet."""
+        return "inpainting" if self.inpaint_model == "inpainting" else self.mode
+
     def with_seed(self) -> GenerationRequest:
         """This request with a concrete seed: the one given, or a fresh random one (logged and returned to the client)."""
         if self.seed is not None:

@@ -1,5 +1,6 @@
-"""The SDXL IP-Adapter: loaded once at setup through diffusers' load_ip_adapter, kept in memory, attached to the base
-UNet only for a request that brings an image prompt.
+"""The SDXL IP-Adapter: loaded once at setup through diffusers' load_ip_adapter, kept in memory, attached to the UNet
+that denoises (the base's, or the inpainting UNet, whose attention layers have the same names and widths) only for a
+request that brings an image prompt.
 
 A UNet carrying the adapter refuses to run without image embeddings (diffusers raises when `image_embeds` is missing),
 so setup loads it, keeps what load_ip_adapter built (the image encoder, its processor, the adapter's attention

@@ -47,12 +47,13 @@ class Pipelines:
     fastpath: FastPath
     random_weights: str | None  # "tiny"/"mid"/"full" for seeded random weights (they draw noise), None for real
     lora_slots: LoraSlots | None = None  # the compiled base UNet's fixed-shape LoRA slots (SDXL_COMPILE=1)
-    # ControlNet views by (controlnet, mode) over the base's modules and each loaded ControlNet; only those whose
-    # weight folders are there. The depth estimator and its processor, when its folder is there.
+    # ControlNet views by (controlnet, view) over the base's modules and each loaded ControlNet (view: a mode, or
+    # "inpainting" over the inpainting UNet, GenerationRequest.base_view); only those whose weight folders are there.
+    # The depth estimator and its processor, when its folder is there.
     control_views: dict = field(default_factory=dict)
     depth_estimator: tuple | None = None
     # Optional models, None when their weights are not there: the inpainting UNet's view (the base's VAE, encoders and
-    # scheduler) and the IP-Adapter, attached to the base UNet per request (sdxl/model/ip_adapter.py).
+    # scheduler) and the IP-Adapter, attached per request to the UNet that denoises (sdxl/model/ip_adapter.py).
     inpainting: StableDiffusionXLInpaintPipeline | None = None
     image_prompt: ImagePrompt | None = None
 
@@ -127,7 +128,7 @@ def load_pipelines(
         weights_dir=root,
         fastpath=fastpath,
         random_weights=weights.random_architecture(root),
-        control_views=control_views(text2img, controlnets),
+        control_views=control_views(text2img, controlnets, inpainting),
         depth_estimator=depth_estimator,
         inpainting=inpainting,
         image_prompt=image_prompt,
@@ -217,13 +218,23 @@ def _load_control(root: Path, common: dict) -> tuple[dict, tuple | None]:
     return controlnets, depth_estimator
 
 
-def control_views(base: StableDiffusionXLPipeline, controlnets: dict) -> dict:
-    """The ControlNet pipeline of each mode over the base's modules, for each ControlNet in `controlnets`."""
-    return {
+def control_views(
+    base: StableDiffusionXLPipeline, controlnets: dict, inpainting: StableDiffusionXLInpaintPipeline | None = None
+) -> dict:
+    """The ControlNet pipeline of each mode over the base's modules, for each ControlNet in `controlnets`; with the
+    inpainting UNet's view, its inpaint pipeline over that UNet too, keyed "inpainting" (diffusers' SDXL ControlNet
+    inpaint pipeline feeds a 9-channel UNet the mask and masked image, and the ControlNet the 4 latent channels)."""
+    views = {
         (name, mode): _view(cls, base, controlnet=controlnet)
         for name, controlnet in controlnets.items()
         for mode, cls in CONTROL_VIEW_CLASSES.items()
     }
+    if inpainting is not None:
+        for name, controlnet in controlnets.items():
+            views[(name, "inpainting")] = _view(
+                StableDiffusionXLControlNetInpaintPipeline, inpainting, controlnet=controlnet
+            )
+    return views
 
 
 def _place(placement: Placement, modules) -> None:

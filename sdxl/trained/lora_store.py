@@ -23,7 +23,7 @@ from diffusers.utils.peft_utils import set_adapter_layers
 from safetensors import safe_open
 
 from sdxl.errors import InputError
-from sdxl.model.fastpath import PEFT, SLOTS
+from sdxl.model.fastpath import PEFT, REFUSED, SLOTS
 from sdxl.model.lora_slots import LoraSlots, SlotLora
 from sdxl.trained import lora_undo
 from sdxl.trained.lora_metadata import allowed_metadata
@@ -55,6 +55,9 @@ def _lora_numel(path: Path, field: str) -> int:
 
 class LoraStore:
     """LoRAs as peft adapters on the UNet and both text encoders of `pipe` (every base view shares its modules)."""
+
+    target = "this SDXL model"  # what a LoRA that does not fit is said not to fit
+    advice = "is it an SDXL LoRA (diffusers, peft or kohya format)?"
 
     def __init__(self, pipe, max_resident: int = MAX_RESIDENT):
         self.pipe = pipe
@@ -92,29 +95,35 @@ class LoraStore:
     def _load_checked(self, name: str, path: Path, field: str) -> None:
         expected = _lora_numel(path, field)
         try:
-            self._load(name, path, field)
+            expected = self._load(name, path, field, expected)
         except InputError:
             raise
         except Exception as error:  # diffusers/peft raise ValueError, RuntimeError (size mismatch), KeyError, ...
-            raise InputError(field, f"the LoRA does not fit this SDXL model: {_first_line(error)}") from None
+            raise InputError(
+                field, f"the LoRA does not fit {self.target}: {_first_line(error)}; {self.advice}"
+            ) from None
         landed = self.numel(name)
         if landed != expected:
             raise InputError(
-                field,
-                f"only {landed} of the LoRA's {expected} weights match layers of this SDXL model; "
-                "is it an SDXL LoRA (diffusers, peft or kohya format)?",
+                field, f"only {landed} of the LoRA's {expected} weights match layers of {self.target}; {self.advice}"
             )
 
-    def _load(self, name: str, path: Path, field: str) -> None:
-        """What load_lora_weights does, except that the LoraConfig the file's header asks for is cut to the keys that
-        describe the LoRA's matrices (sdxl/trained/lora_metadata.py), and the UNet part goes where this backend keeps it."""
+    def _read(self, path: Path, field: str) -> tuple[dict, dict | None, dict | None]:
+        """The LoRA as diffusers reads it for an SDXL pipeline (kohya/A1111 names converted): state, alphas and the
+        LoraConfig its header asks for, cut to the keys that describe its matrices (sdxl/trained/lora_metadata.py)."""
         pipe = self.pipe
         state, alphas, metadata = pipe.lora_state_dict(
             str(path), unet_config=pipe.unet.config, use_safetensors=True, return_lora_metadata=True
         )
-        metadata = allowed_metadata(metadata, field)
         if not all("lora" in key for key in state):
             raise InputError(field, "the file is not a LoRA: every tensor name of a LoRA contains 'lora'")
+        return state, alphas, allowed_metadata(metadata, field)
+
+    def _load(self, name: str, path: Path, field: str, expected: int) -> int:
+        """What load_lora_weights does, with _read's metadata, and the UNet part where this backend keeps it. Returns
+        how many matrix elements must land (`expected`: the whole file's)."""
+        pipe = self.pipe
+        state, alphas, metadata = self._read(path, field)
         self._load_unet_part(name, state, alphas, metadata, field)
         for prefix in TEXT_ENCODER_PREFIXES:
             if any(key.startswith(f"{prefix}.") for key in state):
@@ -128,6 +137,7 @@ class LoraStore:
                     metadata=metadata,
                     _pipeline=pipe,
                 )
+        return expected
 
     def _load_unet_part(self, name: str, state: dict, alphas, metadata, field: str) -> None:
         self.pipe.load_lora_into_unet(
@@ -146,6 +156,9 @@ class LoraStore:
     def peft_adapter_names(self) -> set[str]:
         return {name for names in self.pipe.get_list_adapters().values() for name in names}
 
+    def delete_peft_adapter(self, name: str) -> None:
+        self.pipe.delete_adapters(name)
+
     def _forget(self, name: str) -> None:
         self.resident.pop(name, None)
 
@@ -154,7 +167,7 @@ class LoraStore:
         self._forget(name)
         try:
             if name in self.peft_adapter_names():
-                self.pipe.delete_adapters(name)
+                self.delete_peft_adapter(name)
             if lora_undo.has_layers(self.modules, name):
                 raise RuntimeError(f"adapter {name} left layers behind")
         except BaseException:
@@ -181,13 +194,16 @@ class LoraStore:
         peft_active = [(n, s) for n, s, _ in active if n in present]
         if peft_active:
             self._set_layers(enabled=True)
-            self.pipe.set_adapters([n for n, _ in peft_active], [s for _, s in peft_active])
+            self._set_adapters([n for n, _ in peft_active], [s for _, s in peft_active])
         self._fill(active)
         log.info(
             "LoRA switch to %s in %.1f ms",
             ", ".join(f"{n}@{s:g}" for n, s, _ in active),
             1000 * (time.perf_counter() - started),
         )
+
+    def _set_adapters(self, names: list[str], scales: list[float]) -> None:
+        self.pipe.set_adapters(names, scales)
 
     def _fill(self, active: list[tuple[str, float, str]]) -> None:
         """The backend's own part of activate (nothing: peft adapters are all set above)."""
@@ -234,6 +250,44 @@ class SlotLoras(LoraStore):
             self.slots.clear()
 
 
+class InpaintingUnetLoras(LoraStore):
+    """The UNet parts of LoRAs as peft adapters on the inpainting UNet, loaded on the first request that inpaints with
+    it. Its text encoders are the base's: their LoRA parts come from the base's store (the same adapter names), so
+    every call here reaches the UNet only, never the pipeline-wide ones that would touch the shared encoders.
+
+    A LoRA trained on the base UNet fits wherever the two UNets agree (every attention and resnet layer); the
+    inpainting UNet's conv_in takes 9 channels, so a LoRA on conv_in is refused. The UNet is never compiled, so this
+    store is peft with either fast-path LoRA backend."""
+
+    target = "the inpainting UNet (inpaint_model 'inpainting')"
+    advice = "use inpaint_model 'base' with it"
+
+    @property
+    def modules(self) -> dict:
+        return {"unet": self.pipe.unet}
+
+    def _load(self, name: str, path: Path, field: str, expected: int) -> int:
+        state, alphas, metadata = self._read(path, field)
+        unet_part = {key: value for key, value in state.items() if key.startswith("unet.")}
+        if unet_part:  # diffusers only warns about a LoRA with no UNet part; here there is nothing to load
+            self._load_unet_part(name, unet_part, alphas, metadata, field)
+        return sum(value.numel() for value in unet_part.values() if value.ndim >= 2)
+
+    def peft_adapter_names(self) -> set[str]:
+        return set(getattr(self.pipe.unet, "peft_config", {}))
+
+    def delete_peft_adapter(self, name: str) -> None:
+        self.pipe.unet.delete_adapters(name)
+
+    def unload_all(self) -> None:
+        self.resident.clear()
+        if hasattr(self.pipe.unet, "peft_config"):
+            self.pipe.unet.unload_lora()
+
+    def _set_adapters(self, names: list[str], scales: list[float]) -> None:
+        self.pipe.unet.set_adapters(names, scales)
+
+
 class RefusedLoras(LoraStore):
     """A server whose fast-path settings take no LoRAs: every LoRA is refused, naming the setting."""
 
@@ -253,3 +307,12 @@ def lora_store_for(pipes, max_resident: int = MAX_RESIDENT) -> LoraStore:
     if backend.kind == SLOTS:
         return SlotLoras(pipes.text2img, pipes.lora_slots, max_resident)
     return RefusedLoras(pipes.text2img, backend.refusal)
+
+
+def inpainting_lora_store_for(pipes, max_resident: int = MAX_RESIDENT) -> LoraStore | None:
+    """The inpainting UNet's LoRA store, None without that UNet (with REFUSED, the base's store refuses first)."""
+    if pipes.inpainting is None:
+        return None
+    if pipes.fastpath.lora_backend.kind == REFUSED:
+        return RefusedLoras(pipes.inpainting, pipes.fastpath.lora_backend.refusal)
+    return InpaintingUnetLoras(pipes.inpainting, max_resident)

@@ -34,7 +34,7 @@ def undo_failed_load(store, name: str, before: tuple[dict[str, type], int]) -> N
     """Take the half-loaded LoRA `name` out of `store` (a LoraStore) and check the model is as `before`."""
     try:
         if name in store.peft_adapter_names():
-            store.pipe.delete_adapters(name)
+            store.delete_peft_adapter(name)
         for model in store.modules.values():
             for layer in model.modules():
                 if isinstance(layer, BaseTunerLayer | AuxiliaryTrainingWrapper):

@@ -21,7 +21,7 @@ from sdxl.guard.request_deadline import RequestDeadline
 from sdxl.guard.url_policy import redact
 from sdxl.model.compute import stop_if_cancelled
 from sdxl.trained import weights_cache as wc
-from sdxl.trained.lora_store import MAX_RESIDENT, LoraStore, lora_store_for
+from sdxl.trained.lora_store import MAX_RESIDENT, LoraStore, inpainting_lora_store_for, lora_store_for
 from sdxl.trained.request import LORAS_FIELD, MAX_LORAS, OWN_FIELD, TRAINED_FIELD, AdapterRequest, LoraInput
 from sdxl.trained.tokens import Applied, TokenSwap
 from sdxl.trained.trained_tar import OWN_TAG, Trained
@@ -41,7 +41,10 @@ class TrainedWeights:
         self.pipes = pipes
         self.cache = cache or wc.WeightsCache.from_env()
         # A request's own LoRAs are never evicted mid-request: room for all of them and two more.
-        self.loras = loras or lora_store_for(pipes, max(MAX_RESIDENT, MAX_LORAS + 2))
+        resident = max(MAX_RESIDENT, MAX_LORAS + 2)
+        self.loras = loras or lora_store_for(pipes, resident)
+        # The LoRAs' UNet parts on the inpainting UNet too, for requests that inpaint with it (None without that UNet)
+        self.inpainting_loras = inpainting_lora_store_for(pipes, resident)
         self.tokens = TokenSwap(pipe)
         self.unet = UnetSwap(pipe.unet)
         self._lock = threading.Lock()
@@ -54,12 +57,22 @@ class TrainedWeights:
         """The model's own LoRA or fine-tuned UNet is part of every request."""
         return self._own_lora is not None or self._own_unet
 
+    @property
+    def has_own_full_finetune(self) -> bool:
+        """The model's own weights replaced the base UNet's (the inpainting UNet cannot take them)."""
+        return self._own_unet
+
     @contextlib.contextmanager
     def applied(
-        self, request: AdapterRequest, cancelled: threading.Event | None = None, deadline: RequestDeadline | None = None
+        self,
+        request: AdapterRequest,
+        cancelled: threading.Event | None = None,
+        deadline: RequestDeadline | None = None,
+        inpainting: bool = False,
     ) -> Iterator[Applied]:
         """Apply the request's weights for the with-block; on exit (also on error or cancel) the base is back.
-        Every fetch ends by the request's `deadline` (when given), and a cancel stops a running one.
+        Every fetch ends by the request's `deadline` (when given), and a cancel stops a running one. `inpainting`:
+        the request denoises with the inpainting UNet, so its LoRAs go onto that UNet too.
 
         1. undo whatever an interrupted request may have left;
         2. replicate_weights: fetch through the WeightsCache (a hit uses no network), then its full fine-tune, its
@@ -72,22 +85,37 @@ class TrainedWeights:
             self._reset()  # 1
             rewrites, active = dict(self._own_rewrites), []
             if request.replicate_weights:  # 2
-                trained_rewrites, active = self._apply_trained(stack, request, cancelled, deadline)
+                trained_rewrites, active = self._apply_trained(stack, request, cancelled, deadline, inpainting)
                 rewrites.update(trained_rewrites)
             elif self._own_lora is not None:
-                active = [(self.loras.ensure(*self._own_lora, OWN_FIELD), request.lora_scale, OWN_FIELD)]
+                active = [(self._ensure(*self._own_lora, OWN_FIELD, inpainting), request.lora_scale, OWN_FIELD)]
             for i, lora in enumerate(request.loras):  # 3
                 stop_if_cancelled(cancelled, "while loading LoRAs")
-                active.append(self._extra_lora(stack, f"{LORAS_FIELD}[{i}]", lora, deadline))
+                active.append(self._extra_lora(stack, f"{LORAS_FIELD}[{i}]", lora, deadline, inpainting))
             stop_if_cancelled(cancelled, "before the LoRAs were turned on")
             if active:  # 4
-                stack.callback(self.loras.deactivate)
-                self.loras.activate(active)
+                stack.callback(self._deactivate)
+                self.loras.activate(active)  # the base UNet's and the (shared) text encoders' parts
+                if inpainting:
+                    self.inpainting_loras.activate(active)
             yield Applied(rewrites)  # 5
+
+    def _ensure(self, name: str, path: Path, field: str, inpainting: bool) -> str:
+        """The LoRA resident in the base's store (text encoders and base UNet), and with `inpainting` on the
+        inpainting UNet too."""
+        self.loras.ensure(name, path, field)
+        if inpainting:
+            self.inpainting_loras.ensure(name, path, field)
+        return name
+
+    def _deactivate(self) -> None:
+        self.loras.deactivate()
+        if self.inpainting_loras is not None:
+            self.inpainting_loras.deactivate()
 
     def _reset(self) -> None:
         """Whatever an interrupted request may have left: LoRAs off, request tokens out, base UNet back."""
-        self.loras.deactivate()
+        self._deactivate()
         if self.tokens.request_tokens:
             self.tokens.unload()
         self.unet.restore()
@@ -98,11 +126,18 @@ class TrainedWeights:
         request: AdapterRequest,
         cancelled: threading.Event | None,
         deadline: RequestDeadline | None,
+        inpainting: bool,
     ) -> tuple[dict[str, str], list[Active]]:
         """Step 2 for a request's trained weights: (prompt rewrites, its LoRA to turn on)."""
         url = request.replicate_weights
         folder = stack.enter_context(self.cache.open("trained", url, TRAINED_FIELD, deadline))
         trained = Trained(folder, wc.url_key(url)[:12], TRAINED_FIELD, adapter_key=wc.url_key(url))
+        if inpainting and trained.file(wc.UNET_FILE):  # the weights are sound (they stay cached); the mix is not
+            raise InputError(
+                TRAINED_FIELD,
+                f"holds a full fine-tune of the base UNet ({wc.UNET_FILE}), which the inpainting UNet cannot take; "
+                "use inpaint_model 'base' with these weights",
+            )
         with self._discard_on_input_error("trained", url):
             stop_if_cancelled(cancelled, "after the trained weights were fetched")
             if trained.file(wc.UNET_FILE):
@@ -114,7 +149,7 @@ class TrainedWeights:
             if not trained.file(wc.LORA_FILE):
                 return rewrites, []
             stop_if_cancelled(cancelled, "before the trained LoRA was loaded")
-            adapter = self.loras.ensure(trained.adapter_name, trained.file(wc.LORA_FILE), TRAINED_FIELD)
+            adapter = self._ensure(trained.adapter_name, trained.file(wc.LORA_FILE), TRAINED_FIELD, inpainting)
         return rewrites, [(adapter, request.lora_scale, TRAINED_FIELD)]
 
     def _apply_tokens(self, stack: contextlib.ExitStack, trained: Trained) -> dict[str, str]:
@@ -126,12 +161,17 @@ class TrainedWeights:
         return rewrites
 
     def _extra_lora(
-        self, stack: contextlib.ExitStack, field: str, lora: LoraInput, deadline: RequestDeadline | None
+        self,
+        stack: contextlib.ExitStack,
+        field: str,
+        lora: LoraInput,
+        deadline: RequestDeadline | None,
+        inpainting: bool,
     ) -> Active:
         folder = stack.enter_context(self.cache.open("lora", lora.url, field, deadline))
         with self._discard_on_input_error("lora", lora.url):
             # the full digest: a resident adapter is reused by name, so a name must stand for one URL only
-            adapter = self.loras.ensure(f"lora_{wc.url_key(lora.url)}", folder / wc.LORA_FILE, field)
+            adapter = self._ensure(f"lora_{wc.url_key(lora.url)}", folder / wc.LORA_FILE, field, inpainting)
         return adapter, lora.scale, field
 
     @contextlib.contextmanager

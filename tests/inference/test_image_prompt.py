@@ -1,7 +1,8 @@
 """Image prompts and the inpainting UNet with the rest of the model, in process: a LoRA and an image prompt together
-equal diffusers (load_ip_adapter + load_lora_weights); a server without the optional weights refuses a request that
-needs them before anything is fetched, naming the field and the download command; what diffusers does with a
-base-UNet LoRA on the 9-channel inpainting UNet."""
+equal diffusers (load_ip_adapter + load_lora_weights), so do a LoRA on the inpainting UNet and an image prompt with
+weighted prompts; a server without the optional weights refuses a request that needs them before anything is
+fetched, naming the field and the download command; what diffusers does with a base-UNet LoRA on the 9-channel
+inpainting UNet, and what this server refuses of it (conv_in, a full fine-tune)."""
 
 from __future__ import annotations
 
@@ -10,19 +11,29 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from PIL import Image
+from safetensors.torch import save_file
 
 from sdxl.errors import InputError
 from sdxl.inference.generation import generate
+from sdxl.inputs import prompt_weighting
 from sdxl.inputs.request import GenerationRequest
 from sdxl.model import weights
 from sdxl.model.fastpath import FastPath
 from sdxl.model.loading import load_pipelines
 from sdxl.serving import predict_once
-from sdxl.trained.lora_store import LoraStore
+from sdxl.trained import lora_undo
+from sdxl.trained.lora_store import InpaintingUnetLoras, LoraStore
 from sdxl.trained.request import AdapterRequest, LoraInput
 from sdxl.trained.trained_weights import TrainedWeights
+from sdxl.trained.unet_swap import unet_tensors
 from tools.testing.trained import lora_state, write_lora
 
 SEED = 3
@@ -98,14 +109,114 @@ def test_without_the_weights_a_request_is_refused_before_any_fetch(own_pipes, li
     assert not listener.was_connected()
 
 
-def test_the_inpainting_unet_refuses_trained_weights_before_any_fetch(own_pipes, listener):
+def inpainting_reference(tiny_weights_dir) -> StableDiffusionXLInpaintPipeline:
+    """diffusers' SDXL inpaint pipeline over the inpainting UNet, loaded apart from sdxl.model.loading."""
+    unet = UNet2DConditionModel.from_pretrained(tiny_weights_dir / weights.INPAINTING_UNET.folder, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(tiny_weights_dir / weights.VAE.folder)
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(
+        tiny_weights_dir / weights.BASE.folder, unet=unet, vae=vae, add_watermarker=False
+    )
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+INPAINTING = dict(prompt=PROMPT, seed=SEED, width=64, height=64, num_inference_steps=3, apply_watermark=False,
+                  disable_safety_checker=True, image=INIT, mask=MASK, prompt_strength=0.9, inpaint_model="inpainting")  # fmt: skip
+
+
+def reference_inpainting(pipe) -> np.ndarray:
+    return np.asarray(
+        pipe(prompt=PROMPT, negative_prompt="", image=INIT, mask_image=MASK, strength=0.9, width=64, height=64,
+             num_inference_steps=3, guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
+    )  # fmt: skip
+
+
+def test_a_lora_on_the_inpainting_unet_equals_diffusers_and_comes_off_bit_for_bit(
+    own_pipes, lora_file, tiny_weights_dir
+):
+    """The base's LoRA store carries the text-encoder parts (the encoders are shared), the inpainting UNet's store its
+    UNet part: together what diffusers' inpaint pipeline draws after load_lora_weights on that UNet."""
+    plain = np.asarray(generate(own_pipes, GenerationRequest(**INPAINTING)).images[0])
+    base_store, inpainting_store = LoraStore(own_pipes.text2img), InpaintingUnetLoras(own_pipes.inpainting)
+    active = [(base_store.ensure("inpainting_style", lora_file, "loras[0]"), 0.8, "loras[0]")]
+    inpainting_store.ensure("inpainting_style", lora_file, "loras[0]")
+    base_store.activate(active)
+    inpainting_store.activate(active)
+    try:
+        got = np.asarray(generate(own_pipes, GenerationRequest(**INPAINTING)).images[0])
+    finally:
+        base_store.deactivate()
+        inpainting_store.deactivate()
+    reference = inpainting_reference(tiny_weights_dir)
+    reference.load_lora_weights(lora_file, adapter_name="style")
+    reference.set_adapters(["style"], adapter_weights=[0.8])
+    np.testing.assert_array_equal(got, reference_inpainting(reference))
+    assert not np.array_equal(got, plain)
+    np.testing.assert_array_equal(np.asarray(generate(own_pipes, GenerationRequest(**INPAINTING)).images[0]), plain)
+    inpainting_store.unload_all()
+    base_store.unload_all()
+
+
+def test_a_lora_on_conv_in_is_refused_for_the_inpainting_unet_and_leaves_it_as_it_was(own_pipes, lora_file, tmp_path):
+    """conv_in is the one layer the two UNets do not share (4 input channels against 9): the base takes such a LoRA,
+    the inpainting UNet refuses it naming the field and the way out, with its modules and parameters untouched and
+    the base's LoRAs (the shared text encoders' adapters) left alone."""
+    state = _file(lora_file)
+    rank = state["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"].shape[0]
+    out_channels = own_pipes.text2img.unet.config.block_out_channels[0]
+    generator = torch.Generator().manual_seed(1)
+    state["unet.conv_in.lora_A.weight"] = torch.randn(rank, 4, 3, 3, generator=generator)
+    state["unet.conv_in.lora_B.weight"] = torch.randn(out_channels, rank, 1, 1, generator=generator)
+    path = tmp_path / "conv_in.safetensors"
+    save_file(state, path)
+    base_store, inpainting_store = LoraStore(own_pipes.text2img), InpaintingUnetLoras(own_pipes.inpainting)
+    base_store.ensure("with_conv_in", path, "loras[0]")  # the base UNet takes it
+    before = lora_undo.tree(inpainting_store.modules)
+    with pytest.raises(InputError) as refused:
+        inpainting_store.ensure("with_conv_in", path, "loras[0]")
+    assert refused.value.field == "loras[0]"
+    assert "the inpainting UNet" in str(refused.value) and "use inpaint_model 'base'" in str(refused.value)
+    assert lora_undo.tree(inpainting_store.modules) == before and "with_conv_in" not in inpainting_store.resident
+    assert "with_conv_in" in base_store.peft_adapter_names()  # the base's LoRA is whole
+    base_store.unload_all()
+
+
+def test_the_models_own_full_finetune_refuses_the_inpainting_unet_before_any_fetch(own_pipes, listener, tmp_path):
+    """The model's own weights replaced the base UNet: an inpainting-UNet request would silently drop them."""
+    own = tmp_path / "own"
+    own.mkdir()
+    save_file(unet_tensors(own_pipes.text2img.unet), own / "unet.safetensors")  # the base's own weights: no change
+    trained_weights = TrainedWeights(own_pipes)
+    trained_weights.load_own_weights(own)
     lora = LoraInput(f"https://127.0.0.1:{listener.port}/style.safetensors", 1.0)
-    request = GenerationRequest(prompt=PROMPT, seed=SEED, width=64, height=64, num_inference_steps=2, image=INIT,
-                                mask=MASK, inpaint_model="inpainting")  # fmt: skip
-    with pytest.raises(InputError, match="trained weights and loras") as refused:
-        predict_once(own_pipes, TrainedWeights(own_pipes), AdapterRequest(loras=(lora,)), request)
+    with pytest.raises(InputError, match="full fine-tune of the base UNet") as refused:
+        predict_once(own_pipes, trained_weights, AdapterRequest(loras=(lora,)), GenerationRequest(**INPAINTING))
     assert refused.value.field == "inpaint_model"
     assert not listener.was_connected()
+
+
+def test_an_image_prompt_with_weighted_prompts_equals_diffusers(own_pipes, tiny_weights_dir):
+    """prompt_weighting's embeddings and the image prompt in one call: diffusers with the same embeddings and
+    ip_adapter_image draws the same image."""
+    prompt = "a (red)1.4 fox++"
+    request = GenerationRequest(prompt=prompt, seed=SEED, width=64, height=64, num_inference_steps=3,
+                                apply_watermark=False, disable_safety_checker=True, prompt_weighting=True,
+                                ip_adapter_image=IMAGE_PROMPT, ip_adapter_scale=0.8)  # fmt: skip
+    got = np.asarray(generate(own_pipes, request).images[0])
+    vae = AutoencoderKL.from_pretrained(tiny_weights_dir / weights.VAE.folder)
+    reference = StableDiffusionXLPipeline.from_pretrained(
+        tiny_weights_dir / weights.BASE.folder, vae=vae, add_watermarker=False
+    )
+    reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config)
+    load_reference_ip_adapter(reference, tiny_weights_dir)
+    reference.set_ip_adapter_scale(0.8)
+    embeds = prompt_weighting.encode_base(reference, prompt, "").as_kwargs()
+    expected = reference(**embeds, num_inference_steps=3, width=64, height=64, guidance_scale=7.5,
+                         generator=torch.Generator("cpu").manual_seed(SEED), ip_adapter_image=IMAGE_PROMPT).images[0]  # fmt: skip
+    np.testing.assert_array_equal(got, np.asarray(expected))
+    plain = dataclasses.replace(request, ip_adapter_image=None)
+    assert not np.array_equal(got, np.asarray(generate(own_pipes, plain).images[0]))
 
 
 def test_what_diffusers_does_with_a_base_unet_lora_on_the_inpainting_unet(own_pipes, lora_file, tiny_weights_dir):
