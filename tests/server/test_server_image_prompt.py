@@ -1,6 +1,6 @@
 """Image prompts (IP-Adapter) and the dedicated inpainting UNet through the real Cog server on 127.0.0.1: each mode
 equals, pixel for pixel, the diffusers pipelines called directly (load_ip_adapter + ip_adapter_image; the SDXL inpaint
-pipeline with the 9-channel UNet); an image prompt changes the image, scale 0 gives the image without it, a request
+pipeline with the 9-channel UNet, also with an image prompt or a ControlNet); an image prompt changes the image, scale 0 gives the image without it, a request
 without one is unchanged by one before it; refusals name the field; ip_adapter_image obeys the network policy."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from diffusers import (
     AutoencoderKL,
     ControlNetModel,
     EulerDiscreteScheduler,
+    StableDiffusionXLControlNetInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
@@ -199,11 +200,6 @@ def failed(server, inputs) -> str:
     "inputs, start",
     [
         ({"inpaint_model": "inpainting"}, "inpaint_model: 'inpainting' inpaints, so it needs `image` and `mask`"),
-        ({**INPAINT, **WITH_IMAGE_PROMPT, "inpaint_model": "inpainting"}, "ip_adapter_image: the IP-Adapter steers"),
-        (
-            {**INPAINT, "inpaint_model": "inpainting", "controlnet": "canny", "control_image": png_data_uri(INIT)},
-            "inpaint_model: a ControlNet steers the base UNet",
-        ),
         ({"ip_adapter_image": "/etc/passwd"}, "ip_adapter_image: a file path on the server is not accepted"),
         ({"ip_adapter_image": png_data_uri(IMAGE_PROMPT)[:40]}, "ip_adapter_image: "),
     ],
@@ -245,6 +241,47 @@ def test_a_controlnet_and_an_image_prompt_together_equal_diffusers(server, tiny_
     got = served(server, width=64, height=64, **control, **WITH_IMAGE_PROMPT)
     np.testing.assert_array_equal(got, arrays(expected))
     assert not np.array_equal(got, served(server, width=64, height=64, **control))  # the image prompt counted
+
+
+def inpainting_unet(tiny_weights_dir) -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_pretrained(tiny_weights_dir / weights.INPAINTING_UNET.folder, subfolder="unet")
+
+
+def test_an_image_prompt_on_the_inpainting_unet_equals_diffusers(server, reference, tiny_weights_dir):
+    """load_ip_adapter on diffusers' inpaint pipeline over the 9-channel UNet: its attention layers are the base's."""
+    plain = {name: module for name, module in reference["text2img"].components.items() if name != "unet"}
+    pipe = StableDiffusionXLInpaintPipeline(**plain, unet=inpainting_unet(tiny_weights_dir), add_watermarker=False)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    subfolder, weight_name = weights.IP_ADAPTER_FILE.split("/")
+    pipe.load_ip_adapter(str(tiny_weights_dir / weights.IP_ADAPTER.folder), subfolder=subfolder,
+                         weight_name=weight_name, image_encoder_folder=weights.IP_ADAPTER_ENCODER)  # fmt: skip
+    pipe.set_ip_adapter_scale(SCALE)
+    expected = pipe(
+        **common(), image=INIT, mask_image=MASK, strength=0.9, width=64, height=64, ip_adapter_image=IMAGE_PROMPT
+    ).images
+    got = served(server, width=64, height=64, inpaint_model="inpainting", **INPAINT, **WITH_IMAGE_PROMPT)
+    np.testing.assert_array_equal(got, arrays(expected))
+    assert not np.array_equal(got, served(server, width=64, height=64, inpaint_model="inpainting", **INPAINT))
+
+
+def test_a_controlnet_on_the_inpainting_unet_equals_diffusers(server, reference, tiny_weights_dir):
+    """diffusers' SDXL ControlNet inpaint pipeline over the 9-channel UNet: the UNet gets the mask and masked image,
+    the ControlNet the 4 latent channels and the map."""
+    plain = {name: module for name, module in reference["text2img"].components.items()
+             if name not in ("unet", "image_encoder", "feature_extractor")}  # fmt: skip
+    controlnet = ControlNetModel.from_pretrained(tiny_weights_dir / weights.CONTROLNET_CANNY.folder)
+    pipe = StableDiffusionXLControlNetInpaintPipeline(
+        **plain, unet=inpainting_unet(tiny_weights_dir), controlnet=controlnet, add_watermarker=False
+    )
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    edges = Image.new("RGB", (64, 64))
+    edges.paste((255, 255, 255), (0, 0, 32, 64))
+    expected = pipe(**common(), image=INIT, mask_image=MASK, control_image=edges, strength=0.9, width=64, height=64,
+                    controlnet_conditioning_scale=0.5).images  # fmt: skip
+    control = {"controlnet": "canny", "control_image": png_data_uri(edges), "control_preprocess": False}
+    got = served(server, width=64, height=64, inpaint_model="inpainting", **INPAINT, **control)
+    np.testing.assert_array_equal(got, arrays(expected))
+    assert not np.array_equal(got, served(server, width=64, height=64, inpaint_model="inpainting", **INPAINT))
 
 
 def test_a_server_without_the_optional_weights_refuses_naming_the_command(server, tiny_weights_dir, tmp_path):

@@ -9,12 +9,13 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from diffusers import AutoencoderKL, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from PIL import Image
 from safetensors.torch import save
 
 from sdxl.model import weights
 from sdxl.trained.weights_cache import url_key
-from tools.testing.cog_server import decode_png, ready_server
+from tools.testing.cog_server import decode_png, png_data_uri, ready_server
 from tools.testing.file_server import FileServer
 from tools.testing.trained import embeddings, lora_state, tar_bytes, trained_tar, write_lora
 
@@ -125,6 +126,56 @@ def test_a_trained_lora_equals_diffusers_and_is_cached(server, files, reference,
     # weights afterwards is the base image, bit for bit.
     assert not np.array_equal(image_of(server.predict({**BASE, "replicate_weights": url, "lora_scale": 0.0})), trained)
     np.testing.assert_array_equal(image_of(server.predict(BASE)), base)
+
+
+def square_inpaint() -> dict:
+    """An image and a white square to repaint, as the request's data: URIs and as the reference call's images."""
+    rng = np.random.RandomState(2)
+    image = Image.fromarray((rng.rand(64, 64, 3) * 255).astype("uint8"))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    return {"image": image, "mask": mask}
+
+
+def test_trained_weights_and_loras_on_the_inpainting_unet_equal_diffusers(
+    server, files, reference, lora, tiny_weights_dir, tmp_path
+):
+    """A trained tar (LoRA and tokens) and a `loras` LoRA with inpaint_model=inpainting: diffusers' inpaint pipeline
+    over the 9-channel UNet with load_lora_weights and load_textual_inversion draws the same pixels; the next plain
+    inpainting request is the one before, bit for bit."""
+    state, rows, tar = lora
+    extra_state = lora_state(reference.unet, seed=8)
+    trained_url = files.serve("/inpainting/trained_model.tar", tar)
+    extra_url = files.serve("/inpainting/extra.safetensors", write_lora(tmp_path / "extra", extra_state).read_bytes())
+    pictures = square_inpaint()
+    inpaint = {**BASE, "image": png_data_uri(pictures["image"]), "mask": png_data_uri(pictures["mask"])}
+    inpaint = {**inpaint, "prompt_strength": 0.9, "inpaint_model": "inpainting"}
+    plain = image_of(server.predict(inpaint))
+    weighted = {
+        "replicate_weights": trained_url,
+        "lora_scale": 0.6,
+        "loras": f'[{{"url": "{extra_url}", "scale": 0.5}}]',
+    }
+    got = image_of(server.predict({**inpaint, **weighted}))
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_weights_dir / weights.INPAINTING_UNET.folder, subfolder="unet")
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(
+        tiny_weights_dir / weights.BASE.folder, unet=unet, vae=reference.vae, add_watermarker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(write_lora(tmp_path / "trained", state), adapter_name="trained")
+    pipe.load_lora_weights(write_lora(tmp_path / "extra", extra_state), adapter_name="extra")
+    pipe.set_adapters(["trained", "extra"], adapter_weights=[0.6, 0.5])
+    for i, (encoder, tokenizer) in enumerate(
+        ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2))
+    ):
+        pipe.load_textual_inversion(rows[f"text_encoders_{i}"], token=["<s0>", "<s1>"], text_encoder=encoder, tokenizer=tokenizer)  # fmt: skip
+    expected = pipe(prompt="a photo of <s0><s1>", negative_prompt="", image=pictures["image"],
+                    mask_image=pictures["mask"], strength=0.9, width=64, height=64, num_inference_steps=3,
+                    guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(5)).images[0]  # fmt: skip
+    np.testing.assert_array_equal(got, np.asarray(expected))
+    assert not np.array_equal(got, plain)
+    np.testing.assert_array_equal(image_of(server.predict(inpaint)), plain)  # everything came off again
 
 
 def _tar_with(name: str, kind=tarfile.REGTYPE, linkname: str = "") -> bytes:

@@ -17,6 +17,7 @@ from sdxl.trained import weights_cache as wc
 from sdxl.trained.request import AdapterRequest, LoraInput, parse_loras
 from sdxl.trained.tokens import Applied
 from sdxl.trained.trained_weights import TrainedWeights
+from sdxl.trained.unet_swap import unet_tensors
 from tools.testing import file_server
 from tools.testing import trained as wh
 
@@ -303,6 +304,21 @@ def test_full_unet_tar_applied_then_restored(adapters, model, server, fresh, tmp
     assert not np.array_equal(got, base_images["a photo"])
     assert_clean(model, base_state)
     assert np.array_equal(image(model, request()), base_images["a photo"])
+
+
+def test_a_full_unet_tar_is_refused_on_the_inpainting_unet_and_stays_cached(adapters, model, server, tmp_path):
+    """A full fine-tune replaces the base UNet's weights; the inpainting UNet has its own: refused naming
+    replicate_weights, nothing applied, and the sound tar stays cached for base requests (no second fetch)."""
+    url = server.serve("/full-inpainting.tar", wh.trained_tar(tmp_path, unet=unet_tensors(model.text2img.unet)))
+    with pytest.raises(InputError, match="full fine-tune of the base UNet.*inpaint_model 'base'") as refused:
+        with adapters.applied(AdapterRequest(url), inpainting=True):
+            pass
+    assert refused.value.field == "replicate_weights"
+    assert_clean(model)
+    fetched = server.requests["/full-inpainting.tar"]
+    with adapters.applied(AdapterRequest(url)):
+        pass
+    assert server.requests["/full-inpainting.tar"] == fetched
 
 
 def wrong(model, base_state):
