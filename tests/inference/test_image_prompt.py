@@ -7,6 +7,7 @@ inpainting UNet, and what this server refuses of it (conv_in, a full fine-tune).
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
@@ -30,7 +31,8 @@ from sdxl.model.fastpath import FastPath
 from sdxl.model.loading import load_pipelines
 from sdxl.serving import predict_once
 from sdxl.trained import lora_undo
-from sdxl.trained.lora_store import InpaintingUnetLoras, LoraStore
+from sdxl.trained import weights_cache as wc
+from sdxl.trained.lora_store import InpaintingUnetLoras, LoraStore, inpainting_lora_store_for, lora_store_for
 from sdxl.trained.request import AdapterRequest, LoraInput
 from sdxl.trained.trained_weights import TrainedWeights
 from sdxl.trained.unet_swap import unet_tensors
@@ -132,30 +134,68 @@ def reference_inpainting(pipe) -> np.ndarray:
     )  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def inpainting_with_lora(tiny_weights_dir, lora_file) -> np.ndarray:
+    """What diffusers' inpaint pipeline over the inpainting UNet draws after load_lora_weights, at scale 0.8."""
+    reference = inpainting_reference(tiny_weights_dir)
+    reference.load_lora_weights(lora_file, adapter_name="style")
+    reference.set_adapters(["style"], adapter_weights=[0.8])
+    return reference_inpainting(reference)
+
+
+def lora_on_both_unets(pipes, lora_file, name: str) -> np.ndarray:
+    """The inpainting request drawn with the LoRA on: the base's store (by the pipelines' fast-path backend) holds the
+    text encoders' parts, the inpainting UNet's store its UNet part; both unloaded again afterwards."""
+    base_store, inpainting_store = lora_store_for(pipes), inpainting_lora_store_for(pipes)
+    assert isinstance(inpainting_store, InpaintingUnetLoras)
+    active = [(base_store.ensure(name, lora_file, "loras[0]"), 0.8, "loras[0]")]
+    inpainting_store.ensure(name, lora_file, "loras[0]")
+    base_store.activate(active)
+    inpainting_store.activate(active)
+    try:
+        return np.asarray(generate(pipes, GenerationRequest(**INPAINTING)).images[0])
+    finally:
+        base_store.deactivate()
+        inpainting_store.deactivate()
+        inpainting_store.unload_all()
+        base_store.unload_all()
+
+
 def test_a_lora_on_the_inpainting_unet_equals_diffusers_and_comes_off_bit_for_bit(
-    own_pipes, lora_file, tiny_weights_dir
+    own_pipes, lora_file, inpainting_with_lora
 ):
     """The base's LoRA store carries the text-encoder parts (the encoders are shared), the inpainting UNet's store its
     UNet part: together what diffusers' inpaint pipeline draws after load_lora_weights on that UNet."""
     plain = np.asarray(generate(own_pipes, GenerationRequest(**INPAINTING)).images[0])
-    base_store, inpainting_store = LoraStore(own_pipes.text2img), InpaintingUnetLoras(own_pipes.inpainting)
-    active = [(base_store.ensure("inpainting_style", lora_file, "loras[0]"), 0.8, "loras[0]")]
-    inpainting_store.ensure("inpainting_style", lora_file, "loras[0]")
-    base_store.activate(active)
-    inpainting_store.activate(active)
-    try:
-        got = np.asarray(generate(own_pipes, GenerationRequest(**INPAINTING)).images[0])
-    finally:
-        base_store.deactivate()
-        inpainting_store.deactivate()
-    reference = inpainting_reference(tiny_weights_dir)
-    reference.load_lora_weights(lora_file, adapter_name="style")
-    reference.set_adapters(["style"], adapter_weights=[0.8])
-    np.testing.assert_array_equal(got, reference_inpainting(reference))
+    got = lora_on_both_unets(own_pipes, lora_file, "inpainting_style")
+    np.testing.assert_array_equal(got, inpainting_with_lora)
     assert not np.array_equal(got, plain)
     np.testing.assert_array_equal(np.asarray(generate(own_pipes, GenerationRequest(**INPAINTING)).images[0]), plain)
-    inpainting_store.unload_all()
-    base_store.unload_all()
+
+
+def test_with_a_compiled_base_unet_the_inpainting_unet_takes_loras_as_peft(
+    tiny_weights_dir, lora_file, inpainting_with_lora
+):
+    """SDXL_COMPILE=1: the base's LoRAs go into fixed slots, the (never compiled) inpainting UNet's stay peft adapters;
+    the image is diffusers'. The base UNet is not called here, so nothing compiles."""
+    compiled = load_pipelines(tiny_weights_dir, fastpath=FastPath(compile=True))
+    assert compiled.lora_slots is not None
+    np.testing.assert_array_equal(lora_on_both_unets(compiled, lora_file, "compiled_style"), inpainting_with_lora)
+
+
+def test_the_models_own_lora_reaches_the_inpainting_unet(own_pipes, lora_file, inpainting_with_lora, tmp_path):
+    """The model's own LoRA is part of every request, inpainting with the inpainting UNet too."""
+    own = tmp_path / "own"
+    own.mkdir()
+    shutil.copyfile(lora_file, own / "lora.safetensors")
+    trained_weights = TrainedWeights(own_pipes, wc.WeightsCache(tmp_path / "cache"))
+    trained_weights.load_own_weights(own)
+    try:
+        got = predict_once(own_pipes, trained_weights, AdapterRequest(lora_scale=0.8), GenerationRequest(**INPAINTING))
+    finally:
+        trained_weights.inpainting_loras.unload_all()
+        trained_weights.loras.unload_all()
+    np.testing.assert_array_equal(np.asarray(got.images[0]), inpainting_with_lora)
 
 
 def test_a_lora_on_conv_in_is_refused_for_the_inpainting_unet_and_leaves_it_as_it_was(own_pipes, lora_file, tmp_path):
