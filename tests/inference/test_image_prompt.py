@@ -173,6 +173,7 @@ def test_a_lora_on_the_inpainting_unet_equals_diffusers_and_comes_off_bit_for_bi
     np.testing.assert_array_equal(np.asarray(generate(own_pipes, GenerationRequest(**INPAINTING)).images[0]), plain)
 
 
+@pytest.mark.heavy
 def test_with_a_compiled_base_unet_the_inpainting_unet_takes_loras_as_peft(
     tiny_weights_dir, lora_file, inpainting_with_lora
 ):
@@ -183,6 +184,7 @@ def test_with_a_compiled_base_unet_the_inpainting_unet_takes_loras_as_peft(
     np.testing.assert_array_equal(lora_on_both_unets(compiled, lora_file, "compiled_style"), inpainting_with_lora)
 
 
+@pytest.mark.heavy
 def test_the_models_own_lora_reaches_the_inpainting_unet(own_pipes, lora_file, inpainting_with_lora, tmp_path):
     """The model's own LoRA is part of every request, inpainting with the inpainting UNet too."""
     own = tmp_path / "own"
@@ -222,6 +224,7 @@ def test_a_lora_on_conv_in_is_refused_for_the_inpainting_unet_and_leaves_it_as_i
     base_store.unload_all()
 
 
+@pytest.mark.heavy
 def test_the_models_own_full_finetune_refuses_the_inpainting_unet_before_any_fetch(own_pipes, listener, tmp_path):
     """The model's own weights replaced the base UNet: an inpainting-UNet request would silently drop them."""
     own = tmp_path / "own"

@@ -306,6 +306,7 @@ def test_full_unet_tar_applied_then_restored(adapters, model, server, fresh, tmp
     assert np.array_equal(image(model, request()), base_images["a photo"])
 
 
+@pytest.mark.heavy
 def test_a_full_unet_tar_is_refused_on_the_inpainting_unet_and_stays_cached(adapters, model, server, tmp_path):
     """A full fine-tune replaces the base UNet's weights; the inpainting UNet has its own: refused naming
     replicate_weights, nothing applied, and the sound tar stays cached for base requests (no second fetch)."""
