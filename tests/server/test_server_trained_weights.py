@@ -1,5 +1,5 @@
-"""Trained weights through the real Cog server: a LoRA tar served by a loopback HTTP server the test starts, the
-download cache, state left clean, and every hostile URL or archive answered with a clear error while the server
+"""Trained weights through the real Cog server: a LoRA tar served by a loopback HTTP server the test starts (also with a
+ControlNet, and on the inpainting UNet, each equal to diffusers), the download cache, state left clean, and every hostile URL or archive answered with a clear error while the server
 stays READY. Connections go only to 127.0.0.1: private and link-local addresses are refused before any connect."""
 
 import io
@@ -9,7 +9,14 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from PIL import Image
 from safetensors.torch import save
 
@@ -176,6 +183,30 @@ def test_trained_weights_and_loras_on_the_inpainting_unet_equal_diffusers(
     np.testing.assert_array_equal(got, np.asarray(expected))
     assert not np.array_equal(got, plain)
     np.testing.assert_array_equal(image_of(server.predict(inpaint)), plain)  # everything came off again
+
+
+def test_a_lora_with_a_controlnet_equals_diffusers(server, files, reference, tiny_weights_dir, tmp_path):
+    """`loras` and a ControlNet in one request: diffusers' SDXL ControlNet pipeline after load_lora_weights, the same
+    map; the LoRA reaches the UNet the ControlNet steers."""
+    state = lora_state(reference.unet, seed=12)
+    path = write_lora(tmp_path, state)
+    url = files.serve("/control/style.safetensors", path.read_bytes())
+    edges = Image.new("RGB", (64, 64))
+    edges.paste((255, 255, 255), (0, 0, 32, 64))
+    control = {"controlnet": "canny", "control_image": png_data_uri(edges), "control_preprocess": False}
+    got = image_of(server.predict({**BASE, **control, "loras": f'[{{"url": "{url}", "scale": 0.7}}]'}))
+    controlnet = ControlNetModel.from_pretrained(tiny_weights_dir / weights.CONTROLNET_CANNY.folder)
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
+        tiny_weights_dir / weights.BASE.folder, vae=reference.vae, controlnet=controlnet, add_watermarker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(path, adapter_name="style")
+    pipe.set_adapters(["style"], adapter_weights=[0.7])
+    expected = pipe(prompt=BASE["prompt"], negative_prompt="", image=edges, controlnet_conditioning_scale=0.5,
+                    width=64, height=64, num_inference_steps=3, guidance_scale=7.5,
+                    generator=torch.Generator("cpu").manual_seed(5)).images[0]  # fmt: skip
+    np.testing.assert_array_equal(got, np.asarray(expected))
+    assert not np.array_equal(got, image_of(server.predict({**BASE, **control})))
 
 
 def _tar_with(name: str, kind=tarfile.REGTYPE, linkname: str = "") -> bytes:
