@@ -64,6 +64,18 @@ def load_reference_ip_adapter(pipe, root):
                          image_encoder_folder=weights.IP_ADAPTER_ENCODER)  # fmt: skip
 
 
+def image_prompt_reference(tiny_weights_dir) -> StableDiffusionXLPipeline:
+    """diffusers' SDXL pipeline loaded apart from sdxl.model.loading, with load_ip_adapter at scale 0.8."""
+    vae = AutoencoderKL.from_pretrained(tiny_weights_dir / weights.VAE.folder)
+    reference = StableDiffusionXLPipeline.from_pretrained(
+        tiny_weights_dir / weights.BASE.folder, vae=vae, add_watermarker=False
+    )
+    reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config)
+    load_reference_ip_adapter(reference, tiny_weights_dir)
+    reference.set_ip_adapter_scale(0.8)
+    return reference
+
+
 def test_a_lora_and_an_image_prompt_together_equal_diffusers(own_pipes, lora_file, tiny_weights_dir):
     store = LoraStore(own_pipes.text2img)
     store.activate([(store.ensure("style", lora_file, "loras[0]"), 0.8, "loras[0]")])
@@ -74,13 +86,7 @@ def test_a_lora_and_an_image_prompt_together_equal_diffusers(own_pipes, lora_fil
         got = np.asarray(generate(own_pipes, request).images[0])
     finally:
         store.deactivate()
-    vae = AutoencoderKL.from_pretrained(tiny_weights_dir / weights.VAE.folder)
-    reference = StableDiffusionXLPipeline.from_pretrained(
-        tiny_weights_dir / weights.BASE.folder, vae=vae, add_watermarker=False
-    )
-    reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config)
-    load_reference_ip_adapter(reference, tiny_weights_dir)
-    reference.set_ip_adapter_scale(0.8)
+    reference = image_prompt_reference(tiny_weights_dir)
     reference.load_lora_weights(lora_file, adapter_name="style")
     reference.set_adapters(["style"], adapter_weights=[0.8])
     expected = reference(prompt=PROMPT, negative_prompt="", num_inference_steps=3, width=64, height=64, guidance_scale=7.5,
@@ -247,13 +253,7 @@ def test_an_image_prompt_with_weighted_prompts_equals_diffusers(own_pipes, tiny_
                                 apply_watermark=False, disable_safety_checker=True, prompt_weighting=True,
                                 ip_adapter_image=IMAGE_PROMPT, ip_adapter_scale=0.8)  # fmt: skip
     got = np.asarray(generate(own_pipes, request).images[0])
-    vae = AutoencoderKL.from_pretrained(tiny_weights_dir / weights.VAE.folder)
-    reference = StableDiffusionXLPipeline.from_pretrained(
-        tiny_weights_dir / weights.BASE.folder, vae=vae, add_watermarker=False
-    )
-    reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config)
-    load_reference_ip_adapter(reference, tiny_weights_dir)
-    reference.set_ip_adapter_scale(0.8)
+    reference = image_prompt_reference(tiny_weights_dir)
     embeds = prompt_weighting.encode_base(reference, prompt, "").as_kwargs()
     expected = reference(**embeds, num_inference_steps=3, width=64, height=64, guidance_scale=7.5,
                          generator=torch.Generator("cpu").manual_seed(SEED), ip_adapter_image=IMAGE_PROMPT).images[0]  # fmt: skip
