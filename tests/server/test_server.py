@@ -13,7 +13,7 @@ from PIL import Image
 
 from sdxl.inference.generation import generate
 from sdxl.inputs.request import GenerationRequest
-from tools.testing.cog_server import ROOT, TERMINAL, CogServer, WebhookReceiver, decode_png, png_data_uri
+from tools.testing.cog_server import ROOT, TERMINAL, CogServer, WebhookReceiver, decode_png, png_data_uri, ready_server
 
 # Small and quick; 256 px so the invisible watermark (which needs 65536 pixels) really runs.
 BASE = {"prompt": "a red bicycle", "width": 256, "height": 256, "num_inference_steps": 2}
@@ -22,12 +22,8 @@ LONG = {**BASE, "num_inference_steps": 200}  # tens of seconds on CPU: certainly
 
 @pytest.fixture(scope="module")
 def server(tiny_weights_dir, tmp_path_factory):
-    cog = CogServer(tiny_weights_dir, tmp_path_factory.mktemp("cog") / "server.log")
-    try:
-        cog.wait_for("READY", "SETUP_FAILED")
+    with ready_server(tiny_weights_dir, tmp_path_factory.mktemp("cog") / "server.log") as cog:
         yield cog
-    finally:
-        cog.stop()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from sdxl.inference.generation import generate
 from sdxl.inputs.request import MAX_PROMPT_CHARS, GenerationRequest
 from sdxl.output import infotext
 from sdxl.output.outputs import read_parameters
-from tools.testing.cog_server import CogServer
+from tools.testing.cog_server import ready_server
 
 # Every hosted-model input an old client may send (image, mask and replicate_weights left out: they have no default).
 OLD_CLIENT = {
@@ -40,12 +40,8 @@ SMALL = {"prompt": "a red bicycle", "width": 64, "height": 64, "num_inference_st
 
 @pytest.fixture(scope="module")
 def server(tiny_weights_dir, tmp_path_factory):
-    cog = CogServer(tiny_weights_dir, tmp_path_factory.mktemp("cog") / "server.log")
-    try:
-        cog.wait_for("READY", "SETUP_FAILED")
+    with ready_server(tiny_weights_dir, tmp_path_factory.mktemp("cog") / "server.log") as cog:
         yield cog
-    finally:
-        cog.stop()
 
 
 def decode(data_uri: str, mime: str) -> Image.Image:

@@ -24,7 +24,7 @@ from diffusers import (
 from PIL import Image
 
 from sdxl.model import weights
-from tools.testing.cog_server import CogServer, decode_png, png_data_uri
+from tools.testing.cog_server import decode_png, png_data_uri, ready_server
 
 SEED = 11
 PROMPT = "a lighthouse at dusk"
@@ -51,12 +51,8 @@ INPAINT = {"image": png_data_uri(INIT), "mask": png_data_uri(MASK), "prompt_stre
 
 @pytest.fixture(scope="module")
 def server(tiny_weights_dir, tmp_path_factory):
-    cog = CogServer(tiny_weights_dir, tmp_path_factory.mktemp("cog") / "server.log")
-    try:
-        cog.wait_for("READY", "SETUP_FAILED")
+    with ready_server(tiny_weights_dir, tmp_path_factory.mktemp("cog") / "server.log") as cog:
         yield cog
-    finally:
-        cog.stop()
 
 
 @pytest.fixture(scope="module")
@@ -292,9 +288,7 @@ def test_a_server_without_the_optional_weights_refuses_naming_the_command(server
     for entry in tiny_weights_dir.iterdir():
         if entry.name not in (weights.IP_ADAPTER.folder, weights.INPAINTING_UNET.folder):
             (bare / entry.name).symlink_to(entry)
-    cog = CogServer(bare, tmp_path / "server.log")
-    try:
-        cog.wait_for("READY", "SETUP_FAILED")
+    with ready_server(bare, tmp_path / "server.log") as cog:
         error = failed(cog, WITH_IMAGE_PROMPT)
         assert error.startswith("ip_adapter_image: this server has no IP-Adapter weights"), error
         assert "python scripts/download_weights.py --ip-adapter" in error
@@ -304,5 +298,3 @@ def test_a_server_without_the_optional_weights_refuses_naming_the_command(server
         assert cog.wait_for("READY", timeout=10)["status"] == "READY"
         # its plain images are the server-with-everything's: the optional models change nothing when unused
         np.testing.assert_array_equal(served(cog, width=64, height=64), served(server, width=64, height=64))
-    finally:
-        cog.stop()

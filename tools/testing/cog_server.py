@@ -141,10 +141,12 @@ class CogServer:
 
 @contextlib.contextmanager
 def ready_server(weights_dir: Path, log_path: Path, env: dict[str, str] | None = None, **kwargs):
-    """A CogServer that has reached READY (within 300 s, setup included), stopped when the block ends."""
+    """A CogServer that has reached READY (within 300 s, setup included), stopped when the block ends; a failed setup
+    raises at once with the server's log."""
     server = CogServer(weights_dir, log_path, env=env, **kwargs)
     try:
-        server.wait_for("READY", timeout=300)
+        if server.wait_for("READY", "SETUP_FAILED", timeout=300)["status"] != "READY":
+            raise RuntimeError(f"setup failed; log:\n{server.log()}")
         yield server
     finally:
         server.stop()
